@@ -1,0 +1,220 @@
+import Foundation
+import GRDB
+
+/// One (kind, entity, status) with what is known of it: the contract's event object.
+public struct Event: Sendable, Equatable {
+    public var id: String
+    public var kind: String
+    public var status: String
+    public var state: String
+    public var rejectionReason: String?
+    public var source: String
+    public var transactionID: String?
+    public var invoiceID: String?
+    public var orderID: String?
+    public var refundID: String?
+    public var withdrawalID: String?
+    public var amount: String?
+    public var currency: String?
+    public var payopState: Int?
+    public var errorMessage: String?
+    public var legacy: Bool
+    public var verification: String?
+    public var receivedAt: Int64
+    public var verifiedAt: Int64?
+    public var duplicates: Int
+    /// The body of the first IPN that brought this status, as received.
+    public var ipn: [UInt8]?
+
+    public var type: String { "\(kind).\(status)" }
+
+    static let columns = """
+        id, kind, status, state, rejection_reason, source, transaction_id, invoice_id, order_id, refund_id,
+        withdrawal_id, amount, currency, payop_state, error_message, legacy, verification, received_at,
+        verified_at, duplicates, ipn
+        """
+
+    init(row: Row) {
+        id = row["id"]
+        kind = row["kind"]
+        status = row["status"]
+        state = row["state"]
+        rejectionReason = row["rejection_reason"]
+        source = row["source"]
+        transactionID = row["transaction_id"]
+        invoiceID = row["invoice_id"]
+        orderID = row["order_id"]
+        refundID = row["refund_id"]
+        withdrawalID = row["withdrawal_id"]
+        amount = row["amount"]
+        currency = row["currency"]
+        payopState = row["payop_state"]
+        errorMessage = row["error_message"]
+        legacy = row["legacy"]
+        verification = row["verification"]
+        receivedAt = row["received_at"]
+        verifiedAt = row["verified_at"]
+        duplicates = row["duplicates"]
+        ipn = (row["ipn"] as Data?).map { Array($0) }
+    }
+}
+
+extension Event: Encodable {
+    enum CodingKeys: String, CodingKey {
+        case id, type, kind, status, state, rejectionReason = "rejection_reason", source
+        case transactionID = "transaction_id", invoiceID = "invoice_id", orderID = "order_id"
+        case refundID = "refund_id", withdrawalID = "withdrawal_id", amount, currency
+        case payopState = "payop_state", errorMessage = "error_message", legacy, verification
+        case receivedAt = "received_at", verifiedAt = "verified_at", duplicates, ipn
+    }
+
+    /// Every key is always written, null when unknown: hooks can rely on the shape.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(id, forKey: .id)
+        try c.encode(type, forKey: .type)
+        try c.encode(kind, forKey: .kind)
+        try c.encode(status, forKey: .status)
+        try c.encode(state, forKey: .state)
+        try c.encode(rejectionReason, forKey: .rejectionReason)
+        try c.encode(source, forKey: .source)
+        try c.encode(transactionID, forKey: .transactionID)
+        try c.encode(invoiceID, forKey: .invoiceID)
+        try c.encode(orderID, forKey: .orderID)
+        try c.encode(refundID, forKey: .refundID)
+        try c.encode(withdrawalID, forKey: .withdrawalID)
+        try c.encode(amount, forKey: .amount)
+        try c.encode(currency, forKey: .currency)
+        try c.encode(payopState, forKey: .payopState)
+        try c.encode(errorMessage, forKey: .errorMessage)
+        try c.encode(legacy, forKey: .legacy)
+        try c.encode(verification, forKey: .verification)
+        try c.encode(Timestamp.format(milliseconds: receivedAt), forKey: .receivedAt)
+        try c.encode(verifiedAt.map { Timestamp.format(milliseconds: $0) }, forKey: .verifiedAt)
+        try c.encode(duplicates, forKey: .duplicates)
+        try c.encode(ipn.flatMap { try? JSONDecoder().decode(JSONValue.self, from: Data($0)) }, forKey: .ipn)
+    }
+}
+
+/// One IPN request as recorded, accepted or refused.
+public struct Receipt: Sendable, Equatable, Encodable {
+    public var id: String
+    public var receivedAt: Int64
+    public var sourceIP: String
+    public var path: String
+    public var answer: Int
+    public var reason: String?
+    public var kind: String?
+    public var entityID: String?
+    public var eventID: String?
+    public var size: Int
+
+    static let columns = "id, received_at, source_ip, path, answer, reason, kind, entity_id, event_id, size"
+
+    init(row: Row) {
+        id = row["id"]
+        receivedAt = row["received_at"]
+        sourceIP = row["source_ip"]
+        path = row["path"]
+        answer = row["answer"]
+        reason = row["reason"]
+        kind = row["kind"]
+        entityID = row["entity_id"]
+        eventID = row["event_id"]
+        size = row["size"]
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, receivedAt = "received_at", sourceIP = "source_ip", path, answer, reason, kind
+        case entityID = "entity_id", eventID = "event_id", size
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(id, forKey: .id)
+        try c.encode(Timestamp.format(milliseconds: receivedAt), forKey: .receivedAt)
+        try c.encode(sourceIP, forKey: .sourceIP)
+        try c.encode(path, forKey: .path)
+        try c.encode(answer, forKey: .answer)
+        try c.encode(reason, forKey: .reason)
+        try c.encode(kind, forKey: .kind)
+        try c.encode(entityID, forKey: .entityID)
+        try c.encode(eventID, forKey: .eventID)
+        try c.encode(size, forKey: .size)
+    }
+}
+
+/// `events show`: the event with everything that happened to it.
+public struct EventDetail: Sendable, Encodable {
+    public var event: Event
+    public var receipts: [Receipt]
+
+    enum CodingKeys: String, CodingKey {
+        case receipts, verificationAttempts = "verification_attempts", deliveries
+    }
+
+    private struct ReceiptLine: Encodable {
+        var receipt: Receipt
+        enum CodingKeys: String, CodingKey { case receivedAt = "received_at", sourceIP = "source_ip", answer, reason }
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(Timestamp.format(milliseconds: receipt.receivedAt), forKey: .receivedAt)
+            try c.encode(receipt.sourceIP, forKey: .sourceIP)
+            try c.encode(receipt.answer, forKey: .answer)
+            try c.encode(receipt.reason, forKey: .reason)
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        try event.encode(to: encoder)
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(receipts.map(ReceiptLine.init), forKey: .receipts)
+        // Verification attempts and deliveries are recorded by the verifier and dispatcher; until
+        // those stages have written any, the lists are empty rather than missing.
+        try c.encode([String](), forKey: .verificationAttempts)
+        try c.encode([String](), forKey: .deliveries)
+    }
+}
+
+/// Any JSON value, numbers kept as exact decimals, so a stored IPN is echoed without float rounding.
+public enum JSONValue: Codable, Sendable, Equatable {
+    case null
+    case bool(Bool)
+    case integer(Int64)
+    case number(Decimal)
+    case string(String)
+    case array([JSONValue])
+    case object([String: JSONValue])
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if c.decodeNil() {
+            self = .null
+        } else if let value = try? c.decode(Bool.self) {
+            self = .bool(value)
+        } else if let value = try? c.decode(Int64.self) {
+            self = .integer(value)
+        } else if let value = try? c.decode(Decimal.self) {
+            self = .number(value)
+        } else if let value = try? c.decode(String.self) {
+            self = .string(value)
+        } else if let value = try? c.decode([JSONValue].self) {
+            self = .array(value)
+        } else {
+            self = .object(try c.decode([String: JSONValue].self))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        switch self {
+        case .null: try c.encodeNil()
+        case .bool(let value): try c.encode(value)
+        case .integer(let value): try c.encode(value)
+        case .number(let value): try c.encode(value)
+        case .string(let value): try c.encode(value)
+        case .array(let value): try c.encode(value)
+        case .object(let value): try c.encode(value)
+        }
+    }
+}

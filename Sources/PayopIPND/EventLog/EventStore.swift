@@ -1,0 +1,95 @@
+/// An IPN that passed the listener's checks and is ready to be made durable.
+public struct IncomingIPN: Sendable {
+    public var receivedAt: Int64
+    public var sourceIP: String
+    public var path: String
+    public var body: [UInt8]
+    public var notification: Notification
+    /// Legacy V1 IPNs are proven by their signature at the door; V2 IPNs wait for Payop's API.
+    public var verifiedBySignature: Bool
+
+    public init(
+        receivedAt: Int64, sourceIP: String, path: String, body: [UInt8], notification: Notification,
+        verifiedBySignature: Bool
+    ) {
+        self.receivedAt = receivedAt
+        self.sourceIP = sourceIP
+        self.path = path
+        self.body = body
+        self.notification = notification
+        self.verifiedBySignature = verifiedBySignature
+    }
+}
+
+/// A request from an allowed source that was answered 400 or 401: kept for the merchant to inspect.
+public struct RefusedIPN: Sendable {
+    public var receivedAt: Int64
+    public var sourceIP: String
+    public var path: String
+    public var answer: Int
+    public var reason: RefusalReason
+    /// The first `RefusedIPN.keptBodyBytes` of the body; `size` is the whole length.
+    public var bodyPrefix: [UInt8]
+    public var size: Int
+    public var notification: Notification?
+
+    /// Refused bodies are evidence, not data: enough to see what was sent, bounded so garbage cannot
+    /// fill the disk.
+    public static let keptBodyBytes = 4096
+
+    public init(
+        receivedAt: Int64, sourceIP: String, path: String, reason: RefusalReason, body: some Collection<UInt8>,
+        notification: Notification?
+    ) {
+        self.receivedAt = receivedAt
+        self.sourceIP = sourceIP
+        self.path = path
+        self.answer = reason.httpStatus
+        self.reason = reason
+        self.bodyPrefix = Array(body.prefix(Self.keptBodyBytes))
+        self.size = body.count
+        self.notification = notification
+    }
+}
+
+public struct IngestOutcome: Sendable, Equatable {
+    public var receiptID: String
+    public var eventID: String
+    /// True when the IPN repeated a status the log already had.
+    public var duplicate: Bool
+}
+
+/// The event log's write side as the listener sees it: a fake in tests, SQLite in production.
+public protocol EventStore: Sendable {
+    /// Records the receipt and its event (or counts a duplicate); returns only once durable.
+    func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome
+    /// Records a refused request; nothing else happens.
+    func recordRefused(_ refused: RefusedIPN) async throws(EventLogError)
+}
+
+/// A failure of the event log, with a stable code a merchant can look up and the cause kept.
+public struct EventLogError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable {
+        /// Cannot commit now (disk full, read-only, locked past the deadline, closed): try again later.
+        case unavailable
+        /// The file is not there, or is not a payop-ipnd event log.
+        case notFound
+        case notEventLog
+        /// A referenced event or delivery does not exist.
+        case noSuchRecord
+    }
+
+    public var code: Code
+    public var message: String
+    public var cause: String?
+
+    public init(_ code: Code, _ message: String, cause: (any Error)? = nil) {
+        self.code = code
+        self.message = message
+        self.cause = cause.map { String(describing: $0) }
+    }
+
+    public var description: String {
+        cause.map { "\(message) (\($0))" } ?? message
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import GRDB
+
+/// Owns the event log's only write connection on one dedicated OS thread and group-commits: every
+/// write queued while the previous commit was running shares the next transaction and its one fsync.
+///
+/// The thread is deliberate: `synchronous=FULL` commits block in fsync, and blocking must never happen
+/// on the Swift concurrency pool or a NIO event loop. Each queued write runs in its own savepoint, so
+/// a write that fails on its own (a missing row) fails alone; a failure of the database itself (disk
+/// full, I/O error, lock deadline) fails the whole batch, and nothing of it is acknowledged.
+///
+/// `@unchecked Sendable`: the queue and the stopping flag are only touched under `condition`; the
+/// database connection only on the writer thread.
+final class GroupCommitWriter: @unchecked Sendable {
+    private struct Job {
+        /// Runs inside the shared transaction; returns what to do once the commit is durable.
+        let perform: (Database) throws -> () -> Void
+        let fail: (EventLogError) -> Void
+    }
+
+    private let database: DatabasePool
+    private let condition = NSCondition()
+    private var queue: [Job] = []
+    private var stopping = false
+    private var finished = false
+    private let onBatch: @Sendable (Int) -> Void
+
+    init(database: DatabasePool, onBatch: @escaping @Sendable (Int) -> Void = { _ in }) {
+        self.database = database
+        self.onBatch = onBatch
+        let thread = Thread { [self] in self.run() }
+        thread.name = "payop-ipnd.event-log-writer"
+        thread.start()
+    }
+
+    /// Runs `operation` in the next group commit and returns its result once the commit is on disk.
+    func write<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError) -> T {
+        do {
+            return try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<T, any Error>) in
+                let job = Job(
+                    perform: { db in
+                        let value = try operation(db)
+                        return { continuation.resume(returning: value) }
+                    },
+                    fail: { continuation.resume(throwing: $0) })
+                condition.lock()
+                if stopping {
+                    condition.unlock()
+                    job.fail(EventLogError(.unavailable, "the event log is shutting down"))
+                    return
+                }
+                queue.append(job)
+                condition.signal()
+                condition.unlock()
+            }
+        } catch let error as EventLogError {
+            throw error
+        } catch {
+            throw EventLogError(.unavailable, "the event log could not commit", cause: error)
+        }
+    }
+
+    /// Commits what is queued, then stops the thread. Writes queued afterwards fail as unavailable.
+    func shutdown() {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        while !finished { condition.wait() }
+        condition.unlock()
+    }
+
+    private func run() {
+        while true {
+            condition.lock()
+            while queue.isEmpty && !stopping { condition.wait() }
+            if queue.isEmpty {
+                finished = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            let jobs = queue
+            queue.removeAll(keepingCapacity: true)
+            condition.unlock()
+            commit(jobs)
+        }
+    }
+
+    private func commit(_ jobs: [Job]) {
+        var completions: [() -> Void] = []
+        var refusals: [(Job, EventLogError)] = []
+        completions.reserveCapacity(jobs.count)
+        do {
+            try database.writeWithoutTransaction { db in
+                try db.cachedStatement(sql: "BEGIN IMMEDIATE").execute()
+                do {
+                    for job in jobs {
+                        try db.cachedStatement(sql: "SAVEPOINT job").execute()
+                        do {
+                            completions.append(try job.perform(db))
+                            try db.cachedStatement(sql: "RELEASE job").execute()
+                        } catch let error as DatabaseError where Self.failsTheBatch(error) {
+                            throw error
+                        } catch {
+                            try db.cachedStatement(sql: "ROLLBACK TO job").execute()
+                            try db.cachedStatement(sql: "RELEASE job").execute()
+                            refusals.append((job, Self.wrap(error)))
+                        }
+                    }
+                    try db.cachedStatement(sql: "COMMIT").execute()
+                } catch {
+                    if db.isInsideTransaction { try? db.execute(sql: "ROLLBACK") }
+                    throw error
+                }
+            }
+        } catch {
+            let failure = EventLogError(.unavailable, "the event log could not commit", cause: error)
+            for job in jobs { job.fail(failure) }
+            return
+        }
+        onBatch(jobs.count)
+        for complete in completions { complete() }
+        for (job, error) in refusals { job.fail(error) }
+    }
+
+    /// Errors of the database file itself, as opposed to errors of one write's own logic.
+    private static func failsTheBatch(_ error: DatabaseError) -> Bool {
+        switch error.resultCode {
+        case .SQLITE_FULL, .SQLITE_IOERR, .SQLITE_READONLY, .SQLITE_BUSY, .SQLITE_LOCKED, .SQLITE_CORRUPT,
+            .SQLITE_NOMEM, .SQLITE_CANTOPEN, .SQLITE_NOTADB:
+            true
+        default:
+            false
+        }
+    }
+
+    private static func wrap(_ error: any Error) -> EventLogError {
+        if let error = error as? EventLogError { return error }
+        return EventLogError(.unavailable, "a write to the event log failed", cause: error)
+    }
+}

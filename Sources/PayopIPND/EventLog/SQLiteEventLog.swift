@@ -1,0 +1,295 @@
+import Foundation
+import GRDB
+
+/// The durable event log: one SQLite file in WAL mode with `synchronous=FULL`, written only through
+/// the group-commit writer, read by any number of readers and other processes (the CLI) at once.
+public final class SQLiteEventLog: EventStore {
+    public enum Mode: Sendable {
+        /// The daemon: checkpoints run off the commit path (see `checkpoint()`), from another connection.
+        case daemon
+        /// A command-line tool sharing the file with a running daemon.
+        case tool
+    }
+
+    public let path: String
+    let database: DatabasePool
+    private let writer: GroupCommitWriter
+    private let clock: any WallClock
+
+    /// How long a write waits for another process's lock before the log counts as unavailable.
+    public static let lockDeadlineSeconds: TimeInterval = 5
+
+    private init(path: String, database: DatabasePool, clock: any WallClock, onBatch: @escaping @Sendable (Int) -> Void) {
+        self.path = path
+        self.database = database
+        self.clock = clock
+        self.writer = GroupCommitWriter(database: database, onBatch: onBatch)
+    }
+
+    /// Opens (creating when `create`) the log at `path`, migrates it and checks that commits are durable.
+    public static func open(
+        path: String, mode: Mode, create: Bool = true, clock: any WallClock = SystemWallClock(),
+        onBatch: @escaping @Sendable (Int) -> Void = { _ in }
+    ) throws(EventLogError) -> SQLiteEventLog {
+        let fileManager = FileManager.default
+        if !fileManager.fileExists(atPath: path) {
+            guard create else {
+                throw EventLogError(.notFound, "no event log at \(path): start the daemon once, or check storage.path")
+            }
+            let directory = (path as NSString).deletingLastPathComponent
+            if !directory.isEmpty {
+                do {
+                    try fileManager.createDirectory(atPath: directory, withIntermediateDirectories: true)
+                } catch {
+                    throw EventLogError(.unavailable, "cannot create the directory \(directory)", cause: error)
+                }
+            }
+        }
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(lockDeadlineSeconds)
+        configuration.label = "payop-ipnd.event-log"
+        let database: DatabasePool
+        do {
+            database = try DatabasePool(path: path, configuration: configuration)
+            try database.writeWithoutTransaction { db in
+                // GRDB puts WAL databases on synchronous=NORMAL after setup; the log promises FULL.
+                try db.execute(sql: "PRAGMA synchronous = FULL")
+                if mode == .daemon {
+                    try db.execute(sql: "PRAGMA wal_autocheckpoint = 0")
+                }
+                try db.execute(sql: "PRAGMA journal_size_limit = 67108864")
+            }
+            try Schema.migrator.migrate(database)
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_NOTADB {
+            throw EventLogError(.notEventLog, "\(path) is not an SQLite database", cause: error)
+        } catch {
+            throw EventLogError(.unavailable, "cannot open the event log at \(path)", cause: error)
+        }
+        let log = SQLiteEventLog(path: path, database: database, clock: clock, onBatch: onBatch)
+        let level = try log.synchronousLevel()
+        guard level == 2 else {
+            throw EventLogError(.unavailable, "the event log is not durable: PRAGMA synchronous reads \(level), not 2 (FULL)")
+        }
+        return log
+    }
+
+    /// `PRAGMA synchronous` of the write connection: 2 is FULL.
+    public func synchronousLevel() throws(EventLogError) -> Int {
+        do {
+            return try database.writeWithoutTransaction { db in try Int.fetchOne(db, sql: "PRAGMA synchronous") ?? -1 }
+        } catch {
+            throw EventLogError(.unavailable, "cannot read PRAGMA synchronous", cause: error)
+        }
+    }
+
+    /// Commits what is queued and stops the writer; later writes fail as unavailable.
+    public func close() {
+        writer.shutdown()
+    }
+
+    /// Runs `operation` in the next group commit; returns once it is on disk.
+    public func write<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError)
+        -> T
+    {
+        try await writer.write(operation)
+    }
+
+    public func read<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError)
+        -> T
+    {
+        do {
+            return try await database.read(operation)
+        } catch let error as EventLogError {
+            throw error
+        } catch {
+            throw EventLogError(.unavailable, "cannot read the event log", cause: error)
+        }
+    }
+
+    /// Moves committed WAL frames into the database file. Runs from its own connection so the writer
+    /// never pays for it inside a commit (the source of occasional 10-30 ms commits otherwise).
+    public func checkpoint() throws(EventLogError) {
+        do {
+            let connection = try DatabaseQueue(path: path, configuration: checkpointConfiguration)
+            try connection.writeWithoutTransaction { db in
+                _ = try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")
+            }
+            try connection.close()
+        } catch {
+            throw EventLogError(.unavailable, "cannot checkpoint the event log", cause: error)
+        }
+    }
+
+    private var checkpointConfiguration: Configuration {
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(1)
+        return configuration
+    }
+
+    // MARK: - Ingest
+
+    public func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
+        try await write { db in try Self.ingest(ipn, in: db) }
+    }
+
+    public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
+        try await write { db in
+            try db.cachedStatement(sql: Self.insertReceipt).execute(arguments: [
+                SortableID.make(prefix: "rcp_", millisecondsSince1970: refused.receivedAt), refused.receivedAt,
+                refused.sourceIP, refused.path, refused.answer, refused.reason.rawValue,
+                refused.notification?.kind.rawValue, refused.notification?.entityID, refused.notification?.status.name,
+                nil, refused.size, Data(refused.bodyPrefix),
+            ])
+        }
+    }
+
+    private static let insertReceipt = """
+        INSERT INTO receipts (id, received_at, source_ip, path, answer, reason, kind, entity_id, status, event_id,
+                              size, body)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        """
+
+    private static let insertEvent = """
+        INSERT INTO events (id, kind, entity_id, status, status_key, payop_state, state, source, verification,
+                            transaction_id, invoice_id, order_id, refund_id, withdrawal_id, amount, currency,
+                            error_message, legacy, received_at, verified_at, ipn, next_check_at)
+        VALUES (?, ?, ?, ?, ?, ?, ?, 'ipn', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        """
+
+    static func ingest(_ ipn: IncomingIPN, in db: Database) throws -> IngestOutcome {
+        let n = ipn.notification
+        let now = ipn.receivedAt
+        let existing = try String.fetchOne(
+            db.cachedStatement(sql: "SELECT id FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
+            arguments: [n.kind.rawValue, n.entityID, n.status.dedupeKey])
+        let eventID: String
+        if let existing {
+            eventID = existing
+            // A repeat of a rejected IPN makes the verifier ask Payop again: Payop may have caught up.
+            try db.cachedStatement(
+                sql: """
+                    UPDATE events SET duplicates = duplicates + 1,
+                        next_check_at = CASE WHEN state = 'rejected' AND legacy = 0 THEN ? ELSE next_check_at END
+                    WHERE id = ?
+                    """
+            ).execute(arguments: [now, eventID])
+        } else {
+            eventID = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+            let verified = ipn.verifiedBySignature
+            try db.cachedStatement(sql: insertEvent).execute(arguments: [
+                eventID, n.kind.rawValue, n.entityID, n.status.name, n.status.dedupeKey, n.status.payopState,
+                verified ? "verified" : "received", verified ? "signature" : nil,
+                n.transactionID, n.invoiceID, n.orderID, n.refundID, n.withdrawalID, n.amount, n.currency,
+                n.errorMessage, n.legacy != nil, now, verified ? now : nil, Data(ipn.body),
+                verified ? nil : now,
+            ])
+        }
+        let receiptID = SortableID.make(prefix: "rcp_", millisecondsSince1970: now)
+        try db.cachedStatement(sql: insertReceipt).execute(arguments: [
+            receiptID, now, ipn.sourceIP, ipn.path, 200, nil, n.kind.rawValue, n.entityID, n.status.name, eventID,
+            ipn.body.count, Data(ipn.body),
+        ])
+        return IngestOutcome(receiptID: receiptID, eventID: eventID, duplicate: existing != nil)
+    }
+
+    // MARK: - Queries
+
+    public struct EventFilter: Sendable {
+        public var type: String?
+        public var status: String?
+        public var state: String?
+        public var since: Int64?
+        public var limit: Int
+
+        public init(type: String? = nil, status: String? = nil, state: String? = nil, since: Int64? = nil, limit: Int = 50) {
+            self.type = type
+            self.status = status
+            self.state = state
+            self.since = since
+            self.limit = limit
+        }
+    }
+
+    /// Newest first.
+    public func events(_ filter: EventFilter) async throws(EventLogError) -> [Event] {
+        try await read { db in
+            var clauses: [String] = []
+            var arguments: StatementArguments = []
+            if let type = filter.type {
+                clauses.append("kind || '.' || status = ?")
+                arguments += [type]
+            }
+            if let status = filter.status {
+                clauses.append("status = ?")
+                arguments += [status]
+            }
+            if let state = filter.state {
+                clauses.append("state = ?")
+                arguments += [state]
+            }
+            if let since = filter.since {
+                clauses.append("received_at >= ?")
+                arguments += [since]
+            }
+            let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+            arguments += [filter.limit]
+            return try Row.fetchAll(
+                db, sql: "SELECT \(Event.columns) FROM events \(whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
+                arguments: arguments
+            ).map(Event.init(row:))
+        }
+    }
+
+    public func event(id: String) async throws(EventLogError) -> EventDetail? {
+        try await read { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT \(Event.columns) FROM events WHERE id = ?", arguments: [id])
+            else { return nil }
+            let receipts = try Row.fetchAll(
+                db, sql: "SELECT \(Receipt.columns) FROM receipts WHERE event_id = ? ORDER BY received_at, id",
+                arguments: [id]
+            ).map(Receipt.init(row:))
+            return EventDetail(event: Event(row: row), receipts: receipts)
+        }
+    }
+
+    /// Newest first; `refusedOnly` keeps the 400 and 401 answers.
+    public func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt] {
+        try await read { db in
+            var clauses: [String] = []
+            var arguments: StatementArguments = []
+            if refusedOnly { clauses.append("answer <> 200") }
+            if let since {
+                clauses.append("received_at >= ?")
+                arguments += [since]
+            }
+            let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+            arguments += [limit]
+            return try Row.fetchAll(
+                db,
+                sql: "SELECT \(Receipt.columns) FROM receipts \(whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
+                arguments: arguments
+            ).map(Receipt.init(row:))
+        }
+    }
+
+    public struct PruneResult: Sendable, Equatable {
+        public var receipts: Int
+    }
+
+    /// Deletes receipts received before `cutoff`. Events are kept: each holds the body of its first IPN.
+    public func prune(before cutoff: Int64) async throws(EventLogError) -> PruneResult {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM receipts WHERE received_at < ?", arguments: [cutoff])
+            return PruneResult(receipts: db.changesCount)
+        }
+    }
+
+    public func counts() async throws(EventLogError) -> (events: Int, receipts: Int) {
+        try await read { db in
+            (
+                try Int.fetchOne(db, sql: "SELECT count(*) FROM events") ?? 0,
+                try Int.fetchOne(db, sql: "SELECT count(*) FROM receipts") ?? 0
+            )
+        }
+    }
+}

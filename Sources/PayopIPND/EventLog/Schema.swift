@@ -1,0 +1,64 @@
+import GRDB
+
+/// The event log's tables. Migrations are numbered and append-only: never edit one that has shipped,
+/// add the next.
+enum Schema {
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("0001-events-and-receipts") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE events (
+                        id TEXT PRIMARY KEY NOT NULL,
+                        kind TEXT NOT NULL,
+                        entity_id TEXT NOT NULL,
+                        status TEXT NOT NULL,
+                        -- the status, or unknown:N, so two unknown states stay two events
+                        status_key TEXT NOT NULL,
+                        payop_state INTEGER,
+                        state TEXT NOT NULL CHECK (state IN ('received', 'verified', 'rejected')),
+                        rejection_reason TEXT,
+                        source TEXT NOT NULL CHECK (source IN ('ipn', 'reconcile')),
+                        verification TEXT,
+                        transaction_id TEXT,
+                        invoice_id TEXT,
+                        order_id TEXT,
+                        refund_id TEXT,
+                        withdrawal_id TEXT,
+                        amount TEXT,
+                        currency TEXT,
+                        error_message TEXT,
+                        legacy INTEGER NOT NULL DEFAULT 0,
+                        received_at INTEGER NOT NULL,
+                        verified_at INTEGER,
+                        duplicates INTEGER NOT NULL DEFAULT 0,
+                        ipn BLOB,
+                        -- when the verifier should next ask Payop; NULL when there is nothing to ask
+                        next_check_at INTEGER,
+                        check_attempts INTEGER NOT NULL DEFAULT 0,
+                        UNIQUE (kind, entity_id, status_key)
+                    );
+                    CREATE INDEX events_by_received_at ON events (received_at);
+                    CREATE INDEX events_due_for_check ON events (next_check_at) WHERE next_check_at IS NOT NULL;
+
+                    CREATE TABLE receipts (
+                        id TEXT PRIMARY KEY NOT NULL,
+                        received_at INTEGER NOT NULL,
+                        source_ip TEXT NOT NULL,
+                        path TEXT NOT NULL,
+                        answer INTEGER NOT NULL,
+                        reason TEXT,
+                        kind TEXT,
+                        entity_id TEXT,
+                        status TEXT,
+                        event_id TEXT REFERENCES events (id),
+                        size INTEGER NOT NULL,
+                        body BLOB NOT NULL
+                    );
+                    CREATE INDEX receipts_by_event ON receipts (event_id);
+                    CREATE INDEX receipts_by_received_at ON receipts (received_at);
+                    """)
+        }
+        return migrator
+    }
+}

@@ -1,0 +1,152 @@
+import Logging
+import Synchronization
+
+/// What the listener enforces; swapped whole on reload.
+public struct IngressSettings: Sendable {
+    public var paths: Set<String>
+    public var maxBodyBytes: Int
+    public var sources: SourcePolicy
+    /// Payop's secret key, for legacy V1 signatures; nil when none is configured.
+    public var legacySecretKey: String?
+
+    public init(paths: Set<String>, maxBodyBytes: Int, sources: SourcePolicy, legacySecretKey: String?) {
+        self.paths = paths
+        self.maxBodyBytes = maxBodyBytes
+        self.sources = sources
+        self.legacySecretKey = legacySecretKey
+    }
+}
+
+/// An HTTP answer, independent of the server that writes it.
+public struct IngressAnswer: Sendable, Equatable {
+    public var status: Int
+    public var body: String
+    public var allow: String?
+    /// Close the connection after answering (the rest of the request is not worth reading).
+    public var close: Bool
+
+    init(_ status: Int, _ body: String, allow: String? = nil, close: Bool = false) {
+        self.status = status
+        self.body = body + "\n"
+        self.allow = allow
+        self.close = close
+    }
+
+    static let notFound = IngressAnswer(404, "not found")
+    static let methodNotAllowed = IngressAnswer(405, "method not allowed: IPNs are POSTed", allow: "POST")
+    static let forbidden = IngressAnswer(403, "forbidden: source address not allowed", close: true)
+    static func tooLarge(_ limit: Int) -> IngressAnswer {
+        IngressAnswer(413, "request body larger than \(limit) bytes", close: true)
+    }
+    static let accepted = IngressAnswer(200, "OK")
+    static let unavailable = IngressAnswer(503, "event log unavailable, send again later")
+}
+
+/// The IPN listener's decisions, with no HTTP server in them: the status table of DESIGN.md.
+public final class IPNIngress: Sendable {
+    /// A request that passed the checks that need no body; the body may now be read.
+    public struct Admitted: Sendable {
+        public var path: String
+        public var sourceIP: String
+        public var maxBodyBytes: Int
+    }
+
+    public enum Preflight: Sendable {
+        case answer(IngressAnswer)
+        case readBody(Admitted)
+    }
+
+    private let settings: Mutex<IngressSettings>
+    private let store: any EventStore
+    private let clock: any WallClock
+    private let logger: Logger
+
+    public init(settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger)
+    {
+        self.settings = Mutex(settings)
+        self.store = store
+        self.clock = clock
+        self.logger = logger
+    }
+
+    public func reload(_ newSettings: IngressSettings) {
+        settings.withLock { $0 = newSettings }
+    }
+
+    public var currentSettings: IngressSettings { settings.withLock { $0 } }
+
+    /// Everything decided before the body is read: path, method, source and declared length.
+    public func preflight(
+        method: String, path: String, peer: IPAddress?, forwardedFor: [String], contentLength: Int?
+    ) -> Preflight {
+        let settings = settings.withLock { $0 }
+        guard settings.paths.contains(path) else { return .answer(.notFound) }
+        guard method == "POST" else { return .answer(.methodNotAllowed) }
+        guard let peer, let client = settings.sources.clientAddress(peer: peer, forwardedFor: forwardedFor),
+            settings.sources.allows(client)
+        else {
+            logger.notice(
+                "ipn refused: source not allowed",
+                metadata: ["peer": "\(peer.map(String.init(describing:)) ?? "unknown")", "forwarded_for": "\(forwardedFor)"])
+            return .answer(.forbidden)
+        }
+        if let contentLength, contentLength > settings.maxBodyBytes {
+            return .answer(.tooLarge(settings.maxBodyBytes))
+        }
+        return .readBody(Admitted(path: path, sourceIP: client.description, maxBodyBytes: settings.maxBodyBytes))
+    }
+
+    /// Parses, checks and records a body that was read whole; 200 only once it is durable.
+    public func accept(body: [UInt8], from request: Admitted) async -> IngressAnswer {
+        let now = clock.nowMilliseconds()
+        let notification: Notification
+        switch NotificationParser.parse(body) {
+        case .failure(let reason):
+            return await refuse(reason, body: body, notification: nil, request: request, at: now)
+        case .success(let parsed):
+            notification = parsed
+        }
+        if notification.legacy != nil,
+            let failure = LegacySignature.verify(notification, secretKey: settings.withLock { $0.legacySecretKey })
+        {
+            return await refuse(failure, body: body, notification: notification, request: request, at: now)
+        }
+        let ipn = IncomingIPN(
+            receivedAt: now, sourceIP: request.sourceIP, path: request.path, body: body, notification: notification,
+            verifiedBySignature: notification.legacy != nil)
+        do {
+            let outcome = try await store.ingest(ipn)
+            if outcome.duplicate {
+                logger.debug(
+                    "ipn duplicate", metadata: ["event.id": "\(outcome.eventID)", "event.type": "\(notification.type)"])
+            } else {
+                logger.info(
+                    "ipn stored",
+                    metadata: [
+                        "event.id": "\(outcome.eventID)", "event.type": "\(notification.type)",
+                        "entity.id": "\(notification.entityID)",
+                    ])
+            }
+            return .accepted
+        } catch {
+            logger.error("ipn not stored, answered 503", metadata: ["error": "\(error)"])
+            return .unavailable
+        }
+    }
+
+    private func refuse(
+        _ reason: RefusalReason, body: [UInt8], notification: Notification?, request: Admitted, at now: Int64
+    ) async -> IngressAnswer {
+        logger.notice("ipn refused", metadata: ["reason": "\(reason.rawValue)", "source": "\(request.sourceIP)"])
+        let refused = RefusedIPN(
+            receivedAt: now, sourceIP: request.sourceIP, path: request.path, reason: reason, body: body,
+            notification: notification)
+        do {
+            try await store.recordRefused(refused)
+        } catch {
+            // The answer does not depend on the record: the request was bad either way.
+            logger.error("refused ipn not recorded", metadata: ["error": "\(error)"])
+        }
+        return IngressAnswer(reason.httpStatus, reason.rawValue)
+    }
+}

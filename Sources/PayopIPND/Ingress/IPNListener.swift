@@ -1,0 +1,78 @@
+import HTTPTypes
+import HummingbirdCore
+import Logging
+import NIOCore
+import NIOPosix
+
+/// The IPN port: HummingbirdCore's HTTP/1 server with one lean responder and no router, middleware or
+/// per-request context, because the request path, not the disk, is the ingest ceiling (DESIGN.md).
+public enum IPNListener {
+    public static func makeServer(
+        host: String, port: Int, ingress: IPNIngress, readTimeoutSeconds: Double, logger: Logger,
+        onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
+    ) -> Server<HTTP1Channel> {
+        let readTimeout = TimeAmount.milliseconds(Int64(readTimeoutSeconds * 1000))
+        let channel = HTTP1Channel(
+            responder: { request, responseWriter, channel in
+                let answer = await respond(to: request, on: channel, ingress: ingress, readTimeout: readTimeout)
+                try await write(answer, to: responseWriter)
+                if answer.close {
+                    try? await channel.close()
+                }
+            },
+            configuration: .init(idleTimeout: readTimeout))
+        return Server(
+            childChannelSetup: channel,
+            configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 1024),
+            onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) },
+            eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
+            logger: logger)
+    }
+
+    private static func respond(
+        to request: Request, on channel: any Channel, ingress: IPNIngress, readTimeout: TimeAmount
+    ) async -> IngressAnswer {
+        let peer = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init)
+        let preflight = ingress.preflight(
+            method: request.method.rawValue, path: request.uri.path, peer: peer,
+            forwardedFor: request.headers[values: .xForwardedFor],
+            contentLength: request.headers[.contentLength].flatMap { Int($0) })
+        switch preflight {
+        case .answer(let answer):
+            return answer
+        case .readBody(let admitted):
+            // The whole body must arrive within the read timeout; a client that trickles is cut off.
+            let deadline = channel.eventLoop.scheduleTask(in: readTimeout) { channel.close(promise: nil) }
+            defer { deadline.cancel() }
+            var body: [UInt8] = []
+            do {
+                for try await part in request.body {
+                    guard body.count + part.readableBytes <= admitted.maxBodyBytes else {
+                        return .tooLarge(admitted.maxBodyBytes)
+                    }
+                    body.append(contentsOf: part.readableBytesView)
+                }
+            } catch {
+                return IngressAnswer(408, "request body not received in time", close: true)
+            }
+            deadline.cancel()
+            return await ingress.accept(body: body, from: admitted)
+        }
+    }
+
+    private static func write(_ answer: IngressAnswer, to writer: consuming ResponseWriter) async throws {
+        var fields: HTTPFields = [
+            .contentType: "text/plain; charset=utf-8",
+            .contentLength: String(answer.body.utf8.count),
+        ]
+        if let allow = answer.allow { fields[.allow] = allow }
+        if answer.close { fields[.connection] = "close" }
+        try await writer.write(
+            response: HTTPResponse(status: .init(code: answer.status), headerFields: fields),
+            body: ResponseBody(byteBuffer: ByteBuffer(string: answer.body)))
+    }
+}
+
+extension HTTPField.Name {
+    static let xForwardedFor = HTTPField.Name("X-Forwarded-For")!
+}

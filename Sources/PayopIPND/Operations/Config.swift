@@ -1,0 +1,133 @@
+import Logging
+
+/// `host:port` for a listener; `[::1]:9181` for IPv6.
+public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    public init?(_ text: String) {
+        let host: Substring
+        let portText: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else {
+                return nil
+            }
+            host = text[text.index(after: text.startIndex)..<close]
+            portText = text[text.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = text.lastIndex(of: ":") else { return nil }
+            host = text[..<colon]
+            portText = text[text.index(after: colon)...]
+        }
+        guard let port = Int(portText), (0...65535).contains(port), portText.allSatisfy(\.isNumber),
+            host == "localhost" || IPAddress(host) != nil
+        else { return nil }
+        self.host = String(host)
+        self.port = port
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// A merchant's hook, as configured.
+public struct HookConfig: Sendable, Equatable {
+    public enum Target: Sendable, Equatable {
+        case command([String])
+        case url(String)
+    }
+
+    public var name: String
+    public var target: Target
+    public var events: [String]
+    public var timeoutSeconds: Double
+    public var maxAttempts: Int
+    public var signingSecretFile: String?
+
+    /// `events:` entries are exact types or globs (`checkout.*`, `*`).
+    public func matches(type: String) -> Bool {
+        events.contains { Glob.matches(pattern: $0, text: type) }
+    }
+}
+
+/// The daemon's configuration: DESIGN.md's keys, with its defaults.
+public struct DaemonConfig: Sendable {
+    public struct Server: Sendable {
+        public var listen = ListenAddress(host: "0.0.0.0", port: 8080)
+        public var ipnPaths = ["/payop/ipn"]
+        public var maxBodyBytes = 65536
+        public var allowedSources = SourcePolicy.Allowed.only(SourcePolicy.payopAddresses.compactMap { CIDR($0) })
+        public var trustedProxies: [CIDR] = []
+        public var readTimeoutSeconds = 10.0
+    }
+
+    public struct Admin: Sendable {
+        public var listen = ListenAddress(host: "127.0.0.1", port: 9181)
+    }
+
+    public struct Storage: Sendable {
+        public var path = "/var/lib/payop-ipnd/events.sqlite3"
+        public var retentionDays = 400
+    }
+
+    public struct Payop: Sendable {
+        public var apiBaseURL = "https://api.payop.com"
+        public var jwtFile: String?
+        public var secretKeyFile: String?
+        public var timeoutSeconds = 10.0
+        public var retryInitialSeconds = 1.0
+        public var retryMaxSeconds = 300.0
+        public var notFoundRetryMinutes = 10.0
+    }
+
+    public struct Reconcile: Sendable {
+        public var intervalSeconds = 300.0
+    }
+
+    public struct Delivery: Sendable {
+        public var retryInitialSeconds = 2.0
+        public var retryMaxSeconds = 10800.0
+        public var killGraceSeconds = 5.0
+        public var shutdownGraceSeconds = 10.0
+    }
+
+    public var logLevel = Logger.Level.info
+    public var server = Server()
+    public var admin = Admin()
+    public var storage = Storage()
+    public var payop = Payop()
+    public var reconcile = Reconcile()
+    public var delivery = Delivery()
+    public var hooks: [HookConfig] = []
+
+    public init() {}
+}
+
+/// Shell-style globs for event types: `*` any run of characters, `?` one character.
+enum Glob {
+    static func matches(pattern: String, text: String) -> Bool {
+        matches(Array(pattern.utf8)[...], Array(text.utf8)[...])
+    }
+
+    private static func matches(_ pattern: ArraySlice<UInt8>, _ text: ArraySlice<UInt8>) -> Bool {
+        guard let first = pattern.first else { return text.isEmpty }
+        switch first {
+        case UInt8(ascii: "*"):
+            let rest = pattern.dropFirst()
+            var candidate = text
+            while true {
+                if matches(rest, candidate) { return true }
+                guard !candidate.isEmpty else { return false }
+                candidate = candidate.dropFirst()
+            }
+        case UInt8(ascii: "?"):
+            return !text.isEmpty && matches(pattern.dropFirst(), text.dropFirst())
+        default:
+            return text.first == first && matches(pattern.dropFirst(), text.dropFirst())
+        }
+    }
+}

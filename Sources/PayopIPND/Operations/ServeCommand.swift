@@ -1,0 +1,136 @@
+import ArgumentParser
+import Foundation
+import Logging
+import NIOCore
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Run the daemon.")
+
+    @OptionGroup var config: ConfigOption
+    @Flag(help: "Run with no Payop account: state in ./.payop-ipnd-sandbox/, IPNs on 127.0.0.1:8080.")
+    var sandbox = false
+    @Option(name: .customLong("log-level"), help: "Override log_level: trace, debug, info, notice, warning, error.")
+    var logLevel: Logger.Level?
+
+    func validate() throws {
+        if sandbox, config.config != nil {
+            throw ValidationError("--sandbox brings its own configuration; drop --config")
+        }
+    }
+
+    func run() async throws {
+        try await reportingFailures {
+            let sandboxSetup = sandbox ? try Sandbox.prepare(directory: Sandbox.defaultDirectory) : nil
+            let path = sandboxSetup?.configPath ?? config.path
+            var (daemonConfig, warnings) = try ConfigLoader.load(path: path)
+            if let logLevel { daemonConfig.logLevel = logLevel }
+            let level = daemonConfig.logLevel
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+            let logger = Logger(label: "payop-ipnd")
+            for warning in warnings {
+                logger.warning("configuration: \(warning.key): \(warning.message)", metadata: ["config": "\(path)"])
+            }
+            let daemon = Daemon(config: daemonConfig, logger: logger) { port in
+                if let sandboxSetup {
+                    print(sandboxSetup.instructions(port: port))
+                    fflush(stdout)
+                }
+            }
+            do {
+                try await daemon.run()
+            } catch let error as IOError where error.errnoCode == EADDRINUSE {
+                throw CommandFailure.user(
+                    "cannot listen on \(daemonConfig.server.listen): the address is already in use (is another payop-ipnd running?)")
+            } catch let error as IOError where error.errnoCode == EACCES {
+                throw CommandFailure.user("cannot listen on \(daemonConfig.server.listen): permission denied")
+            }
+        }
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// `serve --sandbox`: a working daemon on embedded defaults, with nothing to set up.
+enum Sandbox {
+    static let defaultDirectory = ".payop-ipnd-sandbox"
+    static let secretKey = "sandbox-secret-key"
+
+    struct Setup {
+        var directory: String
+        var configPath: String
+
+        func instructions(port: Int) -> String {
+            let transaction = UUID().uuidString.lowercased()
+            let body = """
+                {"invoice":{"id":"\(UUID().uuidString.lowercased())","status":1,"txid":"\(transaction)"},\
+                "transaction":{"id":"\(transaction)","state":2,"order":{"id":"ORDER-1"},"error":{"message":"","code":""}}}
+                """
+            let legacyOrder = "SANDBOX-\(Int.random(in: 1000...9999))"
+            let signature =
+                LegacySignature.expected(
+                    amount: "10.00", currency: "EUR", orderID: legacyOrder, status: "success", secretKey: Sandbox.secretKey)
+                ?? ""
+            let legacy = """
+                {"orderId":"\(legacyOrder)","amount":"10.00","currency":"EUR","status":"success","signature":"\(signature)"}
+                """
+            return """
+
+                payop-ipnd sandbox is running
+                  IPN listener  http://127.0.0.1:\(port)/payop/ipn
+                  event log     \(directory)/events.sqlite3
+                  config        \(configPath)
+
+                Send a test payment (a checkout IPN; it waits for verification against Payop's API):
+                  curl -i -X POST http://127.0.0.1:\(port)/payop/ipn -H 'Content-Type: application/json' \\
+                    -d '\(body)'
+
+                Or a legacy V1 IPN, verified by its signature on arrival:
+                  curl -i -X POST http://127.0.0.1:\(port)/payop/ipn -H 'Content-Type: application/json' \\
+                    -d '\(legacy)'
+
+                Then look at the event log:
+                  swift run payop-ipnd events list --config \(configPath)
+
+                """
+        }
+    }
+
+    static func prepare(directory: String) throws -> Setup {
+        let fileManager = FileManager.default
+        let absolute = URL(fileURLWithPath: directory, relativeTo: URL(fileURLWithPath: fileManager.currentDirectoryPath))
+            .standardizedFileURL.path
+        do {
+            try fileManager.createDirectory(
+                atPath: absolute, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            let secretPath = absolute + "/payop-secret-key"
+            try Data((secretKey + "\n").utf8).write(to: URL(fileURLWithPath: secretPath))
+            try fileManager.setAttributes([.posixPermissions: 0o600], ofItemAtPath: secretPath)
+            let configPath = absolute + "/payop-ipnd.yaml"
+            let yaml = """
+                # Written by `payop-ipnd serve --sandbox` on every start; delete the folder to start afresh.
+                log_level: info
+                server:
+                  listen: 127.0.0.1:8080
+                  ipn_paths: [/payop/ipn]
+                  allowed_sources: any
+                admin:
+                  listen: 127.0.0.1:9181
+                storage:
+                  path: \(absolute)/events.sqlite3
+                payop:
+                  api_base_url: http://127.0.0.1:8081
+                  secret_key_file: \(secretPath)
+
+                """
+            try Data(yaml.utf8).write(to: URL(fileURLWithPath: configPath))
+            return Setup(directory: absolute, configPath: configPath)
+        } catch {
+            throw CommandFailure.user("cannot prepare the sandbox in \(absolute): \(ConfigLoader.reason(error))")
+        }
+    }
+}
