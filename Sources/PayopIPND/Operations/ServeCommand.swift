@@ -38,7 +38,7 @@ struct ServeCommand: AsyncParsableCommand {
             let daemon = Daemon(config: daemonConfig, logger: logger) { port in
                 if let sandboxSetup {
                     print(sandboxSetup.instructions(port: port))
-                    fflush(stdout)
+                    fflush(nil)
                 }
             }
             do {

@@ -1,0 +1,159 @@
+import Foundation
+import Testing
+
+@testable import PayopIPND
+
+@Suite struct ConfigTests {
+    func problems(_ yaml: String) -> [ConfigProblem] {
+        do {
+            return try ConfigLoader.parse(yaml, environment: [:]).warnings
+        } catch {
+            return error.problems
+        }
+    }
+
+    @Test func emptyConfigGetsTheDesignDefaults() throws {
+        let config = try ConfigLoader.parse("{}", environment: [:]).config
+        #expect(config.server.listen == ListenAddress(host: "0.0.0.0", port: 8080))
+        #expect(config.server.ipnPaths == ["/payop/ipn"])
+        #expect(config.server.maxBodyBytes == 65536)
+        #expect(config.admin.listen.description == "127.0.0.1:9181")
+        #expect(config.storage.path == "/var/lib/payop-ipnd/events.sqlite3")
+        #expect(config.storage.retentionDays == 400)
+        #expect(config.payop.apiBaseURL == "https://api.payop.com")
+        #expect(config.reconcile.intervalSeconds == 300)
+        #expect(config.delivery.retryMaxSeconds == 10800)
+        guard case .only(let ranges) = config.server.allowedSources else {
+            Issue.record("the default source policy is not Payop's addresses")
+            return
+        }
+        #expect(ranges.count == 6)
+    }
+
+    @Test func typoedKeyIsRejectedNamingTheKeyAndLine() {
+        let found = problems(
+            """
+            server:
+              listen: 0.0.0.0:8080
+              max_body_byte: 100
+            """)
+        let problem = found.first { $0.severity == .error }
+        #expect(problem?.key == "server.max_body_byte")
+        #expect(problem?.line == 3)
+        #expect(problem?.message.contains("did you mean max_body_bytes") == true)
+    }
+
+    @Test func everyProblemIsReportedNotJustTheFirst() {
+        let found = problems(
+            """
+            server:
+              listen: nowhere
+              allowed_sources: [10.0.0.0/8, 300.1.1.1/8]
+            storage:
+              retention_days: 0
+            colour: blue
+            """
+        ).filter { $0.severity == .error }
+        #expect(Set(found.map(\.key)) == ["server.listen", "server.allowed_sources[1]", "storage.retention_days", "colour"])
+    }
+
+    @Test func ipv6ListenAndCIDRsAreAccepted() throws {
+        let config = try ConfigLoader.parse(
+            """
+            server:
+              listen: "[::]:8443"
+              allowed_sources: [2001:db8::/32, 3.125.109.58]
+              trusted_proxies: [127.0.0.1/32, "::1"]
+            """, environment: [:]
+        ).config
+        #expect(config.server.listen == ListenAddress(host: "::", port: 8443))
+        #expect(config.server.trustedProxies.count == 2)
+    }
+
+    @Test func missingSecretFileIsAnError() {
+        let found = problems("payop:\n  secret_key_file: /nonexistent/payop-secret\n")
+        #expect(found.contains { $0.key == "payop.secret_key_file" && $0.severity == .error && $0.line == 2 })
+    }
+
+    @Test func worldReadableSecretIsAnErrorAndGroupReadableAWarning() throws {
+        let dir = try TemporaryDirectory()
+        let open = try dir.write("open", "secret\n", mode: 0o644)
+        let group = try dir.write("group", "secret\n", mode: 0o640)
+        let found = problems("payop:\n  jwt_file: \(open)\n  secret_key_file: \(group)\n")
+        #expect(found.contains { $0.key == "payop.jwt_file" && $0.severity == .error && $0.message.contains("chmod 600") })
+        #expect(found.contains { $0.key == "payop.secret_key_file" && $0.severity == .warning })
+    }
+
+    @Test func bareSecretNameIsLookedUpInTheCredentialsDirectory() throws {
+        let dir = try TemporaryDirectory()
+        _ = try dir.write("payop-jwt", "token\n")
+        let config = try ConfigLoader.parse(
+            "payop:\n  jwt_file: payop-jwt\n", environment: ["CREDENTIALS_DIRECTORY": dir.path]
+        ).config
+        #expect(config.payop.jwtFile == dir.file("payop-jwt"))
+        #expect(try SecretFile.read(dir.file("payop-jwt")) == "token")
+    }
+
+    @Test func hooksAreValidated() throws {
+        let found = problems(
+            """
+            hooks:
+              - name: fulfil
+                command: [relative/script]
+                events: [checkout.accepted]
+              - name: crm
+                url: http://10.0.0.5:3000/payop
+                events: ["*"]
+              - name: both
+                command: [/bin/true]
+                url: http://127.0.0.1:1/x
+                events: ["*"]
+              - name: noevents
+                command: [/bin/true]
+            """
+        ).filter { $0.severity == .error }
+        #expect(found.contains { $0.key == "hooks[fulfil].command" && $0.message.contains("absolute") })
+        #expect(found.contains { $0.key == "hooks[crm].url" && $0.message.contains("127.0.0.1") })
+        #expect(found.contains { $0.key == "hooks[both]" })
+        #expect(found.contains { $0.key == "hooks[noevents].events" })
+    }
+
+    @Test func goodHooksGetTheirDefaults() throws {
+        let config = try ConfigLoader.parse(
+            """
+            hooks:
+              - name: fulfil
+                command: [/bin/true, --from-payop]
+                events: [checkout.accepted]
+              - name: crm
+                url: http://[::1]:3000/payop
+                events: ["checkout.*"]
+            """, environment: [:]
+        ).config
+        #expect(config.hooks.map(\.timeoutSeconds) == [30, 10])
+        #expect(config.hooks.map(\.maxAttempts) == [30, 30])
+        #expect(config.hooks[1].matches(type: "checkout.pending"))
+        #expect(!config.hooks[1].matches(type: "refund.accepted"))
+        #expect(!config.hooks[0].matches(type: "checkout.pending"))
+    }
+
+    @Test func hookURLsAreLoopbackOrUnixSocketsOnly() throws {
+        #expect(
+            try HookURL.parse("http+unix://%2Frun%2Fshop.sock/payop").get()
+                == .unixSocket(path: "/run/shop.sock", requestPath: "/payop"))
+        #expect(try HookURL.parse("http://localhost:3000/x").get() == .loopback(host: "localhost", port: 3000, path: "/x"))
+        #expect((try? HookURL.parse("https://127.0.0.1:3000/x").get()) == nil)
+        #expect((try? HookURL.parse("http://example.com:80/x").get()) == nil)
+        #expect((try? HookURL.parse("http://127.0.0.1/x").get()) == nil)
+    }
+
+    @Test func exampleConfigInTheRepositoryIsValidApartFromItsSecretFiles() throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("config/payop-ipnd.example.yaml")
+        let text = try String(contentsOf: url, encoding: .utf8)
+        let errors = problems(text).filter { $0.severity == .error }
+        // Only the files a real installation provides may be missing here.
+        #expect(errors.allSatisfy { $0.message.contains("does not exist") }, "\(errors)")
+        #expect(!errors.isEmpty)
+    }
+}

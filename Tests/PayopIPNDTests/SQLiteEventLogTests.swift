@@ -1,0 +1,177 @@
+import Foundation
+import GRDB
+import Testing
+
+@testable import PayopIPND
+
+/// The real event log, on a real SQLite file.
+@Suite struct SQLiteEventLogTests {
+    func ipn(_ body: [UInt8], at ms: Int64 = 1_795_000_000_000, source: String = "3.125.109.58") throws -> IncomingIPN {
+        let notification = try NotificationParser.parse(body).get()
+        return IncomingIPN(
+            receivedAt: ms, sourceIP: source, path: "/payop/ipn", body: body, notification: notification,
+            verifiedBySignature: notification.legacy != nil)
+    }
+
+    @Test func commitsAreDurableWithSynchronousFull() throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        #expect(try log.synchronousLevel() == 2)
+        let mode = try log.database.read { try String.fetchOne($0, sql: "PRAGMA journal_mode") }
+        #expect(mode == "wal")
+    }
+
+    @Test func duplicateIPNAddsNoSecondEventButCountsIt() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let body = try Samples.data("checkout-accepted")
+        let first = try await log.ingest(try ipn(body))
+        let second = try await log.ingest(try ipn(body, at: 1_795_000_001_000))
+        #expect(!first.duplicate && second.duplicate)
+        #expect(first.eventID == second.eventID)
+        let events = try await log.events(.init())
+        #expect(events.count == 1)
+        #expect(events.first?.duplicates == 1)
+        #expect(events.first?.state == "received")
+        let detail = try #require(try await log.event(id: first.eventID))
+        #expect(detail.receipts.count == 2)
+    }
+
+    @Test func newStatusOfTheSameTransactionIsASecondEvent() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let pending = try await log.ingest(try ipn(checkoutBody(transaction: "tx-1", state: 4)))
+        let accepted = try await log.ingest(try ipn(checkoutBody(transaction: "tx-1", state: 2)))
+        #expect(pending.eventID != accepted.eventID)
+        let types = try await log.events(.init()).map(\.type).sorted()
+        #expect(types == ["checkout.accepted", "checkout.pending"])
+    }
+
+    @Test func sixteenConcurrentPostsOfOneIPNMakeExactlyOneEvent() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let incoming = try ipn(try Samples.data("withdrawal-rejected"))
+        let outcomes = try await withThrowingTaskGroup(of: IngestOutcome.self) { group in
+            for _ in 0..<16 { group.addTask { try await log.ingest(incoming) } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(Set(outcomes.map(\.eventID)).count == 1)
+        #expect(outcomes.filter { !$0.duplicate }.count == 1)
+        let counts = try await log.counts()
+        #expect(counts.events == 1 && counts.receipts == 16)
+        #expect(try await log.events(.init()).first?.duplicates == 15)
+    }
+
+    @Test func eventsSurviveARestart() async throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.file("events.sqlite3")
+        let first = try SQLiteEventLog.open(path: path, mode: .daemon)
+        let outcome = try await first.ingest(try ipn(try Samples.data("legacy-v1-success")))
+        first.close()
+        let reopened = try SQLiteEventLog.open(path: path, mode: .tool, create: false)
+        defer { reopened.close() }
+        let event = try #require(try await reopened.event(id: outcome.eventID)?.event)
+        #expect(event.type == "checkout.accepted")
+        #expect(event.state == "verified")
+        #expect(event.verification == "signature")
+        #expect(event.legacy)
+        #expect(event.amount == "100.0000")
+        #expect(event.ipn == (try Samples.data("legacy-v1-success")))
+    }
+
+    @Test func refusedRequestsAreReceiptsWithoutEvents() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        try await log.recordRefused(
+            RefusedIPN(
+                receivedAt: 1_795_000_000_000, sourceIP: "3.125.109.58", path: "/payop/ipn", reason: .invalidJSON,
+                body: Array("nope".utf8), notification: nil))
+        _ = try await log.ingest(try ipn(try Samples.data("checkout-accepted")))
+        let refused = try await log.receipts(refusedOnly: true, since: nil, limit: 50)
+        #expect(refused.count == 1)
+        #expect(refused.first?.answer == 400 && refused.first?.reason == "invalid_json" && refused.first?.eventID == nil)
+        #expect(try await log.receipts(refusedOnly: false, since: nil, limit: 50).count == 2)
+        #expect(try await log.counts().events == 1)
+    }
+
+    @Test func fullDiskFailsTheWriteAndLosesNothingAlreadyCommitted() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "before", state: 2)))
+        // Cap the file at its current size: the next page SQLite needs fails with SQLITE_FULL.
+        try await log.write { db in
+            let pages = try Int.fetchOne(db, sql: "PRAGMA page_count") ?? 0
+            _ = try Int.fetchOne(db, sql: "PRAGMA max_page_count = \(pages)")
+        }
+        let big = Array(String(repeating: "x", count: 60_000).utf8)
+        var body = checkoutBody(transaction: "after", state: 2)
+        body.removeLast()
+        body += Array(#","padding":""#.utf8) + big + Array(#""}"#.utf8)
+        await #expect(throws: EventLogError.self) { try await log.ingest(try ipn(body)) }
+        try await log.write { db in _ = try Int.fetchOne(db, sql: "PRAGMA max_page_count = 1073741823") }
+        let types = try await log.events(.init()).map(\.transactionID)
+        #expect(types == ["before"])
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "after-space", state: 2)))
+        #expect(try await log.counts().events == 2)
+    }
+
+    @Test func eventFiltersNarrowTheList() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "a", state: 4), at: 1_000))
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "a", state: 2), at: 2_000))
+        _ = try await log.ingest(try ipn(try Samples.data("refund-accepted"), at: 3_000))
+        #expect(try await log.events(.init()).map(\.type) == ["refund.accepted", "checkout.accepted", "checkout.pending"])
+        #expect(try await log.events(.init(type: "checkout.accepted")).count == 1)
+        #expect(try await log.events(.init(status: "accepted")).count == 2)
+        #expect(try await log.events(.init(since: 2_000)).count == 2)
+        #expect(try await log.events(.init(limit: 1)).count == 1)
+        #expect(try await log.events(.init(state: "verified")).isEmpty)
+    }
+
+    @Test func pruneDeletesOldReceiptsAndKeepsEvents() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "old", state: 2), at: 1_000))
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "new", state: 2), at: 9_000))
+        #expect(try await log.prune(before: 5_000).receipts == 1)
+        let counts = try await log.counts()
+        #expect(counts.events == 2 && counts.receipts == 1)
+    }
+
+    @Test func openingAMissingLogForAToolIsAClearError() throws {
+        let dir = try TemporaryDirectory()
+        #expect(throws: EventLogError.self) {
+            try SQLiteEventLog.open(path: dir.file("absent.sqlite3"), mode: .tool, create: false)
+        }
+    }
+
+    @Test func eventJSONHasEveryKeyAndEchoesTheIPN() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let outcome = try await log.ingest(try ipn(try Samples.data("refund-accepted")))
+        let event = try #require(try await log.event(id: outcome.eventID)?.event)
+        let json = try #require(
+            try JSONSerialization.jsonObject(with: JSONEncoder().encode(event)) as? [String: Any])
+        let keys = [
+            "id", "type", "kind", "status", "state", "rejection_reason", "source", "transaction_id", "invoice_id",
+            "order_id", "refund_id", "withdrawal_id", "amount", "currency", "payop_state", "error_message", "legacy",
+            "verification", "received_at", "verified_at", "duplicates", "ipn",
+        ]
+        #expect(Set(json.keys) == Set(keys))
+        #expect(json["rejection_reason"] is NSNull)
+        #expect(json["amount"] as? String == "100")
+        #expect(json["source"] as? String == "ipn")
+        #expect((json["ipn"] as? [String: Any])?["sourceTransaction"] != nil)
+        #expect((json["id"] as? String)?.hasPrefix("evt_") == true)
+    }
+}

@@ -1,0 +1,101 @@
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@testable import PayopIPND
+
+/// A clock the test moves by hand.
+final class TestClock: WallClock {
+    private let now: Mutex<Int64>
+    init(_ start: Int64 = 1_795_000_000_000) { now = Mutex(start) }
+    func nowMilliseconds() -> Int64 { now.withLock { $0 } }
+    func advance(milliseconds: Int64) { now.withLock { $0 += milliseconds } }
+}
+
+/// The event store boundary, in memory: counts what it was asked and can be told to fail.
+final class FakeEventStore: EventStore {
+    struct State {
+        var ingested: [IncomingIPN] = []
+        var refused: [RefusedIPN] = []
+        var failing = false
+    }
+
+    let state = Mutex(State())
+
+    func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
+        try state.withLock { state throws(EventLogError) in
+            if state.failing { throw EventLogError(.unavailable, "disk full (fake)") }
+            let duplicate = state.ingested.contains {
+                $0.notification.kind == ipn.notification.kind && $0.notification.entityID == ipn.notification.entityID
+                    && $0.notification.status == ipn.notification.status
+            }
+            state.ingested.append(ipn)
+            return IngestOutcome(receiptID: "rcp_fake\(state.ingested.count)", eventID: "evt_fake", duplicate: duplicate)
+        }
+    }
+
+    func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
+        state.withLock { $0.refused.append(refused) }
+    }
+
+    func setFailing(_ failing: Bool) { state.withLock { $0.failing = failing } }
+    var ingested: [IncomingIPN] { state.withLock { $0.ingested } }
+    var refused: [RefusedIPN] { state.withLock { $0.refused } }
+}
+
+enum Samples {
+    static func data(_ name: String) throws -> [UInt8] {
+        let url = try #require(Bundle.module.url(forResource: name, withExtension: "json", subdirectory: "Samples"))
+        return Array(try Data(contentsOf: url))
+    }
+}
+
+/// A fresh directory under the system's temporary folder, removed when the test ends.
+struct TemporaryDirectory: ~Copyable {
+    let path: String
+
+    init() throws {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("payop-ipnd-tests-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        path = url.path
+    }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    func write(_ name: String, _ text: String, mode: Int = 0o600) throws -> String {
+        let path = file(name)
+        try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+        try FileManager.default.setAttributes([.posixPermissions: mode], ofItemAtPath: path)
+        return path
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+let quietLogger: Logger = {
+    var logger = Logger(label: "payop-ipnd.tests", factory: { _ in SwiftLogNoOpLogHandler() })
+    logger.logLevel = .critical
+    return logger
+}()
+
+/// The legacy V1 secret of PROTOCOL.md's test vectors.
+let vectorSecret = "s3cr3t"
+
+func ingressSettings(
+    maxBodyBytes: Int = 65536, allowed: SourcePolicy.Allowed = .any, proxies: [CIDR] = [],
+    secret: String? = vectorSecret
+) -> IngressSettings {
+    IngressSettings(
+        paths: ["/payop/ipn"], maxBodyBytes: maxBodyBytes,
+        sources: SourcePolicy(allowed: allowed, trustedProxies: proxies), legacySecretKey: secret)
+}
+
+func checkoutBody(transaction: String, state: Int, message: String = "") -> [UInt8] {
+    Array(
+        """
+        {"invoice":{"id":"inv-\(transaction)","status":1,"txid":"\(transaction)"},
+         "transaction":{"id":"\(transaction)","state":\(state),"order":{"id":"order-\(transaction)"},
+                        "error":{"message":"\(message)","code":""}}}
+        """.utf8)
+}
