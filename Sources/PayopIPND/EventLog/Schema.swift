@@ -59,6 +59,24 @@ enum Schema {
                     CREATE INDEX receipts_by_received_at ON receipts (received_at);
                     """)
         }
+        migrator.registerMigration("0002-verification") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE verification_attempts (
+                        id INTEGER PRIMARY KEY,
+                        event_id TEXT NOT NULL REFERENCES events (id),
+                        at INTEGER NOT NULL,
+                        -- verified | rejected | not_found | unavailable | unauthorized | bad_response
+                        outcome TEXT NOT NULL,
+                        payop_state INTEGER,
+                        detail TEXT
+                    );
+                    CREATE INDEX verification_attempts_by_event ON verification_attempts (event_id);
+                    -- when the reconciler should next ask Payop about a verified, not yet final status
+                    ALTER TABLE events ADD COLUMN reconcile_at INTEGER;
+                    CREATE INDEX events_due_for_reconcile ON events (reconcile_at) WHERE reconcile_at IS NOT NULL;
+                    """)
+        }
         return migrator
     }
 }

@@ -127,14 +127,14 @@ private struct Envelope: Decodable {
 
     init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        invoice = c.lenient(Invoice.self, .invoice)
-        transaction = c.lenient(Transaction.self, .transaction)
-        sourceTransaction = c.lenient(Transaction.self, .sourceTransaction)
-        signature = c.text(.signature)
-        orderID = c.text(.orderId)
-        status = c.text(.status)
-        amount = c.text(.amount)
-        currency = c.text(.currency)
+        invoice = c.lenientDecode(Invoice.self, .invoice)
+        transaction = c.lenientDecode(Transaction.self, .transaction)
+        sourceTransaction = c.lenientDecode(Transaction.self, .sourceTransaction)
+        signature = c.looseText(.signature)
+        orderID = c.looseText(.orderId)
+        status = c.looseText(.status)
+        amount = c.looseText(.amount)
+        currency = c.looseText(.currency)
     }
 }
 
@@ -146,8 +146,8 @@ private struct Invoice: Decodable {
 
     init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        id = c.text(.id)
-        txid = c.text(.txid)
+        id = c.looseText(.id)
+        txid = c.looseText(.txid)
     }
 }
 
@@ -172,7 +172,7 @@ private struct Transaction: Decodable {
         var id: String?
         enum CodingKeys: String, CodingKey { case id }
         init(from decoder: any Decoder) throws {
-            id = try decoder.container(keyedBy: CodingKeys.self).text(.id)
+            id = try decoder.container(keyedBy: CodingKeys.self).looseText(.id)
         }
     }
 
@@ -183,43 +183,24 @@ private struct Transaction: Decodable {
             if let text = try? decoder.singleValueContainer().decode(String.self) {
                 message = text
             } else {
-                message = try decoder.container(keyedBy: CodingKeys.self).text(.message)
+                message = try decoder.container(keyedBy: CodingKeys.self).looseText(.message)
             }
         }
     }
 
     init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        id = c.text(.id)
+        id = c.looseText(.id)
         hasID = c.contains(.id)
-        refundID = c.text(.refundId)
+        refundID = c.looseText(.refundId)
         hasRefundID = c.contains(.refundId)
-        withdrawalID = c.text(.withdrawalId)
+        withdrawalID = c.looseText(.withdrawalId)
         hasWithdrawalID = c.contains(.withdrawalId)
-        state = c.integer(.state)
-        orderID = c.lenient(Order.self, .order)?.id
-        amount = c.text(.amount)
-        currency = c.text(.currency)
-        errorMessage = c.lenient(ErrorObject.self, .error)?.message
+        state = c.looseInteger(.state)
+        orderID = c.lenientDecode(Order.self, .order)?.id
+        amount = c.looseText(.amount)
+        currency = c.looseText(.currency)
+        errorMessage = c.lenientDecode(ErrorObject.self, .error)?.message
     }
 }
 
-extension KeyedDecodingContainer {
-    fileprivate func lenient<T: Decodable>(_ type: T.Type, _ key: Key) -> T? {
-        (try? decodeIfPresent(type, forKey: key)) ?? nil
-    }
-
-    /// A string, or a number kept exactly as its decimal value (never through a float).
-    fileprivate func text(_ key: Key) -> String? {
-        if let text = lenient(String.self, key) { return text }
-        if let integer = lenient(Int64.self, key) { return String(integer) }
-        if let decimal = lenient(Decimal.self, key) { return decimal.description }
-        return nil
-    }
-
-    fileprivate func integer(_ key: Key) -> Int? {
-        if let integer = lenient(Int.self, key) { return integer }
-        if let text = lenient(String.self, key) { return Int(text) }
-        return nil
-    }
-}

@@ -1,0 +1,152 @@
+import Foundation
+
+/// What Payop's API says about one entity: the truth a V2 IPN is checked against.
+public struct PayopRecord: Sendable, Equatable {
+    public var kind: IPNKind
+    public var id: String
+    public var status: PaymentStatus
+    public var orderID: String?
+    /// For refunds, the refunded checkout transaction.
+    public var transactionID: String?
+    public var amount: String?
+    public var currency: String?
+    public var errorMessage: String?
+
+    public init(
+        kind: IPNKind, id: String, status: PaymentStatus, orderID: String? = nil, transactionID: String? = nil,
+        amount: String? = nil, currency: String? = nil, errorMessage: String? = nil
+    ) {
+        self.kind = kind
+        self.id = id
+        self.status = status
+        self.orderID = orderID
+        self.transactionID = transactionID
+        self.amount = amount
+        self.currency = currency
+        self.errorMessage = errorMessage
+    }
+}
+
+/// Payop's API could not give an answer. None of these is ever taken as "verified".
+public struct PayopError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Code: String, Sendable {
+        /// 401 or 403: the merchant's JWT is wrong, expired or lacks the right.
+        case unauthorized
+        /// Network error, timeout, 429 or 5xx: ask again later.
+        case unavailable
+        /// An answer we cannot read: ask again later, and say so.
+        case badResponse = "bad_response"
+    }
+
+    public var code: Code
+    public var message: String
+    public var httpStatus: Int?
+
+    public init(_ code: Code, _ message: String, httpStatus: Int? = nil) {
+        self.code = code
+        self.message = message
+        self.httpStatus = httpStatus
+    }
+
+    public var description: String {
+        httpStatus.map { "\(message) (HTTP \($0))" } ?? message
+    }
+}
+
+/// The Payop API boundary: HTTP in production, a fake in unit tests, the simulator in integration tests.
+public protocol PayopAPI: Sendable {
+    /// The entity as Payop knows it; nil when Payop does not know it (404, 422, or not in the list).
+    func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord?
+    /// Many checkout transactions at once (`/v1/transactions/filter`); ids Payop does not know are absent.
+    func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord]
+}
+
+/// Reads Payop's JSON answers (PROTOCOL.md) into records, leniently: numbers or strings alike.
+enum PayopAnswers {
+    private struct Envelope<T: Decodable>: Decodable {
+        var data: T
+    }
+
+    struct Entry: Decodable {
+        var identifier: String?
+        var state: Int?
+        var status: Int?
+        var amount: String?
+        var currency: String?
+        var orderID: String?
+        var error: String?
+        var sourceTransaction: String?
+
+        enum CodingKeys: String, CodingKey {
+            case identifier, state, status, amount, currency, orderId, error, sourceTransaction
+        }
+
+        private struct Source: Decodable {
+            var identifier: String?
+            enum CodingKeys: String, CodingKey { case identifier }
+            init(from decoder: any Decoder) throws {
+                identifier = try decoder.container(keyedBy: CodingKeys.self).looseText(.identifier)
+            }
+        }
+
+        private struct ErrorText: Decodable {
+            var message: String?
+            enum CodingKeys: String, CodingKey { case message }
+            init(from decoder: any Decoder) throws {
+                if let text = try? decoder.singleValueContainer().decode(String.self) {
+                    message = text
+                } else {
+                    message = try decoder.container(keyedBy: CodingKeys.self).looseText(.message)
+                }
+            }
+        }
+
+        init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            identifier = c.looseText(.identifier)
+            state = c.looseInteger(.state)
+            status = c.looseInteger(.status)
+            amount = c.looseText(.amount)
+            currency = c.looseText(.currency)
+            orderID = c.looseText(.orderId)
+            error = c.lenientDecode(ErrorText.self, .error)?.message
+            sourceTransaction = c.lenientDecode(Source.self, .sourceTransaction)?.identifier
+        }
+
+        func record(kind: IPNKind, id: String) throws(PayopError) -> PayopRecord {
+            guard let number = (kind == .checkout ? state : status ?? state) else {
+                throw PayopError(.badResponse, "Payop's answer for \(id) has no state")
+            }
+            let message = error.flatMap { $0.isEmpty ? nil : $0 }
+            return PayopRecord(
+                kind: kind, id: id, status: .status(kind: kind, state: number, errorMessage: message),
+                orderID: orderID.flatMap { $0.isEmpty ? nil : $0 }, transactionID: sourceTransaction,
+                amount: amount.flatMap { $0.isEmpty ? nil : $0 }, currency: currency.flatMap { $0.isEmpty ? nil : $0 },
+                errorMessage: message)
+        }
+    }
+
+    static func single(_ body: Data, kind: IPNKind, id: String) throws(PayopError) -> PayopRecord {
+        guard let entry = try? JSONDecoder().decode(Envelope<Entry>.self, from: body).data else {
+            throw PayopError(.badResponse, "Payop's answer for \(id) is not {\"data\": {...}}")
+        }
+        return try entry.record(kind: kind, id: id)
+    }
+
+    static func list(_ body: Data, kind: IPNKind) throws(PayopError) -> [PayopRecord] {
+        guard let entries = try? JSONDecoder().decode(Envelope<[Entry]>.self, from: body).data else {
+            throw PayopError(.badResponse, "Payop's answer is not {\"data\": [...]}")
+        }
+        var records: [PayopRecord] = []
+        for entry in entries {
+            guard let id = entry.identifier else { continue }
+            records.append(try entry.record(kind: kind, id: id))
+        }
+        return records
+    }
+
+    static func message(_ body: Data) -> String? {
+        struct Message: Decodable { var message: String? }
+        return (try? JSONDecoder().decode(Message.self, from: body))?.message
+    }
+}

@@ -1,0 +1,175 @@
+import Foundation
+import Logging
+import Synchronization
+
+/// How verification retries and re-checks are timed (config `payop.*` and `reconcile.*`).
+public struct VerificationPolicy: Sendable {
+    public var backoff: Backoff
+    /// How long Payop's "not found" is asked again before it is final (its API may lag its own IPN).
+    public var notFoundRetryMilliseconds: Int64
+    public var reconcileIntervalMilliseconds: Int64
+
+    public init(backoff: Backoff, notFoundRetryMilliseconds: Int64, reconcileIntervalMilliseconds: Int64) {
+        self.backoff = backoff
+        self.notFoundRetryMilliseconds = notFoundRetryMilliseconds
+        self.reconcileIntervalMilliseconds = reconcileIntervalMilliseconds
+    }
+
+    public init(_ config: DaemonConfig, jitter: @escaping @Sendable () -> Double = Backoff.randomJitter) {
+        self.init(
+            backoff: Backoff(
+                initialSeconds: config.payop.retryInitialSeconds, maxSeconds: config.payop.retryMaxSeconds, jitter: jitter),
+            notFoundRetryMilliseconds: Int64(config.payop.notFoundRetryMinutes * 60_000),
+            reconcileIntervalMilliseconds: Int64(config.reconcile.intervalSeconds * 1000))
+    }
+}
+
+/// Whether Payop accepts the merchant's JWT, as last seen; `/readyz` reports it.
+public final class PayopAccess: Sendable {
+    private let problem = Mutex<String?>(nil)
+    public init() {}
+    public var currentProblem: String? { problem.withLock { $0 } }
+
+    /// Records the latest finding; true when it changed (so it is logged once per change).
+    func update(_ newProblem: String?) -> Bool {
+        problem.withLock { current in
+            defer { current = newProblem }
+            return current != newProblem
+        }
+    }
+}
+
+/// Proves each V2 event against Payop's API: Payop's answer is the truth. Network trouble is never an
+/// answer: such events wait and are asked again with backoff, and are never delivered unverified.
+public final class Verifier: Sendable {
+    private let log: SQLiteEventLog
+    private let payop: any PayopAPI
+    private let policy: Mutex<VerificationPolicy>
+    private let clock: any WallClock
+    private let logger: Logger
+    public let access: PayopAccess
+    /// Called with the ids of events that became verified (the dispatcher wakes on it).
+    private let onVerified: @Sendable ([String]) -> Void
+    /// Questions to Payop in flight at once.
+    private let concurrency = 8
+
+    public init(
+        log: SQLiteEventLog, payop: any PayopAPI, policy: VerificationPolicy, clock: any WallClock = SystemWallClock(),
+        access: PayopAccess = PayopAccess(), logger: Logger, onVerified: @escaping @Sendable ([String]) -> Void = { _ in }
+    ) {
+        self.log = log
+        self.payop = payop
+        self.policy = Mutex(policy)
+        self.clock = clock
+        self.access = access
+        self.logger = logger
+        self.onVerified = onVerified
+    }
+
+    public func reload(_ newPolicy: VerificationPolicy) { policy.withLock { $0 = newPolicy } }
+
+    /// Verifies every event due now; returns how many were asked about.
+    @discardableResult
+    public func verifyDue(batch: Int = 64) async throws(EventLogError) -> Int {
+        let now = clock.nowMilliseconds()
+        let due = try await log.dueForVerification(now: now, limit: batch)
+        let policy = policy.withLock { $0 }
+        await withTaskGroup(of: Void.self) { group in
+            var running = 0
+            for pending in due {
+                if running == concurrency {
+                    await group.next()
+                    running -= 1
+                }
+                group.addTask { await self.verify(pending, policy: policy) }
+                running += 1
+            }
+        }
+        return due.count
+    }
+
+    private func verify(_ pending: PendingVerification, policy: VerificationPolicy) async {
+        let outcome = await decide(pending, policy: policy)
+        let now = clock.nowMilliseconds()
+        do {
+            let verified = try await log.applyVerification(
+                outcome, to: pending, now: now, reconcileInterval: policy.reconcileIntervalMilliseconds)
+            report(outcome, pending)
+            if !verified.isEmpty { onVerified(verified) }
+        } catch {
+            logger.error("verification not recorded", metadata: ["event.id": "\(pending.eventID)", "error": "\(error)"])
+        }
+    }
+
+    func decide(_ pending: PendingVerification, policy: VerificationPolicy) async -> VerificationOutcome {
+        let now = clock.nowMilliseconds()
+        let retryAt = now + policy.backoff.delayMilliseconds(afterAttempt: pending.attempts + 1)
+        let record: PayopRecord?
+        do {
+            record = try await payop.lookup(pending.kind, id: pending.entityID)
+        } catch {
+            noteAccess(error)
+            return .retry(outcome: error.code.rawValue, detail: error.description, retryAt: retryAt)
+        }
+        noteAccess(nil)
+        guard let record else {
+            if now - pending.receivedAt < policy.notFoundRetryMilliseconds {
+                return .retry(outcome: "not_found", detail: "Payop does not know it yet; asking again", retryAt: retryAt)
+            }
+            return .rejected(reason: "not_found", record: nil)
+        }
+        return Self.compare(pending, with: record)
+    }
+
+    /// The IPN against Payop's record: status first (by Payop's state), then order, amount, currency
+    /// wherever both sides have them.
+    static func compare(_ pending: PendingVerification, with record: PayopRecord) -> VerificationOutcome {
+        guard record.status.dedupeKey == pending.status.dedupeKey else { return .statusMismatch(record) }
+        if let mine = pending.orderID, let theirs = record.orderID, pending.kind == .checkout, mine != theirs {
+            return .rejected(reason: "order_mismatch", record: record)
+        }
+        if let mine = pending.amount, let theirs = record.amount, !sameAmount(mine, theirs) {
+            return .rejected(reason: "amount_mismatch", record: record)
+        }
+        if let mine = pending.currency, let theirs = record.currency, mine.uppercased() != theirs.uppercased() {
+            return .rejected(reason: "currency_mismatch", record: record)
+        }
+        return .verified(record)
+    }
+
+    static func sameAmount(_ a: String, _ b: String) -> Bool {
+        let posix = Locale(identifier: "en_US_POSIX")
+        guard let x = Decimal(string: a, locale: posix), let y = Decimal(string: b, locale: posix) else { return a == b }
+        return x == y
+    }
+
+    private func noteAccess(_ error: PayopError?) {
+        let problem = error?.code == .unauthorized ? error?.description : nil
+        guard error == nil || error?.code == .unauthorized, access.update(problem) else { return }
+        if let problem {
+            logger.error("Payop refuses the JWT: events wait until it is fixed", metadata: ["error": "\(problem)"])
+        } else {
+            logger.notice("Payop accepts the JWT again")
+        }
+    }
+
+    private func report(_ outcome: VerificationOutcome, _ pending: PendingVerification) {
+        let metadata: Logger.Metadata = ["event.id": "\(pending.eventID)", "entity.id": "\(pending.entityID)"]
+        switch outcome {
+        case .verified:
+            logger.info("event verified", metadata: metadata)
+        case .rejected(let reason, _):
+            logger.warning("event rejected", metadata: metadata.merging(["reason": "\(reason)"]) { $1 })
+        case .statusMismatch(let record):
+            logger.warning(
+                "event rejected: Payop reports another status",
+                metadata: metadata.merging(["reason": "status_mismatch", "payop.status": "\(record.status.name)"]) { $1 })
+        case .retry(let outcome, let detail, _):
+            logger.notice("verification deferred", metadata: metadata.merging(["outcome": "\(outcome)", "detail": "\(detail)"]) { $1 })
+        }
+    }
+
+    public func nextDue() async -> Int64? {
+        try? await log.nextVerificationDue()
+    }
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Durable IPN ingest against nginx's bare `return 200` and Debian's `webhook` daemon running /bin/true,
+# in the same run, on this machine: wrk -t2 -c16 -d10s, a unique IPN body per request.
+#
+#   bench/ingest.sh [SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+CONNECTIONS=${2:-16}
+BASE=${BASE_PORT:-18380}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v webhook >/dev/null || need+=(webhook)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+swift build -c release --product payop-ipnd >/dev/null
+BIN=$(swift build -c release --show-bin-path)/payop-ipnd
+WORK=$(mktemp -d /tmp/payop-ipnd-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.2; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
+
+# nginx: the ceiling of an HTTP server on this machine.
+mkdir -p "$WORK/nginx/logs"
+cat >"$WORK/nginx/nginx.conf" <<CONF
+worker_processes auto;
+daemon off;
+error_log $WORK/nginx/logs/error.log;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx;
+    server { listen 127.0.0.1:$((BASE + 1)); location / { return 200; } }
+}
+CONF
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+PIDS+=($!)
+
+# Debian's webhook: a fork+exec of /bin/true per request.
+cat >"$WORK/hooks.json" <<JSON
+[{"id": "payop", "execute-command": "/bin/true", "http-methods": ["POST"]}]
+JSON
+webhook -hooks "$WORK/hooks.json" -ip 127.0.0.1 -port $((BASE + 2)) >"$WORK/webhook.log" 2>&1 &
+PIDS+=($!)
+
+# payop-ipnd: synchronous=FULL, group commit.
+cat >"$WORK/config.yaml" <<YAML
+log_level: warning
+server:
+  listen: 127.0.0.1:$BASE
+  allowed_sources: any
+admin:
+  listen: 127.0.0.1:$((BASE + 3))
+storage:
+  path: $WORK/events.sqlite3
+YAML
+"$BIN" serve --config "$WORK/config.yaml" 2>"$WORK/daemon.log" &
+DAEMON=$!
+PIDS+=($DAEMON)
+
+wait_port $BASE; wait_port $((BASE + 1)); wait_port $((BASE + 2))
+
+run() { # name port path
+    local out
+    out=$(BENCH_PATH=$3 wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" -s bench/unique-ipn.lua "http://127.0.0.1:$2" | grep '^RESULT')
+    echo "$1 $out"
+}
+
+echo "wrk -t2 -c$CONNECTIONS -d${DURATION}s, unique IPN bodies; $(nproc) cores"
+R_NGINX=$(run nginx $((BASE + 1)) /payop/ipn)
+R_DAEMON=$(run payop-ipnd $BASE /payop/ipn)
+R_WEBHOOK=$(run webhook $((BASE + 2)) /hooks/payop)
+RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$DAEMON/status)
+EVENTS=$("$BIN" events list --config "$WORK/config.yaml" --limit 100000000 --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+
+python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" <<'PY'
+import sys
+def parse(line):
+    name, _, rest = line.partition(" RESULT ")
+    return name, dict(kv.split("=") for kv in rest.split())
+rows = [parse(l) for l in sys.argv[1:4]]
+events, rss = int(sys.argv[4]), int(sys.argv[5])
+base = {n: float(r["rps"]) for n, r in rows}
+print(f"{'server':<12}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+for n, r in rows:
+    print(f"{n:<12}{float(r['rps']):>10.0f}{int(r['p50_us'])/1000:>9.2f}{int(r['p99_us'])/1000:>9.2f}{r['errors']:>8}")
+d = base["payop-ipnd"]
+print(f"payop-ipnd / nginx:   {d / base['nginx']:.2f}x  (target >= 0.33x)")
+print(f"payop-ipnd / webhook: {d / base['webhook']:.2f}x  (target >= 3x)")
+p99 = int(dict(rows)["payop-ipnd"]["p99_us"]) / 1000
+print(f"payop-ipnd p99: {p99:.2f} ms (target < 10 ms); events in the log: {events}; RSS after the run: {rss / 1024:.1f} MB")
+PY

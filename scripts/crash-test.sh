@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# kill -9 the daemon while thousands of distinct IPNs arrive from many clients, restart it, and check
+# that every IPN answered 200 is in the event log. Exits non-zero on any loss.
+#
+#   scripts/crash-test.sh [TOTAL_IPNS] [CLIENTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOTAL=${1:-6000}
+CLIENTS=${2:-32}
+PORT=${PORT:-18480}
+
+swift build -c release --product payop-ipnd >/dev/null
+BIN=$(swift build -c release --show-bin-path)/payop-ipnd
+WORK=$(mktemp -d /tmp/payop-ipnd-crash.XXXXXX)
+trap 'kill -9 $DAEMON 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+cat >"$WORK/config.yaml" <<YAML
+log_level: warning
+server:
+  listen: 127.0.0.1:$PORT
+  allowed_sources: any
+admin:
+  listen: 127.0.0.1:$((PORT + 1))
+storage:
+  path: $WORK/events.sqlite3
+YAML
+
+start_daemon() {
+    "$BIN" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
+    DAEMON=$!
+    for _ in $(seq 1 100); do
+        if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "daemon did not start"; cat "$WORK/daemon.log"; exit 1
+}
+
+start_daemon
+# Kill the daemon when about a third of the IPNs have been answered.
+python3 - "$PORT" "$TOTAL" "$CLIENTS" "$WORK/acked.txt" "$DAEMON" <<'PY' &
+import http.client, os, signal, sys, threading, json
+port, total, clients, acked_path, daemon = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+lock = threading.Lock()
+acked, counter, killed = [], [0], [False]
+def next_id():
+    with lock:
+        counter[0] += 1
+        return counter[0] if counter[0] <= total else None
+def worker():
+    conn = None
+    while (n := next_id()) is not None:
+        tx = f"crash-{os.getpid()}-{n}"
+        body = json.dumps({"invoice": {"id": f"inv-{tx}", "status": 1, "txid": tx},
+                           "transaction": {"id": tx, "state": 2, "order": {"id": f"o-{n}"}, "error": {"message": "", "code": ""}}})
+        try:
+            conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", "/payop/ipn", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse(); resp.read()
+            if resp.status == 200:
+                with lock:
+                    acked.append(tx)
+                    if not killed[0] and len(acked) >= total // 3:
+                        killed[0] = True
+                        os.kill(daemon, signal.SIGKILL)
+        except Exception:
+            conn = None
+threads = [threading.Thread(target=worker) for _ in range(clients)]
+for t in threads: t.start()
+for t in threads: t.join()
+with open(acked_path, "w") as f: f.write("\n".join(acked) + "\n")
+PY
+LOADER=$!
+wait $LOADER
+wait $DAEMON 2>/dev/null || true
+ACKED=$(grep -c . "$WORK/acked.txt" || true)
+
+start_daemon
+"$BIN" events list --config "$WORK/config.yaml" --limit 100000000 --json \
+    | python3 -c 'import json,sys; [print(e["transaction_id"]) for e in json.load(sys.stdin)]' | sort >"$WORK/logged.txt"
+kill -TERM $DAEMON; wait $DAEMON || true
+sort "$WORK/acked.txt" | grep . >"$WORK/acked.sorted" || true
+LOST=$(comm -23 "$WORK/acked.sorted" "$WORK/logged.txt" | wc -l)
+LOGGED=$(grep -c . "$WORK/logged.txt" || true)
+echo "sent: $TOTAL  clients: $CLIENTS  answered 200 before kill -9: $ACKED  in the log after restart: $LOGGED  lost: $LOST"
+if [ "$LOST" -ne 0 ]; then
+    echo "LOST IPNs that were answered 200:"; comm -23 "$WORK/acked.sorted" "$WORK/logged.txt" | head
+    exit 1
+fi
+if [ "$ACKED" -eq 0 ]; then echo "no IPN was answered: the test proved nothing"; exit 1; fi
+echo "ok: every IPN answered 200 survived kill -9"
