@@ -62,3 +62,15 @@ import Testing
         #expect(mac.hexString == "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
     }
 }
+
+@Suite struct SortableIDTests {
+    @Test func idsSortByTimeAndThenByCreationWithinAMillisecond() {
+        let earlier = SortableID.make(prefix: "evt_", millisecondsSince1970: 1_000)
+        let sameMillisecond = (0..<1000).map { _ in SortableID.make(prefix: "evt_", millisecondsSince1970: 2_000) }
+        let later = SortableID.make(prefix: "evt_", millisecondsSince1970: 3_000)
+        #expect(Set(sameMillisecond).count == 1000)
+        #expect(sameMillisecond == sameMillisecond.sorted())
+        #expect(earlier < sameMillisecond[0] && sameMillisecond[999] < later)
+        #expect(later.count == 30 && later.hasPrefix("evt_"))
+    }
+}

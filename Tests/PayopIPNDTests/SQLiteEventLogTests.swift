@@ -136,15 +136,23 @@ import Testing
         #expect(try await log.events(.init(state: "verified")).isEmpty)
     }
 
-    @Test func pruneDeletesOldReceiptsAndKeepsEvents() async throws {
+    @Test func pruneDeletesOldReceiptsButKeepsEventsAndTheirFirstIPN() async throws {
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
-        _ = try await log.ingest(try ipn(checkoutBody(transaction: "old", state: 2), at: 1_000))
+        let old = try await log.ingest(try ipn(checkoutBody(transaction: "old", state: 2), at: 1_000))
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "old", state: 2), at: 2_000))
+        try await log.recordRefused(
+            RefusedIPN(
+                receivedAt: 3_000, sourceIP: "3.125.109.58", path: "/payop/ipn", reason: .invalidJSON, body: [],
+                notification: nil))
         _ = try await log.ingest(try ipn(checkoutBody(transaction: "new", state: 2), at: 9_000))
-        #expect(try await log.prune(before: 5_000).receipts == 1)
+        #expect(try await log.prune(before: 5_000).receipts == 2)
         let counts = try await log.counts()
-        #expect(counts.events == 2 && counts.receipts == 1)
+        #expect(counts.events == 2 && counts.receipts == 2)
+        let event = try #require(try await log.event(id: old.eventID))
+        #expect(event.event.ipn == checkoutBody(transaction: "old", state: 2))
+        #expect(event.event.duplicates == 1)
     }
 
     @Test func openingAMissingLogForAToolIsAClearError() throws {

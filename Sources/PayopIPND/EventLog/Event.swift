@@ -28,10 +28,13 @@ public struct Event: Sendable, Equatable {
 
     public var type: String { "\(kind).\(status)" }
 
-    static let columns = """
-        id, kind, status, state, rejection_reason, source, transaction_id, invoice_id, order_id, refund_id,
-        withdrawal_id, amount, currency, payop_state, error_message, legacy, verification, received_at,
-        verified_at, duplicates, ipn
+    /// Select from `events` joined with its first receipt: `\(Event.select) WHERE events.id = ?`.
+    static let select = """
+        SELECT events.id, events.kind, events.status, events.state, events.rejection_reason, events.source,
+               events.transaction_id, events.invoice_id, events.order_id, events.refund_id, events.withdrawal_id,
+               events.amount, events.currency, events.payop_state, events.error_message, events.legacy,
+               events.verification, events.received_at, events.verified_at, events.duplicates, receipts.body AS ipn
+        FROM events LEFT JOIN receipts ON receipts.id = events.first_receipt
         """
 
     init(row: Row) {
@@ -92,13 +95,13 @@ extension Event: Encodable {
         try c.encode(Timestamp.format(milliseconds: receivedAt), forKey: .receivedAt)
         try c.encode(verifiedAt.map { Timestamp.format(milliseconds: $0) }, forKey: .verifiedAt)
         try c.encode(duplicates, forKey: .duplicates)
-        try c.encode(ipn.flatMap { try? JSONDecoder().decode(JSONValue.self, from: Data($0)) }, forKey: .ipn)
+        try c.encode(ipn.flatMap { try? sharedJSONDecoder.decode(JSONValue.self, from: Data($0)) }, forKey: .ipn)
     }
 }
 
 /// One IPN request as recorded, accepted or refused.
 public struct Receipt: Sendable, Equatable, Encodable {
-    public var id: String
+    public var id: Int64
     public var receivedAt: Int64
     public var sourceIP: String
     public var path: String

@@ -53,7 +53,7 @@ public struct RefusedIPN: Sendable {
 }
 
 public struct IngestOutcome: Sendable, Equatable {
-    public var receiptID: String
+    public var receiptID: Int64
     public var eventID: String
     /// True when the IPN repeated a status the log already had.
     public var duplicate: Bool

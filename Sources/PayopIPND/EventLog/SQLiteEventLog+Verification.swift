@@ -156,7 +156,7 @@ extension SQLiteEventLog {
             sql: """
                 INSERT INTO events (id, kind, entity_id, status, status_key, payop_state, state, source, verification,
                                     transaction_id, invoice_id, order_id, refund_id, withdrawal_id, amount, currency,
-                                    error_message, legacy, received_at, verified_at, ipn, next_check_at, reconcile_at)
+                                    error_message, legacy, received_at, verified_at, first_receipt, next_check_at, reconcile_at)
                 VALUES (?, ?, ?, ?, ?, ?, 'verified', 'reconcile', 'payop_api', ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL, NULL, ?)
                 """,
             arguments: [

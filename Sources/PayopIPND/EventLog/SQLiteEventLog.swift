@@ -135,8 +135,7 @@ public final class SQLiteEventLog: EventStore {
     public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
         try await write { db in
             try db.cachedStatement(sql: Self.insertReceipt).execute(arguments: [
-                SortableID.make(prefix: "rcp_", millisecondsSince1970: refused.receivedAt), refused.receivedAt,
-                refused.sourceIP, refused.path, refused.answer, refused.reason.rawValue,
+                refused.receivedAt, refused.sourceIP, refused.path, refused.answer, refused.reason.rawValue,
                 refused.notification?.kind.rawValue, refused.notification?.entityID, refused.notification?.status.name,
                 nil, refused.size, Data(refused.bodyPrefix),
             ])
@@ -144,15 +143,15 @@ public final class SQLiteEventLog: EventStore {
     }
 
     private static let insertReceipt = """
-        INSERT INTO receipts (id, received_at, source_ip, path, answer, reason, kind, entity_id, status, event_id,
+        INSERT INTO receipts (received_at, source_ip, path, answer, reason, kind, entity_id, status, event_id,
                               size, body)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
     private static let insertEvent = """
         INSERT INTO events (id, kind, entity_id, status, status_key, payop_state, state, source, verification,
                             transaction_id, invoice_id, order_id, refund_id, withdrawal_id, amount, currency,
-                            error_message, legacy, received_at, verified_at, ipn, next_check_at)
+                            error_message, legacy, received_at, verified_at, first_receipt, next_check_at)
         VALUES (?, ?, ?, ?, ?, ?, ?, 'ipn', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
@@ -162,9 +161,14 @@ public final class SQLiteEventLog: EventStore {
         let existing = try String.fetchOne(
             db.cachedStatement(sql: "SELECT id FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
             arguments: [n.kind.rawValue, n.entityID, n.status.dedupeKey])
-        let eventID: String
-        if let existing {
-            eventID = existing
+        let eventID = existing ?? SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        // The receipt first, so a new event can point at it; the foreign keys are checked at commit.
+        try db.cachedStatement(sql: insertReceipt).execute(arguments: [
+            now, ipn.sourceIP, ipn.path, 200, nil, n.kind.rawValue, n.entityID, n.status.name, eventID,
+            ipn.body.count, Data(ipn.body),
+        ])
+        let receiptID = db.lastInsertedRowID
+        if existing != nil {
             // A repeat of a rejected IPN makes the verifier ask Payop again: Payop may have caught up.
             try db.cachedStatement(
                 sql: """
@@ -174,21 +178,15 @@ public final class SQLiteEventLog: EventStore {
                     """
             ).execute(arguments: [now, eventID])
         } else {
-            eventID = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
             let verified = ipn.verifiedBySignature
             try db.cachedStatement(sql: insertEvent).execute(arguments: [
                 eventID, n.kind.rawValue, n.entityID, n.status.name, n.status.dedupeKey, n.status.payopState,
                 verified ? "verified" : "received", verified ? "signature" : nil,
                 n.transactionID, n.invoiceID, n.orderID, n.refundID, n.withdrawalID, n.amount, n.currency,
-                n.errorMessage, n.legacy != nil, now, verified ? now : nil, Data(ipn.body),
+                n.errorMessage, n.legacy != nil, now, verified ? now : nil, receiptID,
                 verified ? nil : now,
             ])
         }
-        let receiptID = SortableID.make(prefix: "rcp_", millisecondsSince1970: now)
-        try db.cachedStatement(sql: insertReceipt).execute(arguments: [
-            receiptID, now, ipn.sourceIP, ipn.path, 200, nil, n.kind.rawValue, n.entityID, n.status.name, eventID,
-            ipn.body.count, Data(ipn.body),
-        ])
         return IngestOutcome(receiptID: receiptID, eventID: eventID, duplicate: existing != nil)
     }
 
@@ -216,25 +214,25 @@ public final class SQLiteEventLog: EventStore {
             var clauses: [String] = []
             var arguments: StatementArguments = []
             if let type = filter.type {
-                clauses.append("kind || '.' || status = ?")
+                clauses.append("events.kind || '.' || events.status = ?")
                 arguments += [type]
             }
             if let status = filter.status {
-                clauses.append("status = ?")
+                clauses.append("events.status = ?")
                 arguments += [status]
             }
             if let state = filter.state {
-                clauses.append("state = ?")
+                clauses.append("events.state = ?")
                 arguments += [state]
             }
             if let since = filter.since {
-                clauses.append("received_at >= ?")
+                clauses.append("events.received_at >= ?")
                 arguments += [since]
             }
             let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
             arguments += [filter.limit]
             return try Row.fetchAll(
-                db, sql: "SELECT \(Event.columns) FROM events \(whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
+                db, sql: "\(Event.select) \(whereClause) ORDER BY events.received_at DESC, events.id DESC LIMIT ?",
                 arguments: arguments
             ).map(Event.init(row:))
         }
@@ -242,7 +240,7 @@ public final class SQLiteEventLog: EventStore {
 
     public func event(id: String) async throws(EventLogError) -> EventDetail? {
         try await read { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT \(Event.columns) FROM events WHERE id = ?", arguments: [id])
+            guard let row = try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id])
             else { return nil }
             let receipts = try Row.fetchAll(
                 db, sql: "SELECT \(Receipt.columns) FROM receipts WHERE event_id = ? ORDER BY received_at, id",
@@ -276,10 +274,15 @@ public final class SQLiteEventLog: EventStore {
         public var receipts: Int
     }
 
-    /// Deletes receipts received before `cutoff`. Events are kept: each holds the body of its first IPN.
+    /// Deletes receipts received before `cutoff`. Events are kept, and with them the receipt of each
+    /// one's first IPN (its `ipn` body).
     public func prune(before cutoff: Int64) async throws(EventLogError) -> PruneResult {
         try await write { db in
-            try db.execute(sql: "DELETE FROM receipts WHERE received_at < ?", arguments: [cutoff])
+            try db.execute(
+                sql: """
+                    DELETE FROM receipts WHERE received_at < ?
+                    AND id NOT IN (SELECT first_receipt FROM events WHERE first_receipt IS NOT NULL)
+                    """, arguments: [cutoff])
             return PruneResult(receipts: db.changesCount)
         }
     }

@@ -32,7 +32,8 @@ enum Schema {
                         received_at INTEGER NOT NULL,
                         verified_at INTEGER,
                         duplicates INTEGER NOT NULL DEFAULT 0,
-                        ipn BLOB,
+                        -- the receipt of the first IPN that brought this status: its body is the event's `ipn`
+                        first_receipt INTEGER REFERENCES receipts (id) DEFERRABLE INITIALLY DEFERRED,
                         -- when the verifier should next ask Payop; NULL when there is nothing to ask
                         next_check_at INTEGER,
                         check_attempts INTEGER NOT NULL DEFAULT 0,
@@ -42,7 +43,7 @@ enum Schema {
                     CREATE INDEX events_due_for_check ON events (next_check_at) WHERE next_check_at IS NOT NULL;
 
                     CREATE TABLE receipts (
-                        id TEXT PRIMARY KEY NOT NULL,
+                        id INTEGER PRIMARY KEY,
                         received_at INTEGER NOT NULL,
                         source_ip TEXT NOT NULL,
                         path TEXT NOT NULL,
@@ -51,7 +52,7 @@ enum Schema {
                         kind TEXT,
                         entity_id TEXT,
                         status TEXT,
-                        event_id TEXT REFERENCES events (id),
+                        event_id TEXT REFERENCES events (id) DEFERRABLE INITIALLY DEFERRED,
                         size INTEGER NOT NULL,
                         body BLOB NOT NULL
                     );

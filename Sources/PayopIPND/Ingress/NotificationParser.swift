@@ -29,7 +29,7 @@ public enum NotificationParser {
         }
         let envelope: Envelope
         do {
-            envelope = try JSONDecoder().decode(Envelope.self, from: data)
+            envelope = try sharedJSONDecoder.decode(Envelope.self, from: data)
         } catch {
             return .failure(.invalidJSON)
         }
@@ -176,18 +176,6 @@ private struct Transaction: Decodable {
         }
     }
 
-    private struct ErrorObject: Decodable {
-        var message: String?
-        enum CodingKeys: String, CodingKey { case message }
-        init(from decoder: any Decoder) throws {
-            if let text = try? decoder.singleValueContainer().decode(String.self) {
-                message = text
-            } else {
-                message = try decoder.container(keyedBy: CodingKeys.self).looseText(.message)
-            }
-        }
-    }
-
     init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         id = c.looseText(.id)
@@ -200,7 +188,7 @@ private struct Transaction: Decodable {
         orderID = c.lenientDecode(Order.self, .order)?.id
         amount = c.looseText(.amount)
         currency = c.looseText(.currency)
-        errorMessage = c.lenientDecode(ErrorObject.self, .error)?.message
+        errorMessage = c.lenientDecode(PayopErrorMessage.self, .error)?.message
     }
 }
 

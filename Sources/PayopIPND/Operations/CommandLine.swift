@@ -237,7 +237,7 @@ struct ReceiptsCommand: AsyncParsableCommand {
                     ["ID", "RECEIVED", "SOURCE", "ANSWER", "REASON", "KIND", "ENTITY", "EVENT"],
                     receipts.map {
                         [
-                            $0.id, Timestamp.format(milliseconds: $0.receivedAt), $0.sourceIP, String($0.answer),
+                            String($0.id), Timestamp.format(milliseconds: $0.receivedAt), $0.sourceIP, String($0.answer),
                             $0.reason ?? "-", $0.kind ?? "-", $0.entityID ?? "-", $0.eventID ?? "-",
                         ]
                     })

@@ -24,3 +24,22 @@ extension KeyedDecodingContainer {
         return nil
     }
 }
+
+/// Payop's `error`: `{"message": …, "code": …}` in IPNs, a plain string in API answers.
+struct PayopErrorMessage: Decodable {
+    var message: String?
+
+    enum CodingKeys: String, CodingKey { case message }
+
+    init(from decoder: any Decoder) throws {
+        // The IPN's object shape is the common one: try it first, since a failed try costs an error.
+        if let keyed = try? decoder.container(keyedBy: CodingKeys.self) {
+            message = keyed.looseText(.message)
+        } else {
+            message = try decoder.singleValueContainer().decode(String.self)
+        }
+    }
+}
+
+/// One decoder for the process: it holds no per-call state, and making one per IPN shows in profiles.
+let sharedJSONDecoder = JSONDecoder()

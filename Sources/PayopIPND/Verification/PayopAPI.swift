@@ -89,18 +89,6 @@ enum PayopAnswers {
             }
         }
 
-        private struct ErrorText: Decodable {
-            var message: String?
-            enum CodingKeys: String, CodingKey { case message }
-            init(from decoder: any Decoder) throws {
-                if let text = try? decoder.singleValueContainer().decode(String.self) {
-                    message = text
-                } else {
-                    message = try decoder.container(keyedBy: CodingKeys.self).looseText(.message)
-                }
-            }
-        }
-
         init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             identifier = c.looseText(.identifier)
@@ -109,7 +97,7 @@ enum PayopAnswers {
             amount = c.looseText(.amount)
             currency = c.looseText(.currency)
             orderID = c.looseText(.orderId)
-            error = c.lenientDecode(ErrorText.self, .error)?.message
+            error = c.lenientDecode(PayopErrorMessage.self, .error)?.message
             sourceTransaction = c.lenientDecode(Source.self, .sourceTransaction)?.identifier
         }
 
@@ -127,14 +115,14 @@ enum PayopAnswers {
     }
 
     static func single(_ body: Data, kind: IPNKind, id: String) throws(PayopError) -> PayopRecord {
-        guard let entry = try? JSONDecoder().decode(Envelope<Entry>.self, from: body).data else {
+        guard let entry = try? sharedJSONDecoder.decode(Envelope<Entry>.self, from: body).data else {
             throw PayopError(.badResponse, "Payop's answer for \(id) is not {\"data\": {...}}")
         }
         return try entry.record(kind: kind, id: id)
     }
 
     static func list(_ body: Data, kind: IPNKind) throws(PayopError) -> [PayopRecord] {
-        guard let entries = try? JSONDecoder().decode(Envelope<[Entry]>.self, from: body).data else {
+        guard let entries = try? sharedJSONDecoder.decode(Envelope<[Entry]>.self, from: body).data else {
             throw PayopError(.badResponse, "Payop's answer is not {\"data\": [...]}")
         }
         var records: [PayopRecord] = []
@@ -147,6 +135,6 @@ enum PayopAnswers {
 
     static func message(_ body: Data) -> String? {
         struct Message: Decodable { var message: String? }
-        return (try? JSONDecoder().decode(Message.self, from: body))?.message
+        return (try? sharedJSONDecoder.decode(Message.self, from: body))?.message
     }
 }

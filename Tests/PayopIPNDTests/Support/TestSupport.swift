@@ -31,7 +31,7 @@ final class FakeEventStore: EventStore {
                     && $0.notification.status == ipn.notification.status
             }
             state.ingested.append(ipn)
-            return IngestOutcome(receiptID: "rcp_fake\(state.ingested.count)", eventID: "evt_fake", duplicate: duplicate)
+            return IngestOutcome(receiptID: Int64(state.ingested.count), eventID: "evt_fake", duplicate: duplicate)
         }
     }
 
