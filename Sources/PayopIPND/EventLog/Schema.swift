@@ -33,7 +33,7 @@ enum Schema {
                         verified_at INTEGER,
                         duplicates INTEGER NOT NULL DEFAULT 0,
                         -- the receipt of the first IPN that brought this status: its body is the event's `ipn`
-                        first_receipt INTEGER REFERENCES receipts (id) DEFERRABLE INITIALLY DEFERRED,
+                        first_receipt INTEGER,
                         -- when the verifier should next ask Payop; NULL when there is nothing to ask
                         next_check_at INTEGER,
                         check_attempts INTEGER NOT NULL DEFAULT 0,
