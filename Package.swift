@@ -31,6 +31,7 @@ let package = Package(
             name: "PayopIPND",
             dependencies: [
                 "CLibcrypto",
+                "PayopSimulator",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
@@ -47,6 +48,15 @@ let package = Package(
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),
+        .target(
+            name: "PayopSimulator",
+            dependencies: [
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
         .executableTarget(
             name: "payop-ipnd",
             dependencies: ["PayopIPND"]
@@ -55,6 +65,7 @@ let package = Package(
             name: "PayopIPNDTests",
             dependencies: [
                 "PayopIPND",
+                "PayopSimulator",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
             ],
             resources: [.copy("Samples")]

@@ -30,6 +30,22 @@ import Testing
         }
     }
 
+    @Test(arguments: [
+        ["serve", "--sandbox"], ["serve", "--config", "/x.yaml"], ["check-config", "--config", "/x.yaml"],
+        ["events", "list", "--status", "accepted", "--state", "rejected"], ["events", "show", "evt_1", "--json"],
+        ["receipts", "list", "--refused", "--since", "90m"], ["prune", "--older-than", "30"],
+        ["simulate", "checkout", "--state", "accepted"], ["simulate", "refund", "--state", "2", "--url", "http://127.0.0.1:1/x"],
+    ])
+    func everyDesignedCommandParses(arguments: [String]) throws {
+        _ = try PayopIPNDCommand.parseAsRoot(arguments)
+    }
+
+    @Test func simulateRefusesAStatusTheKindDoesNotHave() {
+        #expect(throws: (any Error).self) {
+            try PayopIPNDCommand.parseAsRoot(["simulate", "withdrawal", "--state", "pre_approved"])
+        }
+    }
+
     @Test func wellFormedOptionsParse() throws {
         let command = try PayopIPNDCommand.parseAsRoot([
             "events", "list", "--type", "checkout.accepted", "--since", "7d", "--limit", "5", "--json",

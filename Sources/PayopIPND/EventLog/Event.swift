@@ -28,6 +28,15 @@ public struct Event: Sendable, Equatable {
 
     public var type: String { "\(kind).\(status)" }
 
+    /// What the event is about: the transaction, refund or withdrawal id (the order id for legacy V1).
+    public var entityID: String? {
+        switch kind {
+        case "refund": refundID
+        case "withdrawal": withdrawalID
+        default: legacy ? orderID : transactionID
+        }
+    }
+
     /// Select from `events` joined with its first receipt: `\(Event.select) WHERE events.id = ?`.
     static let select = """
         SELECT events.id, events.kind, events.status, events.state, events.rejection_reason, events.source,
@@ -151,6 +160,7 @@ public struct Receipt: Sendable, Equatable, Encodable {
 public struct EventDetail: Sendable, Encodable {
     public var event: Event
     public var receipts: [Receipt]
+    public var verificationAttempts: [VerificationAttempt] = []
 
     enum CodingKeys: String, CodingKey {
         case receipts, verificationAttempts = "verification_attempts", deliveries
@@ -172,9 +182,7 @@ public struct EventDetail: Sendable, Encodable {
         try event.encode(to: encoder)
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(receipts.map(ReceiptLine.init), forKey: .receipts)
-        // Verification attempts and deliveries are recorded by the verifier and dispatcher; until
-        // those stages have written any, the lists are empty rather than missing.
-        try c.encode([String](), forKey: .verificationAttempts)
+        try c.encode(verificationAttempts, forKey: .verificationAttempts)
         try c.encode([String](), forKey: .deliveries)
     }
 }

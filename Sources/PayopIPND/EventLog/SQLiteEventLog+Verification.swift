@@ -210,17 +210,6 @@ extension SQLiteEventLog {
             return try Self.insertReported(db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
         }
     }
-
-    /// `events show`: what the verifier asked and heard.
-    public func verificationAttempts(eventID: String) async throws(EventLogError) -> [VerificationAttempt] {
-        try await read { db in
-            try Row.fetchAll(
-                db,
-                sql: "SELECT at, outcome, payop_state, detail FROM verification_attempts WHERE event_id = ? ORDER BY id",
-                arguments: [eventID]
-            ).map { VerificationAttempt(at: $0["at"], outcome: $0["outcome"], payopState: $0["payop_state"], detail: $0["detail"]) }
-        }
-    }
 }
 
 public struct VerificationAttempt: Sendable, Equatable, Encodable {

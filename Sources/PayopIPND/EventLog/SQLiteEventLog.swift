@@ -246,7 +246,11 @@ public final class SQLiteEventLog: EventStore {
                 db, sql: "SELECT \(Receipt.columns) FROM receipts WHERE event_id = ? ORDER BY received_at, id",
                 arguments: [id]
             ).map(Receipt.init(row:))
-            return EventDetail(event: Event(row: row), receipts: receipts)
+            let attempts = try Row.fetchAll(
+                db, sql: "SELECT at, outcome, payop_state, detail FROM verification_attempts WHERE event_id = ? ORDER BY id",
+                arguments: [id]
+            ).map { VerificationAttempt(at: $0["at"], outcome: $0["outcome"], payopState: $0["payop_state"], detail: $0["detail"]) }
+            return EventDetail(event: Event(row: row), receipts: receipts, verificationAttempts: attempts)
         }
     }
 

@@ -60,13 +60,18 @@ public final class IPNIngress: Sendable {
     private let store: any EventStore
     private let clock: any WallClock
     private let logger: Logger
+    /// Told of every IPN made durable (the verifier wakes on it).
+    private let onStored: @Sendable (IngestOutcome, Notification) -> Void
 
-    public init(settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger)
-    {
+    public init(
+        settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger,
+        onStored: @escaping @Sendable (IngestOutcome, Notification) -> Void = { _, _ in }
+    ) {
         self.settings = Mutex(settings)
         self.store = store
         self.clock = clock
         self.logger = logger
+        self.onStored = onStored
     }
 
     public func reload(_ newSettings: IngressSettings) {
@@ -116,6 +121,7 @@ public final class IPNIngress: Sendable {
             verifiedBySignature: notification.legacy != nil)
         do {
             let outcome = try await store.ingest(ipn)
+            onStored(outcome, notification)
             if outcome.duplicate {
                 logger.debug(
                     "ipn duplicate", metadata: ["event.id": "\(outcome.eventID)", "event.type": "\(notification.type)"])

@@ -9,6 +9,7 @@ public struct PayopIPNDCommand: AsyncParsableCommand {
         abstract: "Turns Payop's payment notifications (IPNs) into verified, deduplicated events for local hooks.",
         subcommands: [
             ServeCommand.self, CheckConfigCommand.self, EventsCommand.self, ReceiptsCommand.self, PruneCommand.self,
+            SimulateCommand.self,
         ])
 
     public init() {}
@@ -168,7 +169,7 @@ struct EventsCommand: AsyncParsableCommand {
                     events.map { event in
                         [
                             event.id, event.type, event.rejectionReason.map { "\(event.state) (\($0))" } ?? event.state,
-                            event.transactionID ?? event.refundID ?? event.withdrawalID ?? event.orderID ?? "-",
+                            event.entityID ?? "-",
                             [event.amount, event.currency].compactMap { $0 }.joined(separator: " "),
                             Timestamp.format(milliseconds: event.receivedAt), String(event.duplicates),
                         ]
@@ -209,6 +210,15 @@ struct EventsCommand: AsyncParsableCommand {
                 printTable(
                     ["RECEIVED", "SOURCE", "ANSWER"],
                     detail.receipts.map { [Timestamp.format(milliseconds: $0.receivedAt), $0.sourceIP, String($0.answer)] })
+                print("\nverification attempts:")
+                printTable(
+                    ["AT", "OUTCOME", "PAYOP STATE", "DETAIL"],
+                    detail.verificationAttempts.map {
+                        [
+                            Timestamp.format(milliseconds: $0.at), $0.outcome, $0.payopState.map(String.init) ?? "-",
+                            $0.detail ?? "-",
+                        ]
+                    })
             }
         }
     }
@@ -248,7 +258,7 @@ struct ReceiptsCommand: AsyncParsableCommand {
 
 struct PruneCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Delete receipts older than the retention; events are kept.")
+        commandName: "prune", abstract: "Delete receipts older than the retention; events are kept.")
 
     @OptionGroup var config: ConfigOption
     @Option(name: .customLong("older-than"), help: "Days to keep (default: storage.retention_days).")

@@ -1,59 +1,112 @@
+import AsyncHTTPClient
 import Foundation
 import HummingbirdCore
 import Logging
+import PayopSimulator
 import ServiceLifecycle
 
-/// Assembles the long-running parts into one ServiceGroup: event log, IPN listener, checkpointer.
+/// Assembles the long-running parts into one ServiceGroup, in the order of an IPN's life: event log,
+/// Payop client, verifier and reconciler, listener.
 public struct Daemon: Sendable {
     public var config: DaemonConfig
     public var logger: Logger
+    public var clock: any WallClock
+    /// The sandbox's built-in Payop, served on its own port next to the daemon.
+    public var simulator: (payop: SimulatedPayop, port: Int)?
     /// Called once every listener is bound, with the IPN port actually bound (0 in config means any).
     public var onReady: @Sendable (_ ipnPort: Int) async -> Void
 
-    public init(config: DaemonConfig, logger: Logger, onReady: @escaping @Sendable (Int) async -> Void = { _ in }) {
+    public init(
+        config: DaemonConfig, logger: Logger, clock: any WallClock = SystemWallClock(),
+        simulator: (payop: SimulatedPayop, port: Int)? = nil, onReady: @escaping @Sendable (Int) async -> Void = { _ in }
+    ) {
         self.config = config
         self.logger = logger
+        self.clock = clock
+        self.simulator = simulator
         self.onReady = onReady
     }
 
     public func run() async throws {
-        let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon)
-        let settings = try Self.ingressSettings(config)
-        let ingress = IPNIngress(settings: settings, store: log, logger: logger)
+        let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
+        let secrets = try Secrets.load(config)
+        let http = PayopHTTPClient.makeHTTPClient(timeoutSeconds: config.payop.timeoutSeconds)
+        let payop = PayopHTTPClient(
+            http: http, baseURL: config.payop.apiBaseURL, timeoutSeconds: config.payop.timeoutSeconds, jwt: secrets.jwt)
+        let verifySignal = WorkSignal()
+        let reconcileSignal = WorkSignal()
+        let verifier = Verifier(
+            log: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger,
+            onVerified: { _ in reconcileSignal.signal() })
+        let reconciler = Reconciler(
+            log: log, payop: payop, intervalMilliseconds: Int64(config.reconcile.intervalSeconds * 1000), clock: clock,
+            logger: logger)
+        let ingress = IPNIngress(
+            settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
+            logger: logger,
+            onStored: { _, notification in
+                if notification.legacy == nil { verifySignal.signal() }
+            })
         let server = IPNListener.makeServer(
             host: config.server.listen.host, port: config.server.listen.port, ingress: ingress,
             readTimeoutSeconds: config.server.readTimeoutSeconds, logger: logger, onRunning: onReady)
         logger.info(
             "payop-ipnd starting",
-            metadata: ["ipn.listen": "\(config.server.listen)", "storage.path": "\(config.storage.path)"])
-        // Services stop in reverse order: the listener first (no new IPNs), then the checkpointer,
-        // and the event log last, after every answered IPN is committed.
+            metadata: [
+                "ipn.listen": "\(config.server.listen)", "storage.path": "\(config.storage.path)",
+                "payop.api": "\(config.payop.apiBaseURL)",
+            ])
+        // Services stop in reverse order: the listener first (no new IPNs), the event log last, after
+        // every answered IPN and every verification in flight is committed.
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            .init(service: EventLogService(log: log)),
+            .init(service: CheckpointService(log: log, logger: logger)),
+            .init(service: HTTPClientService(client: http)),
+        ]
+        if let simulator {
+            services.append(
+                .init(service: SimulatorServer.makeApplication(payop: simulator.payop, port: simulator.port, logger: logger)))
+        }
+        services += [
+            .init(service: VerifierService(verifier: verifier, signal: verifySignal, clock: clock, logger: logger)),
+            .init(service: ReconcilerService(reconciler: reconciler, signal: reconcileSignal, clock: clock, logger: logger)),
+            .init(service: server),
+        ]
         let group = ServiceGroup(
-            configuration: .init(
-                services: [
-                    .init(service: EventLogService(log: log)),
-                    .init(service: CheckpointService(log: log, logger: logger)),
-                    .init(service: server),
-                ],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger))
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }
 
-    public static func ingressSettings(_ config: DaemonConfig) throws -> IngressSettings {
-        let secret = try config.payop.secretKeyFile.map { path in
-            do {
-                return try SecretFile.read(path)
-            } catch {
-                throw ConfigError(
-                    path: path,
-                    problems: [.init(severity: .error, key: "payop.secret_key_file", line: nil, message: "cannot read \(path)")])
-            }
-        }
-        return IngressSettings(
+    public static func ingressSettings(_ config: DaemonConfig, legacySecretKey: String?) -> IngressSettings {
+        IngressSettings(
             paths: Set(config.server.ipnPaths), maxBodyBytes: config.server.maxBodyBytes,
             sources: SourcePolicy(allowed: config.server.allowedSources, trustedProxies: config.server.trustedProxies),
-            legacySecretKey: secret)
+            legacySecretKey: legacySecretKey)
+    }
+}
+
+/// The secrets the daemon holds, read from their files.
+struct Secrets {
+    var jwt: SecretBox
+    var legacyKey: String?
+
+    static func load(_ config: DaemonConfig) throws(ConfigError) -> Secrets {
+        Secrets(
+            jwt: SecretBox(try read(config.payop.jwtFile, key: "payop.jwt_file")),
+            legacyKey: try read(config.payop.secretKeyFile, key: "payop.secret_key_file"))
+    }
+
+    static func read(_ path: String?, key: String) throws(ConfigError) -> String? {
+        guard let path else { return nil }
+        do {
+            return try SecretFile.read(path)
+        } catch {
+            throw ConfigError(
+                path: path,
+                problems: [
+                    .init(severity: .error, key: key, line: nil, message: "cannot read \(path): \(ConfigLoader.reason(error))")
+                ])
+        }
     }
 }
 
@@ -64,6 +117,16 @@ struct EventLogService: Service {
     func run() async throws {
         try? await gracefulShutdown()
         log.close()
+    }
+}
+
+/// Shuts the shared HTTP client down once everything that uses it has stopped.
+struct HTTPClientService: Service {
+    let client: HTTPClient
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        try await client.shutdown()
     }
 }
 

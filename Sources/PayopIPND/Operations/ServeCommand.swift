@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import NIOCore
+import PayopSimulator
 
 struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -35,7 +36,10 @@ struct ServeCommand: AsyncParsableCommand {
             for warning in warnings {
                 logger.warning("configuration: \(warning.key): \(warning.message)", metadata: ["config": "\(path)"])
             }
-            let daemon = Daemon(config: daemonConfig, logger: logger) { port in
+            let daemon = Daemon(
+                config: daemonConfig, logger: logger,
+                simulator: sandboxSetup.map { ($0.payop, Sandbox.simulatorPort) }
+            ) { port in
                 if let sandboxSetup {
                     print(sandboxSetup.instructions(port: port))
                     fflush(nil)
@@ -60,16 +64,17 @@ enum Sandbox {
     static let defaultDirectory = ".payop-ipnd-sandbox"
     static let secretKey = "sandbox-secret-key"
 
+    static let simulatorPort = 8081
+
     struct Setup {
         var directory: String
         var configPath: String
+        var payop: SimulatedPayop
 
         func instructions(port: Int) -> String {
-            let transaction = UUID().uuidString.lowercased()
-            let body = """
-                {"invoice":{"id":"\(UUID().uuidString.lowercased())","status":1,"txid":"\(transaction)"},\
-                "transaction":{"id":"\(transaction)","state":2,"order":{"id":"ORDER-1"},"error":{"message":"","code":""}}}
-                """
+            // A paid checkout the built-in Payop knows, so the curl below verifies like a real payment.
+            let paid = payop.create(.checkout, state: 2, amount: "25.00", currency: "EUR", orderID: "ORDER-1")
+            let body = String(decoding: SimulatedPayop.ipnBody(for: paid), as: UTF8.self)
             let legacyOrder = "SANDBOX-\(Int.random(in: 1000...9999))"
             let signature =
                 LegacySignature.expected(
@@ -82,10 +87,14 @@ enum Sandbox {
 
                 payop-ipnd sandbox is running
                   IPN listener  http://127.0.0.1:\(port)/payop/ipn
+                  Payop (simulated) http://127.0.0.1:\(Sandbox.simulatorPort)
                   event log     \(directory)/events.sqlite3
                   config        \(configPath)
 
-                Send a test payment (a checkout IPN; it waits for verification against Payop's API):
+                Send a test payment: play Payop, which creates the payment and posts its IPN:
+                  swift run payop-ipnd simulate checkout --state accepted
+
+                Or post an IPN yourself (a paid checkout the simulator knows; it is verified against it):
                   curl -i -X POST http://127.0.0.1:\(port)/payop/ipn -H 'Content-Type: application/json' \\
                     -d '\(body)'
 
@@ -108,8 +117,10 @@ enum Sandbox {
             try fileManager.createDirectory(
                 atPath: absolute, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             let secretPath = absolute + "/payop-secret-key"
-            try Data((secretKey + "\n").utf8).write(to: URL(fileURLWithPath: secretPath))
-            try fileManager.setAttributes([.posixPermissions: 0o600], ofItemAtPath: secretPath)
+            try writeSecret(secretKey, to: secretPath)
+            let jwt = "sandbox-jwt-" + UUID().uuidString.lowercased()
+            let jwtPath = absolute + "/payop-jwt"
+            try writeSecret(jwt, to: jwtPath)
             let configPath = absolute + "/payop-ipnd.yaml"
             let yaml = """
                 # Written by `payop-ipnd serve --sandbox` on every start; delete the folder to start afresh.
@@ -123,14 +134,24 @@ enum Sandbox {
                 storage:
                   path: \(absolute)/events.sqlite3
                 payop:
-                  api_base_url: http://127.0.0.1:8081
+                  api_base_url: http://127.0.0.1:\(simulatorPort)
+                  jwt_file: \(jwtPath)
                   secret_key_file: \(secretPath)
+                  not_found_retry_minutes: 1
+                reconcile:
+                  interval_seconds: 30
 
                 """
             try Data(yaml.utf8).write(to: URL(fileURLWithPath: configPath))
-            return Setup(directory: absolute, configPath: configPath)
+            return Setup(directory: absolute, configPath: configPath, payop: SimulatedPayop(jwt: jwt))
         } catch {
             throw CommandFailure.user("cannot prepare the sandbox in \(absolute): \(ConfigLoader.reason(error))")
         }
+    }
+
+    private static func writeSecret(_ secret: String, to path: String) throws {
+        FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600])
+        try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: path)
+        try Data((secret + "\n").utf8).write(to: URL(fileURLWithPath: path))
     }
 }
