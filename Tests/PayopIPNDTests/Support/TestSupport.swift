@@ -52,7 +52,7 @@ enum Samples {
 }
 
 /// A fresh directory under the system's temporary folder, removed when the test ends.
-struct TemporaryDirectory: ~Copyable {
+final class TemporaryDirectory: Sendable {
     let path: String
 
     init() throws {

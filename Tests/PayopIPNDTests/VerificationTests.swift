@@ -1,0 +1,212 @@
+import Foundation
+import PayopSimulator
+import Testing
+
+@testable import PayopIPND
+
+/// The verifier and reconciler against the simulator over real HTTP, on a real SQLite file.
+@Suite struct VerificationTests {
+    @Test func ipnWhoseStatusPayopConfirmsIsVerified() async throws {
+        try await PayopHarness.with { h, _ in
+            let paid = h.payop.create(.checkout, state: 2, amount: "25.50", currency: "EUR")
+            let outcome = try await h.receive(SimulatedPayop.ipnBody(for: paid))
+            #expect(try await h.verifier().verifyDue() == 1)
+            let event = try await h.event(outcome.eventID)
+            #expect(event.state == "verified")
+            #expect(event.verification == "payop_api")
+            #expect(event.amount == "25.50" && event.currency == "EUR")
+            #expect(event.verifiedAt == h.clock.nowMilliseconds())
+        }
+    }
+
+    @Test func ipnClaimingAnotherStatusIsRejectedAndPayopsStatusBecomesItsOwnEvent() async throws {
+        try await PayopHarness.with { h, _ in
+            let failed = h.payop.create(.checkout, state: 3)
+            let outcome = try await h.receive(SimulatedPayop.ipnBody(for: failed, claimingState: 2))
+            try await h.verifier().verifyDue()
+            let claimed = try await h.event(outcome.eventID)
+            #expect(claimed.state == "rejected" && claimed.rejectionReason == "status_mismatch")
+            let reported = try #require(try await h.log.events(.init(type: "checkout.failed")).first)
+            #expect(reported.state == "verified" && reported.source == "reconcile" && reported.ipn == nil)
+            #expect(reported.verification == "payop_api")
+            #expect(reported.transactionID == failed.id)
+        }
+    }
+
+    @Test func unknownTransactionIsRejectedNotFoundOnceTheGraceIsOver() async throws {
+        try await PayopHarness.with { h, _ in
+            let ghost = checkoutBody(transaction: "never-paid", state: 2)
+            let outcome = try await h.receive(Data(ghost))
+            let verifier = h.verifier(notFoundRetryMinutes: 10)
+            try await verifier.verifyDue()
+            #expect(try await h.event(outcome.eventID).state == "received")
+            h.clock.advance(milliseconds: 10 * 60_000)
+            try await verifier.verifyDue()
+            let event = try await h.event(outcome.eventID)
+            #expect(event.state == "rejected" && event.rejectionReason == "not_found")
+        }
+    }
+
+    @Test func apiFailingThreeTimesVerifiesAfterRecoveryAndNotBefore() async throws {
+        try await PayopHarness.with { h, _ in
+            let paid = h.payop.create(.checkout, state: 2)
+            h.payop.updateFaults { $0.failNext = 3 }
+            let outcome = try await h.receive(SimulatedPayop.ipnBody(for: paid))
+            let verifier = h.verifier()
+            // Backoff 1 s, 2 s, 4 s: each retry is due exactly then, and not a millisecond earlier.
+            for delay: Int64 in [1_000, 2_000, 4_000] {
+                #expect(try await verifier.verifyDue() == 1)
+                #expect(try await h.event(outcome.eventID).state == "received")
+                h.clock.advance(milliseconds: delay - 1)
+                #expect(try await verifier.verifyDue() == 0)
+                h.clock.advance(milliseconds: 1)
+            }
+            try await verifier.verifyDue()
+            #expect(try await h.event(outcome.eventID).state == "verified")
+            let attempts = try await h.log.event(id: outcome.eventID)?.verificationAttempts.map(\.outcome)
+            #expect(attempts == ["unavailable", "unavailable", "unavailable", "verified"])
+        }
+    }
+
+    @Test func rejectedJWTKeepsEventsWaitingAndIsReported() async throws {
+        try await PayopHarness.with { h, _ in
+            let paid = h.payop.create(.checkout, state: 2)
+            h.payop.updateFaults { $0.unauthorized = true }
+            let outcome = try await h.receive(SimulatedPayop.ipnBody(for: paid))
+            let verifier = h.verifier()
+            try await verifier.verifyDue()
+            #expect(try await h.event(outcome.eventID).state == "received")
+            #expect(verifier.access.currentProblem?.contains("401") == true)
+            #expect(h.logs.all.filter { $0.hasPrefix("error") && $0.contains("JWT") }.count == 1)
+            h.payop.updateFaults { $0.unauthorized = false }
+            h.clock.advance(milliseconds: 1_000)
+            try await verifier.verifyDue()
+            #expect(try await h.event(outcome.eventID).state == "verified")
+            #expect(verifier.access.currentProblem == nil)
+        }
+    }
+
+    @Test func jwtIsSentAsBearerAndNeverLogged() async throws {
+        try await PayopHarness.with { h, _ in
+            let paid = h.payop.create(.checkout, state: 2)
+            h.payop.updateFaults { $0.unauthorized = true }
+            _ = try await h.receive(SimulatedPayop.ipnBody(for: paid))
+            try await h.verifier().verifyDue()
+            #expect(h.payop.calls.first?.authorization == "Bearer \(h.jwt)")
+            #expect(!h.logs.all.isEmpty)
+            #expect(!h.logs.text.contains(h.jwt))
+        }
+    }
+
+    @Test func refundAndWithdrawalAreVerifiedThroughTheirEndpoints() async throws {
+        try await PayopHarness.with { h, _ in
+            let refund = h.payop.create(.refund, state: 2, amount: "100", currency: "USD")
+            let withdrawal = h.payop.create(.withdrawal, state: 3, amount: "40", currency: "USD")
+            let r = try await h.receive(SimulatedPayop.ipnBody(for: refund))
+            let w = try await h.receive(SimulatedPayop.ipnBody(for: withdrawal))
+            try await h.verifier().verifyDue()
+            #expect(try await h.event(r.eventID).state == "verified")
+            #expect(try await h.event(r.eventID).transactionID == refund.sourceTransactionID)
+            #expect(try await h.event(w.eventID).state == "verified")
+            let paths = Set(h.payop.calls.map(\.path))
+            #expect(paths == ["/v1/refunds/user-refunds", "/v1/withdrawals/user-withdrawals"])
+        }
+    }
+
+    @Test(arguments: [("timeout", "checkout.timeout"), (PaymentStatus.securityRejectionMessage, "checkout.rejected")])
+    func stateFiveIsVerifiedWithItsMeaning(message: String, type: String) async throws {
+        try await PayopHarness.with { h, _ in
+            let entity = h.payop.create(.checkout, state: 5, errorMessage: message)
+            let outcome = try await h.receive(SimulatedPayop.ipnBody(for: entity))
+            try await h.verifier().verifyDue()
+            let event = try await h.event(outcome.eventID)
+            #expect(event.type == type)
+            #expect(event.state == "verified")
+            #expect(event.errorMessage == message)
+        }
+    }
+
+    @Test func reconcilerTurnsAPendingPaymentIntoAnAcceptedEventWithoutAnyIPN() async throws {
+        try await PayopHarness.with { h, _ in
+            let entity = h.payop.create(.checkout, state: 4)
+            let pending = try await h.receive(SimulatedPayop.ipnBody(for: entity))
+            try await h.verifier().verifyDue()
+            #expect(try await h.event(pending.eventID).state == "verified")
+            _ = h.payop.setState(.checkout, id: entity.id, state: 2)
+            let reconciler = h.reconciler()
+            #expect(try await reconciler.reconcileDue() == 0)
+            h.clock.advance(milliseconds: 300_000)
+            #expect(try await reconciler.reconcileDue() == 1)
+            let accepted = try #require(try await h.log.events(.init(type: "checkout.accepted")).first)
+            #expect(accepted.state == "verified" && accepted.source == "reconcile" && accepted.ipn == nil)
+            #expect(h.payop.calls.contains { $0.path == "/v1/transactions/filter" })
+            h.clock.advance(milliseconds: 300_000)
+            #expect(try await reconciler.reconcileDue() == 0)
+        }
+    }
+
+    @Test func repeatOfARejectedIPNAsksPayopAgainAndVerifiesWhenPayopAgrees() async throws {
+        try await PayopHarness.with { h, _ in
+            let entity = h.payop.create(.checkout, state: 4)
+            let body = SimulatedPayop.ipnBody(for: entity, claimingState: 2)
+            let outcome = try await h.receive(body)
+            let verifier = h.verifier()
+            try await verifier.verifyDue()
+            #expect(try await h.event(outcome.eventID).rejectionReason == "status_mismatch")
+            _ = h.payop.setState(.checkout, id: entity.id, state: 2)
+            h.clock.advance(milliseconds: 60_000)
+            try await h.receive(body)
+            try await verifier.verifyDue()
+            let event = try await h.event(outcome.eventID)
+            #expect(event.state == "verified" && event.rejectionReason == nil && event.duplicates == 1)
+        }
+    }
+}
+
+/// The comparison itself, with no Payop at all.
+@Suite struct VerificationRulesTests {
+    func pending(amount: String? = nil, currency: String? = nil, order: String? = "o-1") -> PendingVerification {
+        PendingVerification(
+            eventID: "evt_1", kind: .checkout, entityID: "tx", status: .checkout(state: 2, errorMessage: nil),
+            orderID: order, amount: amount, currency: currency, invoiceID: nil, transactionID: "tx", receivedAt: 0,
+            attempts: 0)
+    }
+
+    func record(state: Int = 2, amount: String? = "10.00", currency: String? = "EUR", order: String? = "o-1") -> PayopRecord {
+        PayopRecord(
+            kind: .checkout, id: "tx", status: .checkout(state: state, errorMessage: nil), orderID: order, amount: amount,
+            currency: currency)
+    }
+
+    @Test func amountsCompareAsDecimalsNotText() {
+        #expect(Verifier.compare(pending(amount: "10"), with: record()) == .verified(record()))
+        #expect(
+            Verifier.compare(pending(amount: "10.01"), with: record())
+                == .rejected(reason: "amount_mismatch", record: record()))
+    }
+
+    @Test func currencyAndOrderMustAgreeWhereBothAreKnown() {
+        #expect(
+            Verifier.compare(pending(currency: "USD"), with: record())
+                == .rejected(reason: "currency_mismatch", record: record()))
+        #expect(Verifier.compare(pending(currency: "eur"), with: record()) == .verified(record()))
+        #expect(
+            Verifier.compare(pending(order: "o-2"), with: record())
+                == .rejected(reason: "order_mismatch", record: record()))
+        #expect(Verifier.compare(pending(order: nil), with: record()) == .verified(record()))
+    }
+
+    @Test func twoDifferentUnknownStatesAreAMismatch() {
+        var ipn = pending()
+        ipn.status = .checkout(state: 7, errorMessage: nil)
+        #expect(Verifier.compare(ipn, with: record(state: 8)) == .statusMismatch(record(state: 8)))
+    }
+
+    @Test func backoffDoublesAndIsCapped() {
+        let backoff = Backoff(initialSeconds: 1, maxSeconds: 300, jitter: Backoff.noJitter)
+        #expect((1...10).map { backoff.delayMilliseconds(afterAttempt: $0) }.prefix(4) == [1_000, 2_000, 4_000, 8_000])
+        #expect(backoff.delayMilliseconds(afterAttempt: 40) == 300_000)
+        let jittery = Backoff(initialSeconds: 10, maxSeconds: 300, jitter: { 1.2 })
+        #expect(jittery.delayMilliseconds(afterAttempt: 1) == 12_000)
+    }
+}
