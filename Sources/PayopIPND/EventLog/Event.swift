@@ -161,6 +161,7 @@ public struct EventDetail: Sendable, Encodable {
     public var event: Event
     public var receipts: [Receipt]
     public var verificationAttempts: [VerificationAttempt] = []
+    public var deliveries: [Delivery] = []
 
     enum CodingKeys: String, CodingKey {
         case receipts, verificationAttempts = "verification_attempts", deliveries
@@ -183,7 +184,7 @@ public struct EventDetail: Sendable, Encodable {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(receipts.map(ReceiptLine.init), forKey: .receipts)
         try c.encode(verificationAttempts, forKey: .verificationAttempts)
-        try c.encode([String](), forKey: .deliveries)
+        try c.encode(deliveries, forKey: .deliveries)
     }
 }
 

@@ -73,7 +73,8 @@ extension SQLiteEventLog {
     public func applyVerification(_ outcome: VerificationOutcome, to pending: PendingVerification, now: Int64, reconcileInterval: Int64)
         async throws(EventLogError) -> [String]
     {
-        try await write { db in
+        let hooks = self.hooks
+        return try await write { db in
             // Another attempt may have settled it meanwhile (a duplicate IPN, a second verifier pass).
             guard
                 try Bool.fetchOne(
@@ -84,6 +85,7 @@ extension SQLiteEventLog {
             case .verified(let record):
                 try Self.attempt(db, pending.eventID, now, "verified", record.status.payopState, nil)
                 try Self.markVerified(db, eventID: pending.eventID, record: record, now: now, reconcileInterval: reconcileInterval)
+                try Self.enqueueDeliveries(db, eventID: pending.eventID, hooks: hooks, now: now)
                 return [pending.eventID]
             case .rejected(let reason, let record):
                 try Self.attempt(db, pending.eventID, now, "rejected", record?.status.payopState, reason)
@@ -94,9 +96,12 @@ extension SQLiteEventLog {
                     db, pending.eventID, now, "rejected", record.status.payopState,
                     "status_mismatch: Payop reports \(record.status.name)")
                 try Self.markRejected(db, eventID: pending.eventID, reason: "status_mismatch")
-                let created = try Self.insertReported(
-                    db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
-                return created.map { [$0] } ?? []
+                guard
+                    let created = try Self.insertReported(
+                        db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
+                else { return [] }
+                try Self.enqueueDeliveries(db, eventID: created, hooks: hooks, now: now)
+                return [created]
             case .retry(let outcome, let detail, let retryAt):
                 try Self.attempt(db, pending.eventID, now, outcome, nil, detail)
                 try db.execute(
@@ -199,7 +204,8 @@ extension SQLiteEventLog {
     public func applyReconciliation(
         _ record: PayopRecord?, to pending: PendingVerification, now: Int64, reconcileInterval: Int64
     ) async throws(EventLogError) -> String? {
-        try await write { db in
+        let hooks = self.hooks
+        return try await write { db in
             guard let record, record.status.dedupeKey != pending.status.dedupeKey else {
                 try db.execute(
                     sql: "UPDATE events SET reconcile_at = ? WHERE id = ? AND reconcile_at IS NOT NULL",
@@ -207,7 +213,12 @@ extension SQLiteEventLog {
                 return nil
             }
             try db.execute(sql: "UPDATE events SET reconcile_at = NULL WHERE id = ?", arguments: [pending.eventID])
-            return try Self.insertReported(db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
+            guard
+                let created = try Self.insertReported(
+                    db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
+            else { return nil }
+            try Self.enqueueDeliveries(db, eventID: created, hooks: hooks, now: now)
+            return created
         }
     }
 }

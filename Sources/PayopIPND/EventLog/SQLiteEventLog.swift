@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 
 /// The durable event log: one SQLite file in WAL mode with `synchronous=FULL`, written only through
 /// the group-commit writer, read by any number of readers and other processes (the CLI) at once.
@@ -15,6 +16,8 @@ public final class SQLiteEventLog: EventStore {
     let database: DatabasePool
     private let writer: GroupCommitWriter
     private let clock: any WallClock
+    /// The configured hooks, for the outbox: verified events get one delivery per matching hook.
+    private let hookRoutes = Mutex<[HookConfig]>([])
 
     /// How long a write waits for another process's lock before the log counts as unavailable.
     public static let lockDeadlineSeconds: TimeInterval = 5
@@ -82,6 +85,10 @@ public final class SQLiteEventLog: EventStore {
         }
     }
 
+    /// The hooks deliveries are created for from now on (at start and on reload).
+    public func setHooks(_ hooks: [HookConfig]) { hookRoutes.withLock { $0 = hooks } }
+    public var hooks: [HookConfig] { hookRoutes.withLock { $0 } }
+
     /// Commits what is queued and stops the writer; later writes fail as unavailable.
     public func close() {
         writer.shutdown()
@@ -129,7 +136,8 @@ public final class SQLiteEventLog: EventStore {
     // MARK: - Ingest
 
     public func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
-        try await write { db in try Self.ingest(ipn, in: db) }
+        let hooks = ipn.verifiedBySignature ? self.hooks : []
+        return try await write { db in try Self.ingest(ipn, in: db, hooks: hooks) }
     }
 
     public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
@@ -155,7 +163,7 @@ public final class SQLiteEventLog: EventStore {
         VALUES (?, ?, ?, ?, ?, ?, ?, 'ipn', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
-    static func ingest(_ ipn: IncomingIPN, in db: Database) throws -> IngestOutcome {
+    static func ingest(_ ipn: IncomingIPN, in db: Database, hooks: [HookConfig]) throws -> IngestOutcome {
         let n = ipn.notification
         let now = ipn.receivedAt
         let existing = try String.fetchOne(
@@ -186,6 +194,7 @@ public final class SQLiteEventLog: EventStore {
                 n.errorMessage, n.legacy != nil, now, verified ? now : nil, receiptID,
                 verified ? nil : now,
             ])
+            if verified { try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now) }
         }
         return IngestOutcome(receiptID: receiptID, eventID: eventID, duplicate: existing != nil)
     }
@@ -250,7 +259,11 @@ public final class SQLiteEventLog: EventStore {
                 db, sql: "SELECT at, outcome, payop_state, detail FROM verification_attempts WHERE event_id = ? ORDER BY id",
                 arguments: [id]
             ).map { VerificationAttempt(at: $0["at"], outcome: $0["outcome"], payopState: $0["payop_state"], detail: $0["detail"]) }
-            return EventDetail(event: Event(row: row), receipts: receipts, verificationAttempts: attempts)
+            let deliveries = try Row.fetchAll(
+                db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [id]
+            ).map(Delivery.init(row:))
+            return EventDetail(
+                event: Event(row: row), receipts: receipts, verificationAttempts: attempts, deliveries: deliveries)
         }
     }
 

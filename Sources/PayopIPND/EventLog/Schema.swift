@@ -78,6 +78,34 @@ enum Schema {
                     CREATE INDEX events_due_for_reconcile ON events (reconcile_at) WHERE reconcile_at IS NOT NULL;
                     """)
         }
+        migrator.registerMigration("0003-deliveries") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE deliveries (
+                        id INTEGER PRIMARY KEY,
+                        event_id TEXT NOT NULL REFERENCES events (id),
+                        hook TEXT NOT NULL,
+                        -- the ordering key: one (hook, kind, entity) delivers strictly in id order
+                        kind TEXT NOT NULL,
+                        entity_id TEXT NOT NULL,
+                        state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'delivered', 'dead')),
+                        attempts INTEGER NOT NULL DEFAULT 0,
+                        next_attempt_at INTEGER NOT NULL,
+                        last_exit_code INTEGER,
+                        last_http_status INTEGER,
+                        last_error TEXT,
+                        output TEXT,
+                        created_at INTEGER NOT NULL,
+                        finished_at INTEGER,
+                        delivered_at INTEGER,
+                        UNIQUE (event_id, hook)
+                    );
+                    CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending';
+                    CREATE INDEX deliveries_in_order ON deliveries (hook, kind, entity_id, id)
+                        WHERE state IN ('pending', 'running');
+                    CREATE INDEX deliveries_by_state ON deliveries (state, id);
+                    """)
+        }
         return migrator
     }
 }

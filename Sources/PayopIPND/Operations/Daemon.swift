@@ -4,6 +4,7 @@ import HummingbirdCore
 import Logging
 import PayopSimulator
 import ServiceLifecycle
+import Synchronization
 
 /// Assembles the long-running parts into one ServiceGroup, in the order of an IPN's life: event log,
 /// Payop client, verifier and reconciler, listener.
@@ -29,23 +30,36 @@ public struct Daemon: Sendable {
 
     public func run() async throws {
         let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
+        log.setHooks(config.hooks)
+        let recovered = try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
+        if recovered > 0 {
+            logger.notice("deliveries interrupted by the last stop will run again", metadata: ["count": "\(recovered)"])
+        }
         let secrets = try Secrets.load(config)
         let http = PayopHTTPClient.makeHTTPClient(timeoutSeconds: config.payop.timeoutSeconds)
         let payop = PayopHTTPClient(
             http: http, baseURL: config.payop.apiBaseURL, timeoutSeconds: config.payop.timeoutSeconds, jwt: secrets.jwt)
+        let runner = LocalHookRunner(
+            commands: CommandHookRunner(),
+            urls: URLHookRunner(http: http, secrets: { name in secrets.hookSigning.withLock { $0[name] } }, clock: clock))
+        let dispatcher = Dispatcher(
+            log: log, runner: runner, policy: DeliveryPolicy(config), clock: clock, logger: logger)
         let verifySignal = WorkSignal()
         let reconcileSignal = WorkSignal()
         let verifier = Verifier(
             log: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger,
-            onVerified: { _ in reconcileSignal.signal() })
+            onVerified: { _ in
+                dispatcher.signal.signal()
+                reconcileSignal.signal()
+            })
         let reconciler = Reconciler(
             log: log, payop: payop, intervalMilliseconds: Int64(config.reconcile.intervalSeconds * 1000), clock: clock,
-            logger: logger)
+            logger: logger, onVerified: { _ in dispatcher.signal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger,
             onStored: { _, notification in
-                if notification.legacy == nil { verifySignal.signal() }
+                if notification.legacy == nil { verifySignal.signal() } else { dispatcher.signal.signal() }
             })
         let server = IPNListener.makeServer(
             host: config.server.listen.host, port: config.server.listen.port, ingress: ingress,
@@ -68,6 +82,10 @@ public struct Daemon: Sendable {
                 .init(service: SimulatorServer.makeApplication(payop: simulator.payop, port: simulator.port, logger: logger)))
         }
         services += [
+            .init(
+                service: DispatcherService(
+                    dispatcher: dispatcher, clock: clock, logger: logger,
+                    shutdownGrace: .milliseconds(Int64(config.delivery.shutdownGraceSeconds * 1000)))),
             .init(service: VerifierService(verifier: verifier, signal: verifySignal, clock: clock, logger: logger)),
             .init(service: ReconcilerService(reconciler: reconciler, signal: reconcileSignal, clock: clock, logger: logger)),
             .init(service: server),
@@ -86,14 +104,33 @@ public struct Daemon: Sendable {
 }
 
 /// The secrets the daemon holds, read from their files.
-struct Secrets {
-    var jwt: SecretBox
-    var legacyKey: String?
+final class Secrets: Sendable {
+    let jwt: SecretBox
+    let legacyKey: String?
+    /// `signing_secret_file` of each url hook, by hook name.
+    let hookSigning: Mutex<[String: String]>
+
+    init(jwt: SecretBox, legacyKey: String?, hookSigning: [String: String]) {
+        self.jwt = jwt
+        self.legacyKey = legacyKey
+        self.hookSigning = Mutex(hookSigning)
+    }
 
     static func load(_ config: DaemonConfig) throws(ConfigError) -> Secrets {
         Secrets(
             jwt: SecretBox(try read(config.payop.jwtFile, key: "payop.jwt_file")),
-            legacyKey: try read(config.payop.secretKeyFile, key: "payop.secret_key_file"))
+            legacyKey: try read(config.payop.secretKeyFile, key: "payop.secret_key_file"),
+            hookSigning: try hookSecrets(config))
+    }
+
+    static func hookSecrets(_ config: DaemonConfig) throws(ConfigError) -> [String: String] {
+        var secrets: [String: String] = [:]
+        for hook in config.hooks {
+            if let secret = try read(hook.signingSecretFile, key: "hooks[\(hook.name)].signing_secret_file") {
+                secrets[hook.name] = secret
+            }
+        }
+        return secrets
     }
 
     static func read(_ path: String?, key: String) throws(ConfigError) -> String? {

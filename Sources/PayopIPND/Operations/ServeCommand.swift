@@ -102,8 +102,10 @@ enum Sandbox {
                   curl -i -X POST http://127.0.0.1:\(port)/payop/ipn -H 'Content-Type: application/json' \\
                     -d '\(legacy)'
 
-                Then look at the event log:
+                Then look at the event log, and at what the demo hook did:
                   swift run payop-ipnd events list --config \(configPath)
+                  swift run payop-ipnd deliveries list --config \(configPath)
+                  cat \(directory)/fulfilled.log
 
                 """
         }
@@ -121,6 +123,22 @@ enum Sandbox {
             let jwt = "sandbox-jwt-" + UUID().uuidString.lowercased()
             let jwtPath = absolute + "/payop-jwt"
             try writeSecret(jwt, to: jwtPath)
+            let hookPath = absolute + "/demo-fulfil-hook"
+            let demoHook = """
+                #!/bin/sh
+                # The sandbox's demo hook: "fulfils" each verified event once, idempotent on PAYOP_EVENT_ID,
+                # the way a real fulfilment hook must be (see config/hooks/ in the repository).
+                log='\(absolute)/fulfilled.log'
+                if grep -q "^$PAYOP_EVENT_ID " "$log" 2>/dev/null; then
+                    echo "already done: $PAYOP_EVENT_ID"
+                    exit 0
+                fi
+                echo "$PAYOP_EVENT_ID $PAYOP_EVENT_TYPE order=$PAYOP_ORDER_ID amount=$PAYOP_AMOUNT $PAYOP_CURRENCY attempt=$PAYOP_ATTEMPT" >>"$log"
+                echo "fulfilled $PAYOP_EVENT_TYPE for order $PAYOP_ORDER_ID"
+
+                """
+            try Data(demoHook.utf8).write(to: URL(fileURLWithPath: hookPath))
+            try fileManager.setAttributes([.posixPermissions: 0o755], ofItemAtPath: hookPath)
             let configPath = absolute + "/payop-ipnd.yaml"
             let yaml = """
                 # Written by `payop-ipnd serve --sandbox` on every start; delete the folder to start afresh.
@@ -140,6 +158,13 @@ enum Sandbox {
                   not_found_retry_minutes: 1
                 reconcile:
                   interval_seconds: 30
+                delivery:
+                  retry_initial_seconds: 1
+                hooks:
+                  - name: demo-fulfil
+                    command: [\(hookPath)]
+                    events: ["*"]
+                    timeout_seconds: 10
 
                 """
             try Data(yaml.utf8).write(to: URL(fileURLWithPath: configPath))

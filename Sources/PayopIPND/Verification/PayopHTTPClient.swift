@@ -31,12 +31,12 @@ public final class PayopHTTPClient: PayopAPI {
         self.jwt = jwt
     }
 
-    /// The process's one HTTP client for Payop and url hooks: connect and read timeouts, no redirects.
+    /// The process's one HTTP client for Payop and url hooks: a connect timeout, no redirects. Every
+    /// request carries its own deadline (Payop's timeout, or the hook's).
     public static func makeHTTPClient(timeoutSeconds: Double) -> HTTPClient {
         var configuration = HTTPClient.Configuration(
             redirectConfiguration: .disallow,
-            timeout: .init(
-                connect: .milliseconds(Int64(timeoutSeconds * 1000)), read: .milliseconds(Int64(timeoutSeconds * 1000))))
+            timeout: .init(connect: .milliseconds(Int64(timeoutSeconds * 1000))))
         configuration.httpVersion = .automatic
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }
