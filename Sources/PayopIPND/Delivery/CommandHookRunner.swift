@@ -9,12 +9,14 @@ import Glibc
 /// Runs `command` hooks: exec'd directly (never through a shell) in a process group of their own,
 /// working directory `/`, stdin the event object, environment only `PATH` and `PAYOP_*`. Past its
 /// timeout the whole group gets SIGTERM, then SIGKILL after the grace period, so children die too.
-public struct CommandHookRunner: Sendable {
+public struct CommandHookRunner: HookRunner {
     /// The `PATH` hooks get: the daemon's own, or the usual system one.
     public var path: String
 
     public init(path: String = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin") {
         self.path = path
+        // A hook that exits without reading its stdin must not kill the daemon with SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
     }
 
     public func run(_ invocation: HookInvocation) async -> HookResult {
@@ -38,12 +40,19 @@ public struct CommandHookRunner: Sendable {
                     let result = try await Subprocess.run(
                         .path(FilePath(program)), arguments: Arguments(Array(argv.dropFirst())),
                         environment: .custom(environment), workingDirectory: FilePath("/"), platformOptions: platformOptions,
-                        input: .array(input), output: .sequence, error: .combinedWithOutput
+                        input: .inputWriter, output: .sequence, error: .combinedWithOutput
                     ) { execution in
+                        // Written while the output is read, so a large event cannot deadlock on a full
+                        // pipe; a hook that never reads its stdin is not an error here.
+                        async let written: Void = {
+                            _ = try? await execution.standardInputWriter.write(input)
+                            try? await execution.standardInputWriter.finish()
+                        }()
                         var capture = BoundedCapture()
                         for try await chunk in execution.standardOutput {
                             chunk.withUnsafeBytes { capture.append($0) }
                         }
+                        await written
                         return capture.text
                     }
                     return .finished(result.terminationStatus, result.closureResult)

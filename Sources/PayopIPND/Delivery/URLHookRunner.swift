@@ -6,7 +6,7 @@ import NIOHTTP1
 /// Runs `url` hooks: POSTs the event object to a loopback or unix-socket endpoint, signed the Standard
 /// Webhooks way. 2xx is delivered; 410 Gone is dead at once; redirects are not followed; `Retry-After`
 /// on 429/503 is honoured.
-public struct URLHookRunner: Sendable {
+public struct URLHookRunner: HookRunner {
     public var http: HTTPClient
     /// Signing secrets by hook name, read from `signing_secret_file` (replaced on reload).
     public var secrets: @Sendable (String) -> String?

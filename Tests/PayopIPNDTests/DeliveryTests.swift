@@ -1,0 +1,374 @@
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+@testable import PayopIPND
+
+/// Writes an executable script and returns its path.
+func script(_ dir: TemporaryDirectory, _ name: String, _ body: String) throws -> String {
+    try dir.write(name, "#!/bin/sh\n" + body + "\n", mode: 0o755)
+}
+
+/// A verified event in a real log, with the given hooks configured.
+struct DeliveryHarness {
+    let dir: TemporaryDirectory
+    let log: SQLiteEventLog
+    let clock = TestClock()
+
+    init(hooks: [HookConfig]) throws {
+        dir = try TemporaryDirectory()
+        log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        log.setHooks(hooks)
+    }
+
+    /// A legacy V1 IPN: verified on arrival, so its deliveries exist at once.
+    @discardableResult
+    func verifiedEvent(order: String = "1042", status: String = "success", amount: String = "100.0000") async throws -> String {
+        let signature = try #require(
+            LegacySignature.expected(amount: amount, currency: "EUR", orderID: order, status: status, secretKey: "k"))
+        let object: [String: String] = [
+            "orderId": order, "amount": amount, "currency": "EUR", "status": status, "signature": signature,
+        ]
+        let body = Array(try JSONSerialization.data(withJSONObject: object))
+        let notification = try NotificationParser.parse(body).get()
+        return try await log.ingest(
+            IncomingIPN(
+                receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+                notification: notification, verifiedBySignature: true)
+        ).eventID
+    }
+
+    func dispatcher(runner: any HookRunner = CommandHookRunner(path: "/usr/bin:/bin")) -> Dispatcher {
+        Dispatcher(
+            log: log, runner: runner,
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 10800, jitter: Backoff.noJitter), killGraceSeconds: 0.2,
+                shutdownGraceSeconds: 1),
+            clock: clock, logger: quietLogger)
+    }
+
+    func deliveries() async throws -> [Delivery] {
+        try await log.deliveries(state: nil, hook: nil, limit: 100).reversed()
+    }
+}
+
+func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeout: Double = 10, attempts: Int = 30)
+    -> HookConfig
+{
+    HookConfig(name: name, target: .command([path]), events: events, timeoutSeconds: timeout, maxAttempts: attempts)
+}
+
+@Suite struct CommandHookTests {
+    @Test func hookGetsTheEventOnStdinAndOnlyPathAndPayopVariables() async throws {
+        setenv("PAYOP_IPND_TEST_DATABASE_PASSWORD", "hunter2", 1)
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "dump", "env > '\(dir.file("env"))'; cat > '\(dir.file("stdin"))'; pwd > '\(dir.file("pwd"))'")
+        let h = try DeliveryHarness(hooks: [commandHook("dump", hook)])
+        let eventID = try await h.verifiedEvent()
+        #expect(try await h.dispatcher().dispatchDue() == 1)
+        let env = try String(contentsOfFile: dir.file("env"), encoding: .utf8).split(separator: "\n").map(String.init)
+        let names = Set(env.compactMap { $0.split(separator: "=", maxSplits: 1).first.map(String.init) })
+        let expected: Set = [
+            "PATH", "PAYOP_EVENT_ID", "PAYOP_EVENT_TYPE", "PAYOP_KIND", "PAYOP_STATUS", "PAYOP_TRANSACTION_ID",
+            "PAYOP_INVOICE_ID", "PAYOP_ORDER_ID", "PAYOP_AMOUNT", "PAYOP_CURRENCY", "PAYOP_ATTEMPT", "PAYOP_HOOK_NAME",
+        ]
+        // `sh` itself adds PWD (and may add SHLVL, _): nothing of the daemon's own environment arrives.
+        #expect(names.subtracting(["PWD", "SHLVL", "_"]) == expected)
+        #expect(env.contains("PAYOP_EVENT_ID=\(eventID)"))
+        #expect(env.contains("PAYOP_TRANSACTION_ID="))
+        #expect(env.contains("PAYOP_ATTEMPT=1"))
+        #expect(!env.joined().contains("hunter2"))
+        let stdin = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir.file("stdin"))))
+        #expect((stdin as? [String: Any])?["id"] as? String == eventID)
+        #expect((stdin as? [String: Any])?["type"] as? String == "checkout.accepted")
+        #expect(try String(contentsOfFile: dir.file("pwd"), encoding: .utf8) == "/\n")
+        let delivery = try #require(try await h.deliveries().first)
+        #expect(delivery.state == "delivered" && delivery.lastExitCode == 0)
+    }
+
+    @Test func failingTwiceThenSucceedingRunsThreeTimesWithAttemptNumbers() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(
+            dir, "flaky", "echo \"$PAYOP_ATTEMPT\" >> '\(dir.file("attempts"))'; [ \"$PAYOP_ATTEMPT\" -ge 3 ]")
+        let h = try DeliveryHarness(hooks: [commandHook("flaky", hook)])
+        try await h.verifiedEvent()
+        let dispatcher = h.dispatcher()
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(try await h.deliveries().first?.state == "pending")
+        // Retries are due after 2 s, then 4 s: not a millisecond before.
+        h.clock.advance(milliseconds: 1_999)
+        #expect(try await dispatcher.dispatchDue() == 0)
+        h.clock.advance(milliseconds: 1)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        h.clock.advance(milliseconds: 3_999)
+        #expect(try await dispatcher.dispatchDue() == 0)
+        h.clock.advance(milliseconds: 1)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(try String(contentsOfFile: dir.file("attempts"), encoding: .utf8) == "1\n2\n3\n")
+        let delivery = try #require(try await h.deliveries().first)
+        #expect(delivery.state == "delivered" && delivery.attempts == 3)
+    }
+
+    @Test func alwaysFailingHookIsDeadAfterMaxAttemptsThenReplayDeliversIt() async throws {
+        let dir = try TemporaryDirectory()
+        let fixed = dir.file("fixed")
+        let hook = try script(dir, "broken", "echo boom >&2; [ -e '\(fixed)' ]")
+        let config = commandHook("broken", hook, attempts: 3)
+        let h = try DeliveryHarness(hooks: [config])
+        let eventID = try await h.verifiedEvent()
+        let dispatcher = h.dispatcher()
+        for _ in 0..<3 {
+            try await dispatcher.dispatchDue()
+            h.clock.advance(milliseconds: 10_800_000)
+        }
+        var delivery = try #require(try await h.deliveries().first)
+        #expect(delivery.state == "dead" && delivery.attempts == 3)
+        #expect(delivery.lastExitCode == 1 && delivery.output == "boom\n")
+        #expect(try await dispatcher.dispatchDue() == 0)
+        FileManager.default.createFile(atPath: fixed, contents: nil)
+        #expect(try await h.log.replay(eventID: eventID, hook: nil, hooks: [config], now: h.clock.nowMilliseconds()) == 1)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        delivery = try #require(try await h.deliveries().first)
+        #expect(delivery.state == "delivered")
+    }
+
+    @Test func hangingHookIsKilledWithItsChildrenAndRetried() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "hang", "sleep 300 & echo $! > '\(dir.file("child"))'; sleep 300")
+        let h = try DeliveryHarness(hooks: [commandHook("hang", hook, timeout: 0.5)])
+        try await h.verifiedEvent()
+        let started = ContinuousClock.now
+        try await h.dispatcher().dispatchDue()
+        #expect(ContinuousClock.now - started < .seconds(5))
+        let delivery = try #require(try await h.deliveries().first)
+        #expect(delivery.state == "pending")
+        #expect(delivery.lastError?.contains("timed out") == true)
+        let child = try #require(Int32(try String(contentsOfFile: dir.file("child"), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+        // The child got the group's signal too; give the kernel a moment to reap it.
+        var alive = true
+        for _ in 0..<50 where alive {
+            alive = kill(child, 0) == 0 && !isZombie(child)
+            if alive { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(!alive)
+    }
+
+    func isZombie(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+        return stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") ?? true
+    }
+
+    @Test func shellMetacharactersInIPNFieldsArePassedVerbatim() async throws {
+        let dir = try TemporaryDirectory()
+        let marker = dir.file("pwned")
+        let nasty = "1042$(touch \(marker));`touch \(marker)`|&;<>'\""
+        let hook = try script(dir, "echo", "printf '%s' \"$PAYOP_ORDER_ID\" > '\(dir.file("order"))'")
+        let h = try DeliveryHarness(hooks: [commandHook("echo", hook)])
+        try await h.verifiedEvent(order: nasty)
+        try await h.dispatcher().dispatchDue()
+        #expect(try String(contentsOfFile: dir.file("order"), encoding: .utf8) == nasty)
+        #expect(!FileManager.default.fileExists(atPath: marker))
+    }
+
+    @Test func laterStatusWaitsForTheEarlierOnesSlowDelivery() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(
+            dir, "slow",
+            "[ \"$PAYOP_STATUS\" = pending ] && sleep 0.5; echo \"$PAYOP_STATUS\" >> '\(dir.file("order"))'")
+        let h = try DeliveryHarness(hooks: [commandHook("slow", hook)])
+        try await h.verifiedEvent(order: "A-1", status: "wait")
+        try await h.verifiedEvent(order: "A-1", status: "success")
+        try await h.verifiedEvent(order: "B-2", status: "success")
+        let dispatcher = h.dispatcher()
+        // One pass starts the pending of A-1 and B-2's event; A-1's accepted must wait for its pending.
+        #expect(try await dispatcher.dispatchDue() == 3)
+        let lines = try String(contentsOfFile: dir.file("order"), encoding: .utf8).split(separator: "\n")
+        #expect(lines.firstIndex(of: "pending")! < lines.lastIndex(of: "accepted")!)
+        #expect(lines.count == 3)
+    }
+
+    @Test func deliveryRunningWhenTheDaemonDiedRunsAgainAfterRestart() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "ok", "echo \"$PAYOP_ATTEMPT\" >> '\(dir.file("runs"))'")
+        let path = dir.file("events.sqlite3")
+        let clock = TestClock()
+        let first = try SQLiteEventLog.open(path: path, mode: .daemon, clock: clock)
+        first.setHooks([commandHook("ok", hook)])
+        let h = DeliveryHarnessView(log: first, clock: clock)
+        try await h.verified()
+        let due = try await first.dueDeliveries(now: clock.nowMilliseconds(), limit: 10)
+        #expect(try await first.startDelivery(id: try #require(due.first).id) == 1)
+        first.close()  // "kill -9": the run never finished, the log says running
+        let second = try SQLiteEventLog.open(path: path, mode: .daemon, clock: clock)
+        defer { second.close() }
+        second.setHooks([commandHook("ok", hook)])
+        #expect(try await second.recoverInterruptedDeliveries(now: clock.nowMilliseconds()) == 1)
+        let dispatcher = Dispatcher(
+            log: second, runner: CommandHookRunner(),
+            policy: DeliveryPolicy(backoff: Backoff(initialSeconds: 1, maxSeconds: 10), killGraceSeconds: 1, shutdownGraceSeconds: 1),
+            clock: clock, logger: quietLogger)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(try String(contentsOfFile: dir.file("runs"), encoding: .utf8) == "2\n")
+    }
+
+    @Test func onlyMatchingHooksGetDeliveries() async throws {
+        let h = try DeliveryHarness(hooks: [
+            commandHook("paid", "/bin/true", events: ["checkout.accepted"]),
+            commandHook("refunds", "/bin/true", events: ["refund.*"]),
+            commandHook("all", "/bin/true", events: ["*"]),
+        ])
+        try await h.verifiedEvent()
+        #expect(Set(try await h.deliveries().map(\.hook)) == ["paid", "all"])
+    }
+}
+
+/// Just enough to make a verified event in a log opened by the test itself.
+struct DeliveryHarnessView {
+    let log: SQLiteEventLog
+    let clock: TestClock
+
+    func verified() async throws {
+        let signature = try #require(
+            LegacySignature.expected(amount: "1", currency: "EUR", orderID: "9", status: "success", secretKey: "k"))
+        let body = Array(
+            #"{"orderId":"9","amount":"1","currency":"EUR","status":"success","signature":"\#(signature)"}"#.utf8)
+        _ = try await log.ingest(
+            IncomingIPN(
+                receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+                notification: try NotificationParser.parse(body).get(), verifiedBySignature: true))
+    }
+}
+
+@Suite struct URLHookTests {
+    struct Received: Sendable {
+        var headers: [String: String]
+        var body: [UInt8]
+    }
+
+    /// A loopback endpoint answering `status` (with `extra` headers), recording what it received.
+    func withEndpoint(
+        status: HTTPResponse.Status = .ok, extra: HTTPFields = [:],
+        _ body: @Sendable (Int, @Sendable () -> [Received]) async throws -> Void
+    ) async throws {
+        let received = Mutex<[Received]>([])
+        let router = Router()
+        router.post("/hook") { request, _ -> Response in
+            var request = request
+            let bytes = try await request.collectBody(upTo: 1 << 20)
+            var headers: [String: String] = [:]
+            for field in request.headers { headers[field.name.canonicalName] = field.value }
+            received.withLock { $0.append(Received(headers: headers, body: Array(bytes.readableBytesView))) }
+            return Response(status: status, headers: extra)
+        }
+        let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
+        let app = Application(
+            router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+            onServerRunning: { continuation.yield($0.localAddress?.port ?? 0) }, logger: quietLogger)
+        let group = ServiceGroup(services: [app], logger: quietLogger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            var iterator = ports.makeAsyncIterator()
+            let port = try #require(await iterator.next())
+            try await body(port) { received.withLock { $0 } }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    }
+
+    func runner(secret: String?, clock: TestClock) -> (URLHookRunner, () async throws -> Void) {
+        let http = PayopHTTPClient.makeHTTPClient(timeoutSeconds: 5)
+        return (URLHookRunner(http: http, secrets: { _ in secret }, clock: clock), { try await http.shutdown() })
+    }
+
+    @Test func signatureVerifiesWithAnIndependentImplementation() async throws {
+        let secretBytes = Data((0..<24).map { UInt8($0 * 7 & 0xff) })
+        let secret = "whsec_" + secretBytes.base64EncodedString()
+        try await withEndpoint { port, received in
+            let h = try DeliveryHarness(hooks: [
+                HookConfig(
+                    name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5,
+                    maxAttempts: 3)
+            ])
+            let eventID = try await h.verifiedEvent()
+            let (runner, shutdown) = runner(secret: secret, clock: h.clock)
+            try await h.dispatcher(runner: runner).dispatchDue()
+            try await shutdown()
+            let request = try #require(received().first)
+            #expect(request.headers["webhook-id"] == eventID)
+            #expect(request.headers["webhook-timestamp"] == String(h.clock.nowMilliseconds() / 1000))
+            let signature = try #require(request.headers["webhook-signature"])
+            // Python's hmac module, not our OpenSSL wrapper, checks it.
+            let dir = try TemporaryDirectory()
+            let bodyPath = dir.file("body")
+            try Data(request.body).write(to: URL(fileURLWithPath: bodyPath))
+            let check = Process()
+            check.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            check.arguments = [
+                "python3", "-c",
+                """
+                import base64, hashlib, hmac, sys
+                secret, msg_id, ts, sig, path = sys.argv[1:]
+                key = base64.b64decode(secret[len("whsec_"):])
+                body = open(path, "rb").read()
+                mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+                sys.exit(0 if hmac.compare_digest(sig, "v1," + base64.b64encode(mac).decode()) else 1)
+                """,
+                secret, eventID, request.headers["webhook-timestamp"] ?? "", signature, bodyPath,
+            ]
+            try check.run()
+            check.waitUntilExit()
+            #expect(check.terminationStatus == 0)
+            #expect(try await h.deliveries().first?.state == "delivered")
+            #expect(try await h.deliveries().first?.lastHTTPStatus == 200)
+        }
+    }
+
+    @Test func goneMakesTheDeliveryDeadAtOnce() async throws {
+        try await withEndpoint(status: .gone) { port, _ in
+            let h = try DeliveryHarness(hooks: [
+                HookConfig(name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5, maxAttempts: 30)
+            ])
+            try await h.verifiedEvent()
+            let (runner, shutdown) = runner(secret: nil, clock: h.clock)
+            try await h.dispatcher(runner: runner).dispatchDue()
+            try await shutdown()
+            let delivery = try #require(try await h.deliveries().first)
+            #expect(delivery.state == "dead" && delivery.attempts == 1 && delivery.lastHTTPStatus == 410)
+        }
+    }
+
+    @Test func retryAfterLongerThanTheBackoffReplacesIt() async throws {
+        try await withEndpoint(status: .tooManyRequests, extra: [.retryAfter: "120"]) { port, _ in
+            let h = try DeliveryHarness(hooks: [
+                HookConfig(name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5, maxAttempts: 30)
+            ])
+            try await h.verifiedEvent()
+            let (runner, shutdown) = runner(secret: nil, clock: h.clock)
+            try await h.dispatcher(runner: runner).dispatchDue()
+            try await shutdown()
+            let delivery = try #require(try await h.deliveries().first)
+            #expect(delivery.state == "pending")
+            #expect(delivery.nextAttemptAt == h.clock.nowMilliseconds() + 120_000)
+        }
+    }
+
+    @Test func retryAfterHTTPDateIsUnderstood() {
+        let now = Timestamp.parse("2026-11-26T12:00:00Z")!
+        #expect(URLHookRunner.retryAfterMilliseconds("Thu, 26 Nov 2026 12:01:30 GMT", now: now) == 90_000)
+        #expect(URLHookRunner.retryAfterMilliseconds("45", now: now) == 45_000)
+        #expect(URLHookRunner.retryAfterMilliseconds("soon", now: now) == nil)
+    }
+
+    @Test func endsAreDecidedByOutcomeAttemptsAndBackoff() {
+        let backoff = Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter)
+        let failed = HookResult(outcome: .failed(retryAfterMilliseconds: nil))
+        #expect(Dispatcher.end(of: failed, attempt: 1, maxAttempts: 3, now: 0, backoff: backoff) == .retry(at: 2_000))
+        #expect(Dispatcher.end(of: failed, attempt: 3, maxAttempts: 3, now: 0, backoff: backoff) == .dead)
+        let later = HookResult(outcome: .failed(retryAfterMilliseconds: 500_000))
+        #expect(Dispatcher.end(of: later, attempt: 1, maxAttempts: 3, now: 0, backoff: backoff) == .retry(at: 100_000))
+    }
+}
