@@ -41,11 +41,13 @@ public final class Dispatcher: Sendable {
     /// How often the log is looked at even without a signal: `replay` from another process lands in the
     /// log without waking us.
     static let idleRecheck: Duration = .seconds(1)
+    private let metrics: DaemonMetrics?
 
     public init(
         log: SQLiteEventLog, runner: any HookRunner, policy: DeliveryPolicy, clock: any WallClock = SystemWallClock(),
-        logger: Logger
+        logger: Logger, metrics: DaemonMetrics? = nil
     ) {
+        self.metrics = metrics
         self.log = log
         self.runner = runner
         self.policy = Mutex(policy)
@@ -91,6 +93,7 @@ public final class Dispatcher: Sendable {
         }
         guard let hook = log.hooks.first(where: { $0.name == delivery.hook }) else { return }
         let policy = policy.withLock { $0 }
+        let started = clock.nowMilliseconds()
         let result: HookResult
         do {
             guard let detail = try await log.event(id: delivery.eventID) else { return }
@@ -106,6 +109,13 @@ public final class Dispatcher: Sendable {
         }
         let now = clock.nowMilliseconds()
         let end = Self.end(of: result, attempt: attempt, maxAttempts: hook.maxAttempts, now: now, backoff: policy.backoff)
+        let outcome =
+            switch end {
+            case .delivered: "delivered"
+            case .retry: "failed"
+            case .dead: "dead"
+            }
+        metrics?.delivery(hook: hook.name, outcome: outcome, milliseconds: now - started)
         do {
             try await log.finishDelivery(id: delivery.id, end, result: result, now: now)
         } catch {

@@ -207,3 +207,27 @@ extension SQLiteEventLog {
         }
     }
 }
+
+extension SQLiteEventLog {
+    public struct DeliveryCounts: Sendable, Equatable {
+        public var pending: Int
+        public var running: Int
+        public var dead: Int
+    }
+
+    public func deliveryCounts() async throws(EventLogError) -> DeliveryCounts {
+        try await read { db in
+            let rows = try Row.fetchAll(
+                db, sql: "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('pending', 'running', 'dead') GROUP BY state")
+            var counts = DeliveryCounts(pending: 0, running: 0, dead: 0)
+            for row in rows {
+                switch row["state"] as String {
+                case "pending": counts.pending = row["n"]
+                case "running": counts.running = row["n"]
+                default: counts.dead = row["n"]
+                }
+            }
+            return counts
+        }
+    }
+}

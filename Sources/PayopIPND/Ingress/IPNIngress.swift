@@ -62,15 +62,17 @@ public final class IPNIngress: Sendable {
     private let logger: Logger
     /// Told of every IPN made durable (the verifier wakes on it).
     private let onStored: @Sendable (IngestOutcome, Notification) -> Void
+    private let metrics: DaemonMetrics?
 
     public init(
         settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger,
-        onStored: @escaping @Sendable (IngestOutcome, Notification) -> Void = { _, _ in }
+        metrics: DaemonMetrics? = nil, onStored: @escaping @Sendable (IngestOutcome, Notification) -> Void = { _, _ in }
     ) {
         self.settings = Mutex(settings)
         self.store = store
         self.clock = clock
         self.logger = logger
+        self.metrics = metrics
         self.onStored = onStored
     }
 
@@ -82,6 +84,14 @@ public final class IPNIngress: Sendable {
 
     /// Everything decided before the body is read: path, method, source and declared length.
     public func preflight(
+        method: String, path: String, peer: IPAddress?, forwardedFor: [String], contentLength: Int?
+    ) -> Preflight {
+        let decision = decide(method: method, path: path, peer: peer, forwardedFor: forwardedFor, contentLength: contentLength)
+        if case .answer(let answer) = decision { metrics?.ipn(kind: nil, answer: answer.status) }
+        return decision
+    }
+
+    private func decide(
         method: String, path: String, peer: IPAddress?, forwardedFor: [String], contentLength: Int?
     ) -> Preflight {
         let settings = settings.withLock { $0 }
@@ -99,6 +109,12 @@ public final class IPNIngress: Sendable {
             return .answer(.tooLarge(settings.maxBodyBytes))
         }
         return .readBody(Admitted(path: path, sourceIP: client.description, maxBodyBytes: settings.maxBodyBytes))
+    }
+
+    /// An answer given while reading the body (too large, too slow), counted like the others.
+    public func answerWithoutBody(_ answer: IngressAnswer) -> IngressAnswer {
+        metrics?.ipn(kind: nil, answer: answer.status)
+        return answer
     }
 
     /// Parses, checks and records a body that was read whole; 200 only once it is durable.
@@ -122,6 +138,8 @@ public final class IPNIngress: Sendable {
         do {
             let outcome = try await store.ingest(ipn)
             onStored(outcome, notification)
+            metrics?.ipn(kind: notification.kind.rawValue, answer: 200)
+            if !outcome.duplicate { metrics?.eventCreated(type: notification.type) }
             if outcome.duplicate {
                 logger.debug(
                     "ipn duplicate", metadata: ["event.id": "\(outcome.eventID)", "event.type": "\(notification.type)"])
@@ -136,6 +154,7 @@ public final class IPNIngress: Sendable {
             return .accepted
         } catch {
             logger.error("ipn not stored, answered 503", metadata: ["error": "\(error)"])
+            metrics?.ipn(kind: notification.kind.rawValue, answer: 503)
             return .unavailable
         }
     }
@@ -153,6 +172,7 @@ public final class IPNIngress: Sendable {
             // The answer does not depend on the record: the request was bad either way.
             logger.error("refused ipn not recorded", metadata: ["error": "\(error)"])
         }
+        metrics?.ipn(kind: notification?.kind.rawValue, answer: reason.httpStatus)
         return IngressAnswer(reason.httpStatus, reason.rawValue)
     }
 }

@@ -48,12 +48,12 @@ public enum IPNListener {
             do {
                 for try await part in request.body {
                     guard body.count + part.readableBytes <= admitted.maxBodyBytes else {
-                        return .tooLarge(admitted.maxBodyBytes)
+                        return ingress.answerWithoutBody(.tooLarge(admitted.maxBodyBytes))
                     }
                     body.append(contentsOf: part.readableBytesView)
                 }
             } catch {
-                return IngressAnswer(408, "request body not received in time", close: true)
+                return ingress.answerWithoutBody(IngressAnswer(408, "request body not received in time", close: true))
             }
             deadline.cancel()
             return await ingress.accept(body: body, from: admitted)

@@ -7,28 +7,45 @@ import ServiceLifecycle
 import Synchronization
 
 /// Assembles the long-running parts into one ServiceGroup, in the order of an IPN's life: event log,
-/// Payop client, verifier and reconciler, listener.
+/// Payop client, dispatcher, verifier and reconciler, listeners; plus the operations around them.
 public struct Daemon: Sendable {
     public var config: DaemonConfig
+    /// Where `config` came from: SIGHUP reads it again.
+    public var configPath: String?
     public var logger: Logger
+    public var logLevel: LogLevelControl
     public var clock: any WallClock
+    public var environment: [String: String]
+    public var metrics: DaemonMetrics
     /// The sandbox's built-in Payop, served on its own port next to the daemon.
     public var simulator: (payop: SimulatedPayop, port: Int)?
-    /// Called once every listener is bound, with the IPN port actually bound (0 in config means any).
-    public var onReady: @Sendable (_ ipnPort: Int) async -> Void
+    /// Called once every listener is bound, with the ports actually bound (0 in config means any).
+    public var onReady: @Sendable (_ ports: BoundPorts) async -> Void
+
+    public struct BoundPorts: Sendable {
+        public var ipn: Int
+        public var admin: Int
+    }
 
     public init(
-        config: DaemonConfig, logger: Logger, clock: any WallClock = SystemWallClock(),
-        simulator: (payop: SimulatedPayop, port: Int)? = nil, onReady: @escaping @Sendable (Int) async -> Void = { _ in }
+        config: DaemonConfig, configPath: String? = nil, logger: Logger, logLevel: LogLevelControl? = nil,
+        clock: any WallClock = SystemWallClock(), environment: [String: String] = ProcessInfo.processInfo.environment,
+        metrics: DaemonMetrics = DaemonMetrics(), simulator: (payop: SimulatedPayop, port: Int)? = nil,
+        onReady: @escaping @Sendable (BoundPorts) async -> Void = { _ in }
     ) {
         self.config = config
+        self.configPath = configPath
         self.logger = logger
+        self.logLevel = logLevel ?? LogLevelControl(config.logLevel)
         self.clock = clock
+        self.environment = environment
+        self.metrics = metrics
         self.simulator = simulator
         self.onReady = onReady
     }
 
     public func run() async throws {
+        let notifier = SystemdNotifier(environment: environment)
         let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
         log.setHooks(config.hooks)
         let recovered = try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
@@ -43,11 +60,11 @@ public struct Daemon: Sendable {
             commands: CommandHookRunner(),
             urls: URLHookRunner(http: http, secrets: { name in secrets.hookSigning.withLock { $0[name] } }, clock: clock))
         let dispatcher = Dispatcher(
-            log: log, runner: runner, policy: DeliveryPolicy(config), clock: clock, logger: logger)
+            log: log, runner: runner, policy: DeliveryPolicy(config), clock: clock, logger: logger, metrics: metrics)
         let verifySignal = WorkSignal()
         let reconcileSignal = WorkSignal()
         let verifier = Verifier(
-            log: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger,
+            log: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
             onVerified: { _ in
                 dispatcher.signal.signal()
                 reconcileSignal.signal()
@@ -57,21 +74,66 @@ public struct Daemon: Sendable {
             logger: logger, onVerified: { _ in dispatcher.signal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
-            logger: logger,
+            logger: logger, metrics: metrics,
             onStored: { _, notification in
                 if notification.legacy == nil { verifySignal.signal() } else { dispatcher.signal.signal() }
             })
+        let ports = Mutex(BoundPorts(ipn: 0, admin: 0))
+        let onReady = self.onReady
+        let readiness = Readiness(listeners: 2, notifier: notifier) { await onReady(ports.withLock { $0 }) }
         let server = IPNListener.makeServer(
             host: config.server.listen.host, port: config.server.listen.port, ingress: ingress,
-            readTimeoutSeconds: config.server.readTimeoutSeconds, logger: logger, onRunning: onReady)
+            readTimeoutSeconds: config.server.readTimeoutSeconds, logger: logger,
+            onRunning: { port in
+                ports.withLock { $0.ipn = port }
+                await readiness.listenerBound()
+            })
+        let admin = AdminListener.makeApplication(
+            address: config.admin.listen, log: log, access: verifier.access, metrics: metrics, logger: logger,
+            onRunning: { port in
+                ports.withLock { $0.admin = port }
+                await readiness.listenerBound()
+            })
+        let running = Mutex(config)
+        let reload: @Sendable () async throws -> Void = { [configPath, logLevel, logger] in
+            guard let configPath else { throw ConfigError(path: "(none)", problems: []) }
+            let (next, warnings) = try ConfigLoader.load(path: configPath)
+            let nextSecrets = try Secrets.load(next)
+            for warning in warnings { logger.warning("configuration: \(warning)") }
+            let previous = running.withLock { current in
+                defer { current = next }
+                return current
+            }
+            for (key, changed) in [
+                ("server.listen", previous.server.listen != next.server.listen),
+                ("admin.listen", previous.admin.listen != next.admin.listen),
+                ("storage.path", previous.storage.path != next.storage.path),
+                ("payop.api_base_url", previous.payop.apiBaseURL != next.payop.apiBaseURL),
+                ("server.read_timeout_seconds", previous.server.readTimeoutSeconds != next.server.readTimeoutSeconds),
+            ] where changed {
+                logger.warning("\(key) changed: it takes effect at the next restart")
+            }
+            ingress.reload(Self.ingressSettings(next, legacySecretKey: nextSecrets.legacyKey))
+            secrets.jwt.set(nextSecrets.jwt.get())
+            secrets.hookSigning.withLock { $0 = nextSecrets.hookSigning.withLock { $0 } }
+            log.setHooks(next.hooks)
+            verifier.reload(VerificationPolicy(next))
+            reconciler.reload(intervalMilliseconds: Int64(next.reconcile.intervalSeconds * 1000))
+            dispatcher.reload(DeliveryPolicy(next))
+            logLevel.set(next.logLevel)
+            dispatcher.signal.signal()
+            verifySignal.signal()
+        }
         logger.info(
             "payop-ipnd starting",
             metadata: [
-                "ipn.listen": "\(config.server.listen)", "storage.path": "\(config.storage.path)",
-                "payop.api": "\(config.payop.apiBaseURL)",
+                "ipn.listen": "\(config.server.listen)", "admin.listen": "\(config.admin.listen)",
+                "storage.path": "\(config.storage.path)", "payop.api": "\(config.payop.apiBaseURL)",
+                "hooks": "\(config.hooks.map(\.name))",
             ])
-        // Services stop in reverse order: the listener first (no new IPNs), the event log last, after
-        // every answered IPN and every verification in flight is committed.
+        // Services stop in reverse order: STOPPING=1 first, then the listeners (no new IPNs), the
+        // reconciler and verifier, the dispatcher (running hooks get their grace), and the event log
+        // last, after everything answered is committed.
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
             .init(service: EventLogService(log: log)),
             .init(service: CheckpointService(log: log, logger: logger)),
@@ -88,11 +150,24 @@ public struct Daemon: Sendable {
                     shutdownGrace: .milliseconds(Int64(config.delivery.shutdownGraceSeconds * 1000)))),
             .init(service: VerifierService(verifier: verifier, signal: verifySignal, clock: clock, logger: logger)),
             .init(service: ReconcilerService(reconciler: reconciler, signal: reconcileSignal, clock: clock, logger: logger)),
+            .init(service: ReloadService(notifier: notifier, logger: logger, reload: reload)),
+            .init(service: admin),
             .init(service: server),
         ]
+        if let interval = SystemdNotifier.watchdogInterval(environment: environment) {
+            services.append(
+                .init(
+                    service: WatchdogService(interval: interval, notifier: notifier, log: log) {
+                        let counts = try? await log.deliveryCounts()
+                        let access = verifier.access.currentProblem.map { _ in "; Payop refuses the JWT" } ?? ""
+                        return "\(counts?.pending ?? 0) deliveries pending, \(counts?.dead ?? 0) dead\(access)"
+                    }))
+        }
+        services.append(.init(service: StoppingNotifierService(notifier: notifier, logger: logger)))
         let group = ServiceGroup(
             configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
+        logger.info("payop-ipnd stopped")
     }
 
     public static func ingressSettings(_ config: DaemonConfig, legacySecretKey: String?) -> IngressSettings {

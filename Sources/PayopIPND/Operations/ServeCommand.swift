@@ -26,22 +26,18 @@ struct ServeCommand: AsyncParsableCommand {
             let path = sandboxSetup?.configPath ?? config.path
             var (daemonConfig, warnings) = try ConfigLoader.load(path: path)
             if let logLevel { daemonConfig.logLevel = logLevel }
-            let level = daemonConfig.logLevel
-            LoggingSystem.bootstrap { label in
-                var handler = StreamLogHandler.standardError(label: label)
-                handler.logLevel = level
-                return handler
-            }
+            let level = LogLevelControl(daemonConfig.logLevel)
+            LoggingSystem.bootstrap { label in DaemonLogHandler(label: label, control: level) }
             let logger = Logger(label: "payop-ipnd")
             for warning in warnings {
                 logger.warning("configuration: \(warning.key): \(warning.message)", metadata: ["config": "\(path)"])
             }
             let daemon = Daemon(
-                config: daemonConfig, logger: logger,
+                config: daemonConfig, configPath: path, logger: logger, logLevel: level,
                 simulator: sandboxSetup.map { ($0.payop, Sandbox.simulatorPort) }
-            ) { port in
+            ) { ports in
                 if let sandboxSetup {
-                    print(sandboxSetup.instructions(port: port))
+                    print(sandboxSetup.instructions(port: ports.ipn))
                     fflush(nil)
                 }
             }

@@ -52,11 +52,14 @@ public final class Verifier: Sendable {
     private let onVerified: @Sendable ([String]) -> Void
     /// Questions to Payop in flight at once.
     private let concurrency = 8
+    private let metrics: DaemonMetrics?
 
     public init(
         log: SQLiteEventLog, payop: any PayopAPI, policy: VerificationPolicy, clock: any WallClock = SystemWallClock(),
-        access: PayopAccess = PayopAccess(), logger: Logger, onVerified: @escaping @Sendable ([String]) -> Void = { _ in }
+        access: PayopAccess = PayopAccess(), logger: Logger, metrics: DaemonMetrics? = nil,
+        onVerified: @escaping @Sendable ([String]) -> Void = { _ in }
     ) {
+        self.metrics = metrics
         self.log = log
         self.payop = payop
         self.policy = Mutex(policy)
@@ -95,6 +98,7 @@ public final class Verifier: Sendable {
             let verified = try await log.applyVerification(
                 outcome, to: pending, now: now, reconcileInterval: policy.reconcileIntervalMilliseconds)
             report(outcome, pending)
+            record(outcome, pending, now: now)
             if !verified.isEmpty { onVerified(verified) }
         } catch {
             logger.error("verification not recorded", metadata: ["event.id": "\(pending.eventID)", "error": "\(error)"])
@@ -166,6 +170,18 @@ public final class Verifier: Sendable {
                 metadata: metadata.merging(["reason": "status_mismatch", "payop.status": "\(record.status.name)"]) { $1 })
         case .retry(let outcome, let detail, _):
             logger.notice("verification deferred", metadata: metadata.merging(["outcome": "\(outcome)", "detail": "\(detail)"]) { $1 })
+        }
+    }
+
+    private func record(_ outcome: VerificationOutcome, _ pending: PendingVerification, now: Int64) {
+        guard let metrics else { return }
+        switch outcome {
+        case .verified: metrics.verification(outcome: "verified", latencyMilliseconds: now - pending.receivedAt)
+        case .rejected(let reason, _): metrics.verification(outcome: reason, latencyMilliseconds: nil)
+        case .statusMismatch: metrics.verification(outcome: "status_mismatch", latencyMilliseconds: nil)
+        case .retry(let outcome, _, _):
+            metrics.verification(outcome: "deferred", latencyMilliseconds: nil)
+            if outcome != "not_found" { metrics.payopError(code: outcome) }
         }
     }
 

@@ -1,0 +1,77 @@
+import CoreMetrics
+import Foundation
+import Prometheus
+import Synchronization
+
+/// The daemon's metrics through swift-metrics, kept in one Prometheus registry per daemon (so tests
+/// get their own). Every name starts with `payop_ipnd_`.
+public final class DaemonMetrics: Sendable {
+    public let registry = PrometheusCollectorRegistry()
+    private let factory: PrometheusMetricsFactory
+    private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
+    private let lastIPN: CoreMetrics.Gauge
+    private let backlog: CoreMetrics.Gauge
+    private let dead: CoreMetrics.Gauge
+    private let verificationLatency: CoreMetrics.Timer
+    private let startTime: CoreMetrics.Gauge
+
+    public init() {
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+            .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(5),
+            .seconds(30), .seconds(60), .seconds(300),
+        ]
+        self.factory = factory
+        lastIPN = Gauge(label: "payop_ipnd_last_ipn_timestamp_seconds", factory: factory)
+        backlog = Gauge(label: "payop_ipnd_delivery_backlog", factory: factory)
+        dead = Gauge(label: "payop_ipnd_dead_deliveries", factory: factory)
+        verificationLatency = Timer(label: "payop_ipnd_verification_latency_seconds", factory: factory)
+        startTime = Gauge(label: "payop_ipnd_start_time_seconds", factory: factory)
+        startTime.record(Date().timeIntervalSince1970)
+    }
+
+    private func count(_ label: String, _ dimensions: [(String, String)], by amount: Int = 1) {
+        let key = label + dimensions.map { "|\($0.0)=\($0.1)" }.joined()
+        let counter = counters.withLock { cache in
+            if let counter = cache[key] { return counter }
+            let counter = Counter(label: label, dimensions: dimensions, factory: factory)
+            cache[key] = counter
+            return counter
+        }
+        counter.increment(by: amount)
+    }
+
+    /// One IPN request answered; `kind` is nil when the body was not understood.
+    func ipn(kind: String?, answer: Int) {
+        count("payop_ipnd_ipn_requests_total", [("kind", kind ?? "unknown"), ("answer", String(answer))])
+        if answer == 200 { lastIPN.record(Date().timeIntervalSince1970) }
+    }
+
+    func eventCreated(type: String) {
+        count("payop_ipnd_events_total", [("type", type)])
+    }
+
+    func verification(outcome: String, latencyMilliseconds: Int64?) {
+        count("payop_ipnd_verifications_total", [("outcome", outcome)])
+        if let latencyMilliseconds { verificationLatency.recordMilliseconds(latencyMilliseconds) }
+    }
+
+    func payopError(code: String) {
+        count("payop_ipnd_payop_api_errors_total", [("code", code)])
+    }
+
+    func delivery(hook: String, outcome: String, milliseconds: Int64) {
+        count("payop_ipnd_deliveries_total", [("hook", hook), ("outcome", outcome)])
+        Timer(label: "payop_ipnd_delivery_latency_seconds", dimensions: [("hook", hook)], factory: factory)
+            .recordMilliseconds(milliseconds)
+    }
+
+    func deliveryBacklog(pending: Int, dead deadCount: Int) {
+        backlog.record(pending)
+        dead.record(deadCount)
+    }
+
+    /// The Prometheus text exposition.
+    public func render() -> String { registry.emitToString() }
+}
