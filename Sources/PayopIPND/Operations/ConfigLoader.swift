@@ -54,11 +54,17 @@ public enum ConfigLoader {
         return try parse(text, path: path, environment: environment)
     }
 
+    /// The folder of the configuration file: where bare secret names are looked up outside systemd.
+    static func directory(of path: String) -> String? {
+        let directory = (path as NSString).deletingLastPathComponent
+        return directory.isEmpty ? nil : directory
+    }
+
     public static func parse(
         _ text: String, path: String = "(config)",
         environment: [String: String] = ProcessInfo.processInfo.environment
     ) throws(ConfigError) -> (config: DaemonConfig, warnings: [ConfigProblem]) {
-        let reader = Reader(environment: environment)
+        let reader = Reader(environment: environment, configDirectory: directory(of: path))
         let root: Node?
         do {
             root = try Yams.compose(yaml: text)
@@ -75,11 +81,15 @@ public enum ConfigLoader {
         return (config, reader.problems)
     }
 
-    /// A secret path as configured: absolute, or a bare name looked up in `$CREDENTIALS_DIRECTORY`
-    /// (systemd's `LoadCredential=`).
-    public static func resolveSecretPath(_ value: String, environment: [String: String]) -> String {
-        if value.hasPrefix("/") || value.contains("/") { return value }
-        if let directory = environment["CREDENTIALS_DIRECTORY"] { return directory + "/" + value }
+    /// A secret path as configured: a path, or a bare name looked up in `$CREDENTIALS_DIRECTORY`
+    /// (systemd's `LoadCredential=`), else next to the configuration file (so `check-config` run by hand
+    /// finds what the unit loads from there).
+    public static func resolveSecretPath(_ value: String, environment: [String: String], configDirectory: String? = nil)
+        -> String
+    {
+        if value.contains("/") { return value }
+        if let directory = environment["CREDENTIALS_DIRECTORY"], !directory.isEmpty { return directory + "/" + value }
+        if let configDirectory { return configDirectory + "/" + value }
         return value
     }
 
@@ -98,9 +108,11 @@ public enum ConfigLoader {
 private final class Reader {
     var problems: [ConfigProblem] = []
     let environment: [String: String]
+    let configDirectory: String?
 
-    init(environment: [String: String]) {
+    init(environment: [String: String], configDirectory: String?) {
         self.environment = environment
+        self.configDirectory = configDirectory
     }
 
     func error(_ key: String, _ node: Node?, _ message: String) {
@@ -366,7 +378,7 @@ private final class Reader {
     /// A secret file must exist and be readable by us; others must not read it.
     func secretFile(_ node: Node?, _ key: String) -> String? {
         guard let value = string(node, key) else { return nil }
-        let path = ConfigLoader.resolveSecretPath(value, environment: environment)
+        let path = ConfigLoader.resolveSecretPath(value, environment: environment, configDirectory: configDirectory)
         guard !path.isEmpty else {
             error(key, node, "must name a file")
             return nil
