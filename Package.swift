@@ -5,7 +5,8 @@ let package = Package(
     name: "payop-ipnd",
     platforms: [.macOS(.v15)],
     products: [
-        .executable(name: "payop-ipnd", targets: ["payop-ipnd"])
+        .executable(name: "payop-ipnd", targets: ["payop-ipnd"]),
+        .executable(name: "payop-simulator", targets: ["payop-simulator"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
@@ -61,6 +62,14 @@ let package = Package(
         .executableTarget(
             name: "payop-ipnd",
             dependencies: ["PayopIPND"]
+        ),
+        .executableTarget(
+            name: "payop-simulator",
+            dependencies: [
+                "PayopSimulator",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
         ),
         .testTarget(
             name: "PayopIPNDTests",

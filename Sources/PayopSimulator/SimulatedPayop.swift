@@ -37,12 +37,15 @@ public final class SimulatedPayop: Sendable {
         public var delayMilliseconds: Int = 0
         /// The API reports these states instead of the real ones (a status that disagrees with the IPN).
         public var reportState: [String: Int] = [:]
+        /// Unknown checkout transactions are reported as accepted (state 2, 100.00 EUR): for load tests
+        /// whose IPNs carry ids nobody created.
+        public var acceptUnknown: Bool = false
 
         public init() {}
 
         enum CodingKeys: String, CodingKey {
             case failNext = "fail_next", failStatus = "fail_status", unauthorized
-            case delayMilliseconds = "delay_ms", reportState = "report_state"
+            case delayMilliseconds = "delay_ms", reportState = "report_state", acceptUnknown = "accept_unknown"
         }
 
         public init(from decoder: any Decoder) throws {
@@ -52,6 +55,7 @@ public final class SimulatedPayop: Sendable {
             unauthorized = try c.decodeIfPresent(Bool.self, forKey: .unauthorized) ?? false
             delayMilliseconds = try c.decodeIfPresent(Int.self, forKey: .delayMilliseconds) ?? 0
             reportState = try c.decodeIfPresent([String: Int].self, forKey: .reportState) ?? [:]
+            acceptUnknown = try c.decodeIfPresent(Bool.self, forKey: .acceptUnknown) ?? false
         }
     }
 
@@ -136,9 +140,18 @@ public final class SimulatedPayop: Sendable {
         }
         let overrides = state.faults.reportState
         let reported = { (entity: Entity) -> Int in overrides[entity.id] ?? entity.state }
+        let acceptUnknown = state.faults.acceptUnknown
+        let entities = state.entities
+        let checkout = { (id: String) -> Entity? in
+            entities[key(.checkout, id)]
+                ?? (acceptUnknown
+                    ? Entity(
+                        kind: .checkout, id: id, state: 2, amount: "100.00", currency: "EUR", orderID: "", invoiceID: "",
+                        errorMessage: "") : nil)
+        }
         if path.hasPrefix("/v2/transactions/") {
             let id = String(path.dropFirst("/v2/transactions/".count))
-            guard let entity = state.entities[key(.checkout, id)] else {
+            guard let entity = checkout(id) else {
                 return (404, json(["message": "Transaction not found"]))
             }
             return (200, json(["data": transaction(entity, state: reported(entity)), "status": 1]))
@@ -146,7 +159,7 @@ public final class SimulatedPayop: Sendable {
         switch path {
         case "/v1/transactions/filter":
             let ids = (query["query[identifiers]"] ?? "").split(separator: ",").map(String.init)
-            let found = ids.compactMap { state.entities[key(.checkout, $0)] }
+            let found = ids.compactMap(checkout)
             return (200, json(["data": found.map { transaction($0, state: reported($0)) }, "status": 1]))
         case "/v1/refunds/user-refunds":
             let id = query["query[identifier]"] ?? ""

@@ -201,7 +201,7 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         let h = DeliveryHarnessView(log: first, clock: clock)
         try await h.verified()
         let due = try await first.dueDeliveries(now: clock.nowMilliseconds(), limit: 10)
-        #expect(try await first.startDelivery(id: try #require(due.first).id) == 1)
+        #expect(try await first.startDelivery(id: try #require(due.first).id, attempt: 1))
         first.close()  // "kill -9": the run never finished, the log says running
         let second = try SQLiteEventLog.open(path: path, mode: .daemon, clock: clock)
         defer { second.close() }

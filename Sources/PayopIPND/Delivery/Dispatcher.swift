@@ -11,7 +11,7 @@ public struct DeliveryPolicy: Sendable {
     /// Runs of one hook at once.
     public var perHookConcurrency: Int
 
-    public init(backoff: Backoff, killGraceSeconds: Double, shutdownGraceSeconds: Double, perHookConcurrency: Int = 4) {
+    public init(backoff: Backoff, killGraceSeconds: Double, shutdownGraceSeconds: Double, perHookConcurrency: Int = 16) {
         self.backoff = backoff
         self.killGraceSeconds = killGraceSeconds
         self.shutdownGraceSeconds = shutdownGraceSeconds
@@ -75,11 +75,7 @@ public final class Dispatcher: Sendable {
                 return true
             }
             guard admitted else { continue }
-            guard let attempt = try await log.startDelivery(id: delivery.id) else {
-                inFlight.withLock { _ = $0.removeValue(forKey: delivery.id) }
-                continue
-            }
-            spawn(delivery, attempt)
+            spawn(delivery, delivery.attempts + 1)
             started += 1
         }
         return started
@@ -94,18 +90,26 @@ public final class Dispatcher: Sendable {
         guard let hook = log.hooks.first(where: { $0.name == delivery.hook }) else { return }
         let policy = policy.withLock { $0 }
         let started = clock.nowMilliseconds()
+        // "running" is written beside the run, not before it: a crash before it lands leaves the
+        // delivery pending, which runs again just the same. The writer commits in order, so it always
+        // lands before the result below.
+        async let marked = log.startDelivery(id: delivery.id, attempt: attempt)
         let result: HookResult
         do {
-            guard let detail = try await log.event(id: delivery.eventID) else { return }
+            guard let event = try await log.eventObject(id: delivery.eventID) else { return }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            let body = Array(try encoder.encode(detail.event))
+            let body = Array(try encoder.encode(event))
             result = await runner.run(
                 HookInvocation(
-                    deliveryID: delivery.id, hook: hook, event: detail.event, body: body, attempt: attempt,
+                    deliveryID: delivery.id, hook: hook, event: event, body: body, attempt: attempt,
                     killGraceSeconds: policy.killGraceSeconds))
         } catch {
             result = HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not prepare the event: \(error)")
+        }
+        guard (try? await marked) == true else {
+            // Replayed or changed by another process while it ran: its new state stands.
+            return
         }
         let now = clock.nowMilliseconds()
         let end = Self.end(of: result, attempt: attempt, maxAttempts: hook.maxAttempts, now: now, backoff: policy.backoff)
@@ -117,7 +121,7 @@ public final class Dispatcher: Sendable {
             }
         metrics?.delivery(hook: hook.name, outcome: outcome, milliseconds: now - started)
         do {
-            try await log.finishDelivery(id: delivery.id, end, result: result, now: now)
+            try await log.finishDelivery(id: delivery.id, attempt: attempt, end, result: result, now: now)
         } catch {
             // Still `running` in the log: it runs again after a restart, as at-least-once requires.
             logger.error("delivery result not recorded", metadata: ["delivery.id": "\(delivery.id)", "error": "\(error)"])

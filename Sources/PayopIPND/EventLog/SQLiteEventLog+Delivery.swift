@@ -115,13 +115,15 @@ extension SQLiteEventLog {
         }
     }
 
-    /// Marks a delivery running and counts the attempt; nil when it is no longer pending.
-    public func startDelivery(id: Int64) async throws(EventLogError) -> Int? {
+    /// Marks a delivery running as attempt `attempt`; false when it was no longer pending (replayed or
+    /// finished meanwhile).
+    @discardableResult
+    public func startDelivery(id: Int64, attempt: Int) async throws(EventLogError) -> Bool {
         try await write { db in
-            try Int.fetchOne(
-                db,
-                sql: "UPDATE deliveries SET state = 'running', attempts = attempts + 1 WHERE id = ? AND state = 'pending' RETURNING attempts",
-                arguments: [id])
+            try db.execute(
+                sql: "UPDATE deliveries SET state = 'running', attempts = ? WHERE id = ? AND state = 'pending'",
+                arguments: [attempt, id])
+            return db.changesCount == 1
         }
     }
 
@@ -131,7 +133,9 @@ extension SQLiteEventLog {
         case dead
     }
 
-    public func finishDelivery(id: Int64, _ end: DeliveryEnd, result: HookResult, now: Int64) async throws(EventLogError) {
+    public func finishDelivery(id: Int64, attempt: Int, _ end: DeliveryEnd, result: HookResult, now: Int64)
+        async throws(EventLogError)
+    {
         try await write { db in
             let (state, next): (String, Int64) =
                 switch end {
@@ -141,13 +145,14 @@ extension SQLiteEventLog {
                 }
             try db.execute(
                 sql: """
-                    UPDATE deliveries SET state = ?, next_attempt_at = ?, last_exit_code = ?, last_http_status = ?,
-                        last_error = ?, output = ?, finished_at = ?,
+                    UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, last_exit_code = ?,
+                        last_http_status = ?, last_error = ?, output = ?, finished_at = ?,
                         delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END
                     WHERE id = ?
                     """,
                 arguments: [
-                    state, next, result.exitCode, result.httpStatus, result.error, result.output, now, state, now, id,
+                    state, attempt, next, result.exitCode, result.httpStatus, result.error, result.output, now, state, now,
+                    id,
                 ])
         }
     }

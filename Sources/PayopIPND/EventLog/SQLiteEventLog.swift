@@ -267,6 +267,13 @@ public final class SQLiteEventLog: EventStore {
         }
     }
 
+    /// The event object alone (what a hook receives).
+    public func eventObject(id: String) async throws(EventLogError) -> Event? {
+        try await read { db in
+            try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id]).map(Event.init(row:))
+        }
+    }
+
     /// Newest first; `refusedOnly` keeps the 400 and 401 answers.
     public func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt] {
         try await read { db in
