@@ -3,7 +3,13 @@ import HummingbirdCore
 import HummingbirdTesting
 import NIOCore
 import ServiceLifecycle
+import Synchronization
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
 
 @testable import PayopIPND
 
@@ -11,7 +17,7 @@ import Testing
 @Suite struct ListenerLiveTests {
     /// Runs the listener on an ephemeral port for the duration of `body`.
     func withListener(
-        maxBodyBytes: Int = 1024, _ body: @escaping @Sendable (TestClient, SQLiteEventLog) async throws -> Void
+        maxBodyBytes: Int = 1024, readTimeoutSeconds: Double = 5, _ body: @escaping @Sendable (TestClient, SQLiteEventLog, Int) async throws -> Void
     ) async throws {
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
@@ -19,7 +25,7 @@ import Testing
         let ingress = IPNIngress(settings: ingressSettings(maxBodyBytes: maxBodyBytes), store: log, logger: quietLogger)
         let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
         let server = IPNListener.makeServer(
-            host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: 5, logger: quietLogger,
+            host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: readTimeoutSeconds, logger: quietLogger,
             onRunning: { continuation.yield($0) })
         let group = ServiceGroup(services: [server], logger: quietLogger)
         try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -27,7 +33,7 @@ import Testing
             var iterator = ports.makeAsyncIterator()
             let port = try #require(await iterator.next())
             try await TestClient.withClient(host: "127.0.0.1", port: port) { client in
-                try await body(client, log)
+                try await body(client, log, port)
             }
             await group.triggerGracefulShutdown()
             try await tasks.waitForAll()
@@ -35,7 +41,7 @@ import Testing
     }
 
     @Test func postedIPNIsOnDiskWhenThe200Arrives() async throws {
-        try await withListener { client, log in
+        try await withListener { client, log, _ in
             let response = try await client.post(
                 "/payop/ipn", body: ByteBuffer(bytes: try Samples.data("checkout-accepted")))
             #expect(response.status == .ok)
@@ -45,7 +51,7 @@ import Testing
 
     @Test func bodyOneByteOverTheLimitIs413AndAtTheLimitIsRead() async throws {
         let limit = 1024
-        try await withListener(maxBodyBytes: limit) { client, log in
+        try await withListener(maxBodyBytes: limit) { client, log, _ in
             let atLimit = ByteBuffer(bytes: [UInt8](repeating: UInt8(ascii: " "), count: limit))
             let read = try await client.post("/payop/ipn", body: atLimit)
             #expect(read.status == .badRequest)
@@ -56,7 +62,7 @@ import Testing
     }
 
     @Test func streamedBodyOverTheLimitIs413WithoutBeingBuffered() async throws {
-        try await withListener(maxBodyBytes: 1024) { client, _ in
+        try await withListener(maxBodyBytes: 1024) { client, _, _ in
             let response = try await client.execute(
                 .init(
                     "/payop/ipn", method: .post, headers: [.transferEncoding: "chunked"],
@@ -66,17 +72,62 @@ import Testing
     }
 
     @Test func getOnTheIPNPathIs405WithAllow() async throws {
-        try await withListener { client, _ in
+        try await withListener { client, _, _ in
             let response = try await client.get("/payop/ipn")
             #expect(response.status == .methodNotAllowed)
             #expect(response.head.headerFields[.allow] == "POST")
         }
     }
 
+    @Test func clientTricklingItsBodyIsAnswered408AndNothingIsStored() async throws {
+        try await withListener(readTimeoutSeconds: 0.3) { _, log, port in
+            // Promise 100 bytes, send 10, then go quiet: a raw socket, since HTTP clients won't.
+            let answer = try await rawExchange(
+                port: port, send: "POST /payop/ipn HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"invoice\"")
+            #expect(answer.hasPrefix("HTTP/1.1 408"))
+            #expect(try await log.counts() == (events: 0, receipts: 0))
+        }
+    }
+
     @Test func metricsAreNotServedOnTheIPNPort() async throws {
-        try await withListener { client, _ in
+        try await withListener { client, _, _ in
             let response = try await client.get("/metrics")
             #expect(response.status == .notFound)
         }
+    }
+}
+
+/// Sends `text` on a plain TCP socket and returns what comes back before the server closes (or 5 s).
+func rawExchange(port: Int, send text: String) async throws -> String {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(fd) }
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            var timeout = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            guard connected == 0 else {
+                continuation.resume(throwing: POSIXError(.ECONNREFUSED))
+                return
+            }
+            _ = text.withCString { send(fd, $0, strlen($0), 0) }
+            var received = [UInt8]()
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let count = recv(fd, &buffer, buffer.count, 0)
+                if count <= 0 { break }
+                received += buffer.prefix(count)
+            }
+            continuation.resume(returning: String(decoding: received, as: UTF8.self))
+        }
+        thread.start()
     }
 }

@@ -1,6 +1,7 @@
 import HTTPTypes
 import HummingbirdCore
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -20,7 +21,10 @@ public enum IPNListener {
                     try? await channel.close()
                 }
             },
-            configuration: .init(idleTimeout: readTimeout))
+            // Idle connections (slow headers, or kept alive between IPNs) are closed after twice the read
+            // timeout; a body that started must be complete within the read timeout itself (below),
+            // which answers 408 first.
+            configuration: .init(idleTimeout: readTimeout * 2))
         return Server(
             childChannelSetup: channel,
             configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 1024),
@@ -41,10 +45,16 @@ public enum IPNListener {
         case .answer(let answer):
             return answer
         case .readBody(let admitted):
-            // The whole body must arrive within the read timeout; a client that trickles is cut off.
-            let deadline = channel.eventLoop.scheduleTask(in: readTimeout) { channel.close(promise: nil) }
+            // The whole body must arrive within the read timeout: a client that trickles has its input
+            // closed, is answered 408 and disconnected.
+            let timedOut = NIOLockedValueBox(false)
+            let deadline = channel.eventLoop.scheduleTask(in: readTimeout) {
+                timedOut.withLockedValue { $0 = true }
+                channel.close(mode: .input, promise: nil)
+            }
             defer { deadline.cancel() }
             var body: [UInt8] = []
+            var failed = false
             do {
                 for try await part in request.body {
                     guard body.count + part.readableBytes <= admitted.maxBodyBytes else {
@@ -53,9 +63,12 @@ public enum IPNListener {
                     body.append(contentsOf: part.readableBytesView)
                 }
             } catch {
-                return ingress.answerWithoutBody(IngressAnswer(408, "request body not received in time", close: true))
+                failed = true
             }
             deadline.cancel()
+            if timedOut.withLockedValue({ $0 }) || failed {
+                return ingress.answerWithoutBody(IngressAnswer(408, "request body not received in time", close: true))
+            }
             return await ingress.accept(body: body, from: admitted)
         }
     }

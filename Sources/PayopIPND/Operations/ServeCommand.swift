@@ -83,7 +83,7 @@ enum Sandbox {
 
                 payop-ipnd sandbox is running
                   IPN listener  http://127.0.0.1:\(port)/payop/ipn
-                  Payop (simulated) http://127.0.0.1:\(Sandbox.simulatorPort)
+                  Payop API     http://127.0.0.1:\(Sandbox.simulatorPort) (simulated)
                   event log     \(directory)/events.sqlite3
                   config        \(configPath)
 
