@@ -136,7 +136,7 @@ extension AsyncStream<String>.Iterator {
             }
 
             // SIGHUP with a changed hook filter: new events follow it.
-            try yaml(dir, hookEvents: "\"checkout.*\"").write(toFile: configPath, atomically: true, encoding: .utf8)
+            try yaml(dir, hookEvents: "\"checkout.*\"").write(toFile: configPath, atomically: false, encoding: .utf8)
             kill(getpid(), SIGHUP)
             #expect(await messages.next(containing: "RELOADING=1")?.contains("MONOTONIC_USEC=") == true)
             #expect(await messages.next(containing: "READY=1") != nil)
@@ -147,7 +147,7 @@ extension AsyncStream<String>.Iterator {
 
             // SIGHUP with a broken config: refused, the old one keeps working.
             try yaml(dir, hookEvents: "\"checkout.*\"", extra: "colour: blue").write(
-                toFile: configPath, atomically: true, encoding: .utf8)
+                toFile: configPath, atomically: false, encoding: .utf8)
             kill(getpid(), SIGHUP)
             #expect(await messages.next(containing: "READY=1")?.contains("reload refused") == true)
             try await TestClient.withClient(host: "127.0.0.1", port: ports.ipn) { ipn in
