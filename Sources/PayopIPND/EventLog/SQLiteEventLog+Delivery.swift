@@ -189,25 +189,13 @@ extension SQLiteEventLog {
         -> [Delivery]
     {
         try await read { db in
-            var clauses: [String] = []
-            var arguments: StatementArguments = []
-            if let state {
-                clauses.append("state = ?")
-                arguments += [state]
-            }
-            if let hook {
-                clauses.append("hook = ?")
-                arguments += [hook]
-            }
-            if let eventID {
-                clauses.append("event_id = ?")
-                arguments += [eventID]
-            }
-            let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
-            arguments += [limit]
+            var conditions = SQLFilter()
+            conditions.add("state = ?", state)
+            conditions.add("hook = ?", hook)
+            conditions.add("event_id = ?", eventID)
             return try Row.fetchAll(
-                db, sql: "SELECT \(Delivery.columns) FROM deliveries \(whereClause) ORDER BY id DESC LIMIT ?",
-                arguments: arguments
+                db, sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY id DESC LIMIT ?",
+                arguments: conditions.arguments + [limit]
             ).map(Delivery.init(row:))
         }
     }

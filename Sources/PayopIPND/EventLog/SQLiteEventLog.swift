@@ -220,29 +220,14 @@ public final class SQLiteEventLog: EventStore {
     /// Newest first.
     public func events(_ filter: EventFilter) async throws(EventLogError) -> [Event] {
         try await read { db in
-            var clauses: [String] = []
-            var arguments: StatementArguments = []
-            if let type = filter.type {
-                clauses.append("events.kind || '.' || events.status = ?")
-                arguments += [type]
-            }
-            if let status = filter.status {
-                clauses.append("events.status = ?")
-                arguments += [status]
-            }
-            if let state = filter.state {
-                clauses.append("events.state = ?")
-                arguments += [state]
-            }
-            if let since = filter.since {
-                clauses.append("events.received_at >= ?")
-                arguments += [since]
-            }
-            let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
-            arguments += [filter.limit]
+            var conditions = SQLFilter()
+            conditions.add("events.kind || '.' || events.status = ?", filter.type)
+            conditions.add("events.status = ?", filter.status)
+            conditions.add("events.state = ?", filter.state)
+            conditions.add("events.received_at >= ?", filter.since)
             return try Row.fetchAll(
-                db, sql: "\(Event.select) \(whereClause) ORDER BY events.received_at DESC, events.id DESC LIMIT ?",
-                arguments: arguments
+                db, sql: "\(Event.select) \(conditions.whereClause) ORDER BY events.received_at DESC, events.id DESC LIMIT ?",
+                arguments: conditions.arguments + [filter.limit]
             ).map(Event.init(row:))
         }
     }
@@ -277,19 +262,13 @@ public final class SQLiteEventLog: EventStore {
     /// Newest first; `refusedOnly` keeps the 400 and 401 answers.
     public func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt] {
         try await read { db in
-            var clauses: [String] = []
-            var arguments: StatementArguments = []
-            if refusedOnly { clauses.append("answer <> 200") }
-            if let since {
-                clauses.append("received_at >= ?")
-                arguments += [since]
-            }
-            let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
-            arguments += [limit]
+            var conditions = SQLFilter()
+            conditions.add("answer <> 200", when: refusedOnly)
+            conditions.add("received_at >= ?", since)
             return try Row.fetchAll(
                 db,
-                sql: "SELECT \(Receipt.columns) FROM receipts \(whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
-                arguments: arguments
+                sql: "SELECT \(Receipt.columns) FROM receipts \(conditions.whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
+                arguments: conditions.arguments + [limit]
             ).map(Receipt.init(row:))
         }
     }

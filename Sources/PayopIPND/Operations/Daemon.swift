@@ -148,8 +148,16 @@ public struct Daemon: Sendable {
                 service: DispatcherService(
                     dispatcher: dispatcher, clock: clock, logger: logger,
                     shutdownGrace: .milliseconds(Int64(config.delivery.shutdownGraceSeconds * 1000)))),
-            .init(service: VerifierService(verifier: verifier, signal: verifySignal, clock: clock, logger: logger)),
-            .init(service: ReconcilerService(reconciler: reconciler, signal: reconcileSignal, clock: clock, logger: logger)),
+            .init(
+                service: DueWorkService(name: "verifier", signal: verifySignal, clock: clock, logger: logger) {
+                    try await verifier.verifyDue()
+                    return await verifier.nextDue()
+                }),
+            .init(
+                service: DueWorkService(name: "reconciler", signal: reconcileSignal, clock: clock, logger: logger) {
+                    try await reconciler.reconcileDue()
+                    return await reconciler.nextDue()
+                }),
             .init(service: ReloadService(notifier: notifier, logger: logger, reload: reload)),
             .init(service: admin),
             .init(service: server),

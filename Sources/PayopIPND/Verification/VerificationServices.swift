@@ -1,61 +1,36 @@
 import Logging
 import ServiceLifecycle
 
-/// Runs the verifier whenever an IPN brings work, and when a retry falls due.
-struct VerifierService: Service {
-    let verifier: Verifier
+/// A background stage that does what is due, then sleeps until its next due time or a signal: the
+/// verifier (woken by IPNs) and the reconciler (woken by verifications) both run as one of these.
+struct DueWorkService: Service {
+    let name: String
     let signal: WorkSignal
     let clock: any WallClock
     let logger: Logger
+    /// Does what is due now; returns when something next falls due, if ever.
+    let pass: @Sendable () async throws -> Int64?
 
     func run() async throws {
         await cancelWhenGracefulShutdown {
-            await runDueWork(signal: signal, clock: clock, logger: logger, name: "verifier") {
-                try await verifier.verifyDue()
-                return await verifier.nextDue()
+            var failing = false
+            while !Task.isCancelled {
+                var timeout: Duration? = nil
+                do {
+                    if let next = try await pass() {
+                        timeout = .milliseconds(max(0, next - clock.nowMilliseconds()))
+                    }
+                    if failing { logger.notice("\(name) works again") }
+                    failing = false
+                } catch {
+                    if Task.isCancelled { return }
+                    // A failing pass (the event log unavailable) is retried after a pause, never given up.
+                    if !failing { logger.error("\(name) pass failed; retrying", metadata: ["error": "\(error)"]) }
+                    failing = true
+                    timeout = .seconds(1)
+                }
+                await signal.wait(timeout: timeout)
             }
         }
-    }
-}
-
-/// Runs the reconciler when re-checks fall due.
-struct ReconcilerService: Service {
-    let reconciler: Reconciler
-    let signal: WorkSignal
-    let clock: any WallClock
-    let logger: Logger
-
-    func run() async throws {
-        await cancelWhenGracefulShutdown {
-            await runDueWork(signal: signal, clock: clock, logger: logger, name: "reconciler") {
-                try await reconciler.reconcileDue()
-                return await reconciler.nextDue()
-            }
-        }
-    }
-}
-
-/// The loop both share: do what is due, then sleep until the next due time or a signal. A failing
-/// pass (the event log unavailable) is retried after a pause, never given up.
-func runDueWork(
-    signal: WorkSignal, clock: any WallClock, logger: Logger, name: String,
-    pass: () async throws -> Int64?
-) async {
-    var failing = false
-    while !Task.isCancelled {
-        var timeout: Duration? = nil
-        do {
-            if let next = try await pass() {
-                timeout = .milliseconds(max(0, next - clock.nowMilliseconds()))
-            }
-            if failing { logger.notice("\(name) works again") }
-            failing = false
-        } catch {
-            if Task.isCancelled { return }
-            if !failing { logger.error("\(name) pass failed; retrying", metadata: ["error": "\(error)"]) }
-            failing = true
-            timeout = .seconds(1)
-        }
-        await signal.wait(timeout: timeout)
     }
 }

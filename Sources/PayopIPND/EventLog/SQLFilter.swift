@@ -1,0 +1,20 @@
+import GRDB
+
+/// AND-ed conditions with their bound arguments, for the list queries of the CLI.
+struct SQLFilter {
+    private(set) var conditions: [String] = []
+    private(set) var arguments: StatementArguments = []
+
+    /// Adds `condition` (with one `?`) when `value` is given.
+    mutating func add(_ condition: String, _ value: (some DatabaseValueConvertible)?) {
+        guard let value else { return }
+        conditions.append(condition)
+        arguments += [value]
+    }
+
+    mutating func add(_ condition: String, when enabled: Bool) {
+        if enabled { conditions.append(condition) }
+    }
+
+    var whereClause: String { conditions.isEmpty ? "" : "WHERE " + conditions.joined(separator: " AND ") }
+}
