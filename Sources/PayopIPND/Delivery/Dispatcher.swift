@@ -38,6 +38,9 @@ public final class Dispatcher: Sendable {
     private let logger: Logger
     public let signal = WorkSignal()
     private let inFlight = Mutex<[Int64: String]>([:])
+    /// Deliveries handed over right after their event was verified, with the event: started without
+    /// looking either up again.
+    private let inbox = Mutex<[(Delivery, Event)]>([])
     /// How often the log is looked at even without a signal: `replay` from another process lands in the
     /// log without waking us.
     static let idleRecheck: Duration = .seconds(1)
@@ -59,13 +62,29 @@ public final class Dispatcher: Sendable {
 
     public var running: Int { inFlight.withLock { $0.count } }
 
-    /// Starts what is due now through `spawn`; returns how many were started.
-    func startDue(spawn: (Delivery, Int) -> Void) async throws(EventLogError) -> Int {
+    /// Hands over freshly verified events' deliveries (already durable, pending in the log).
+    public func submit(_ verified: [VerifiedEvent]) {
+        let ready = verified.flatMap { item in item.readyDeliveries.map { ($0, item.event) } }
+        if !ready.isEmpty { inbox.withLock { $0.append(contentsOf: ready) } }
+        signal.signal()
+    }
+
+    /// Starts what was handed over, else what is due now in the log, through `spawn`; returns how many
+    /// were started. A handed-over delivery the per-hook limit turns away is not lost: it is pending in
+    /// the log and a later pass finds it.
+    func startDue(spawn: (Delivery, Int, Event?) -> Void) async throws(EventLogError) -> Int {
         let hooks = Dictionary(log.hooks.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         let limit = policy.withLock { $0.perHookConcurrency }
-        let due = try await log.dueDeliveries(now: clock.nowMilliseconds(), limit: 64)
+        let handedOver = inbox.withLock { inbox in
+            defer { inbox.removeAll() }
+            return inbox
+        }
+        let due: [(Delivery, Event?)] =
+            handedOver.isEmpty
+            ? try await log.dueDeliveries(now: clock.nowMilliseconds(), limit: 64).map { ($0, nil) }
+            : handedOver.map { ($0.0, $0.1) }
         var started = 0
-        for delivery in due {
+        for (delivery, event) in due {
             guard hooks[delivery.hook] != nil else { continue }  // hook removed from the config: it waits
             let admitted = inFlight.withLock { running -> Bool in
                 guard running[delivery.id] == nil, running.values.filter({ $0 == delivery.hook }).count < limit else {
@@ -75,14 +94,14 @@ public final class Dispatcher: Sendable {
                 return true
             }
             guard admitted else { continue }
-            spawn(delivery, delivery.attempts + 1)
+            spawn(delivery, delivery.attempts + 1, event)
             started += 1
         }
         return started
     }
 
     /// Runs one delivery's attempt and records how it ended.
-    func execute(_ delivery: Delivery, attempt: Int) async {
+    func execute(_ delivery: Delivery, attempt: Int, event known: Event? = nil) async {
         defer {
             inFlight.withLock { _ = $0.removeValue(forKey: delivery.id) }
             signal.signal()
@@ -96,7 +115,9 @@ public final class Dispatcher: Sendable {
         async let marked = log.startDelivery(id: delivery.id, attempt: attempt)
         let result: HookResult
         do {
-            guard let event = try await log.eventObject(id: delivery.eventID) else { return }
+            var event = known
+            if event == nil { event = try await log.eventObject(id: delivery.eventID) }
+            guard let event else { return }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             let body = Array(try encoder.encode(event))
@@ -165,10 +186,12 @@ public final class Dispatcher: Sendable {
     public func dispatchDue() async throws(EventLogError) -> Int {
         var total = 0
         while true {
-            var spawned: [(Delivery, Int)] = []
-            let started = try await startDue { spawned.append(($0, $1)) }
+            var spawned: [(Delivery, Int, Event?)] = []
+            let started = try await startDue { spawned.append(($0, $1, $2)) }
             await withDiscardingTaskGroup { group in
-                for (delivery, attempt) in spawned { group.addTask { await self.execute(delivery, attempt: attempt) } }
+                for (delivery, attempt, event) in spawned {
+                    group.addTask { await self.execute(delivery, attempt: attempt, event: event) }
+                }
             }
             total += started
             if started == 0 { return total }
@@ -176,7 +199,8 @@ public final class Dispatcher: Sendable {
     }
 
     public func nextDue() async -> Int64? {
-        try? await log.nextDeliveryDue()
+        if inbox.withLock({ !$0.isEmpty }) { return clock.nowMilliseconds() }
+        return try? await log.nextDeliveryDue()
     }
 }
 
@@ -196,8 +220,8 @@ struct DispatcherService: Service {
                 while !Task.isCancelled && !Task.isShuttingDownGracefully {
                     var timeout = Dispatcher.idleRecheck
                     do {
-                        _ = try await dispatcher.startDue { delivery, attempt in
-                            group.addTask { await dispatcher.execute(delivery, attempt: attempt) }
+                        _ = try await dispatcher.startDue { delivery, attempt, event in
+                            group.addTask { await dispatcher.execute(delivery, attempt: attempt, event: event) }
                         }
                         if let next = await dispatcher.nextDue() {
                             timeout = min(timeout, .milliseconds(max(0, next - clock.nowMilliseconds())))

@@ -20,6 +20,16 @@ public struct Delivery: Sendable, Equatable, Encodable {
         delivered_at
         """
 
+    /// A delivery just created: pending, never tried.
+    init(id: Int64, eventID: String, hook: String, nextAttemptAt: Int64) {
+        self.id = id
+        self.eventID = eventID
+        self.hook = hook
+        state = "pending"
+        attempts = 0
+        self.nextAttemptAt = nextAttemptAt
+    }
+
     init(row: Row) {
         id = row["id"]
         eventID = row["event_id"]
@@ -59,16 +69,20 @@ public struct Delivery: Sendable, Equatable, Encodable {
 
 extension SQLiteEventLog {
     /// The outbox: one pending delivery per matching hook for an event that just became verified, in the
-    /// same transaction that verified it. A delivery that exists already is left as it is.
-    static func enqueueDeliveries(_ db: Database, eventID: String, hooks: [HookConfig], now: Int64) throws {
+    /// same transaction that verified it. A delivery that exists already is left as it is. Returns the
+    /// new deliveries that may run at once (nothing earlier pending or running for their hook and
+    /// entity), so the dispatcher can start them without looking them up again.
+    @discardableResult
+    static func enqueueDeliveries(_ db: Database, eventID: String, hooks: [HookConfig], now: Int64) throws -> [Delivery] {
         guard !hooks.isEmpty,
             let row = try Row.fetchOne(
                 db, sql: "SELECT kind, entity_id, status FROM events WHERE id = ? AND state = 'verified'",
                 arguments: [eventID])
-        else { return }
+        else { return [] }
         let kind: String = row["kind"]
         let entity: String = row["entity_id"]
         let type = "\(kind).\(row["status"] as String)"
+        var ready: [Delivery] = []
         for hook in hooks where hook.matches(type: type) {
             try db.cachedStatement(
                 sql: """
@@ -76,7 +90,17 @@ extension SQLiteEventLog {
                     VALUES (?, ?, ?, ?, 'pending', ?, ?)
                     """
             ).execute(arguments: [eventID, hook.name, kind, entity, now, now])
+            guard db.changesCount == 1 else { continue }
+            let id = db.lastInsertedRowID
+            let blocked = try Bool.fetchOne(
+                db.cachedStatement(
+                    sql: """
+                        SELECT EXISTS (SELECT 1 FROM deliveries WHERE hook = ? AND kind = ? AND entity_id = ? AND id < ?
+                                       AND state IN ('pending', 'running'))
+                        """), arguments: [hook.name, kind, entity, id]) ?? true
+            if !blocked { ready.append(Delivery(id: id, eventID: eventID, hook: hook.name, nextAttemptAt: now)) }
         }
+        return ready
     }
 
     /// At start: a delivery that was running when the daemon died runs again.

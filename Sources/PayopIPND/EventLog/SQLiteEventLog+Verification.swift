@@ -67,11 +67,11 @@ extension SQLiteEventLog {
         }
     }
 
-    /// Records the attempt and its consequence in one transaction. Returns the ids of events that became
-    /// verified (the IPN's, or Payop's own status on a mismatch).
+    /// Records the attempt and its consequence in one transaction. Returns the events that became
+    /// verified (the IPN's, or Payop's own status on a mismatch) with their deliveries ready to run.
     @discardableResult
     public func applyVerification(_ outcome: VerificationOutcome, to pending: PendingVerification, now: Int64, reconcileInterval: Int64)
-        async throws(EventLogError) -> [String]
+        async throws(EventLogError) -> [VerifiedEvent]
     {
         let hooks = self.hooks
         return try await write { db in
@@ -85,8 +85,7 @@ extension SQLiteEventLog {
             case .verified(let record):
                 try Self.attempt(db, pending.eventID, now, "verified", record.status.payopState, nil)
                 try Self.markVerified(db, eventID: pending.eventID, record: record, now: now, reconcileInterval: reconcileInterval)
-                try Self.enqueueDeliveries(db, eventID: pending.eventID, hooks: hooks, now: now)
-                return [pending.eventID]
+                return try Self.verifiedEvent(db, pending.eventID, hooks: hooks, now: now)
             case .rejected(let reason, let record):
                 try Self.attempt(db, pending.eventID, now, "rejected", record?.status.payopState, reason)
                 try Self.markRejected(db, eventID: pending.eventID, reason: reason)
@@ -100,8 +99,7 @@ extension SQLiteEventLog {
                     let created = try Self.insertReported(
                         db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
                 else { return [] }
-                try Self.enqueueDeliveries(db, eventID: created, hooks: hooks, now: now)
-                return [created]
+                return try Self.verifiedEvent(db, created, hooks: hooks, now: now)
             case .retry(let outcome, let detail, let retryAt):
                 try Self.attempt(db, pending.eventID, now, outcome, nil, detail)
                 try db.execute(
@@ -110,6 +108,15 @@ extension SQLiteEventLog {
                 return []
             }
         }
+    }
+
+    /// The outbox entries of an event that just became verified, and the event as its hooks will see it.
+    static func verifiedEvent(_ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64) throws -> [VerifiedEvent] {
+        let ready = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now)
+        guard let row = try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [eventID]) else {
+            return []
+        }
+        return [VerifiedEvent(event: Event(row: row), readyDeliveries: ready)]
     }
 
     static func attempt(_ db: Database, _ eventID: String, _ at: Int64, _ outcome: String, _ state: Int?, _ detail: String?)
@@ -203,7 +210,7 @@ extension SQLiteEventLog {
     @discardableResult
     public func applyReconciliation(
         _ record: PayopRecord?, to pending: PendingVerification, now: Int64, reconcileInterval: Int64
-    ) async throws(EventLogError) -> String? {
+    ) async throws(EventLogError) -> VerifiedEvent? {
         let hooks = self.hooks
         return try await write { db in
             guard let record, record.status.dedupeKey != pending.status.dedupeKey else {
@@ -217,10 +224,15 @@ extension SQLiteEventLog {
                 let created = try Self.insertReported(
                     db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)
             else { return nil }
-            try Self.enqueueDeliveries(db, eventID: created, hooks: hooks, now: now)
-            return created
+            return try Self.verifiedEvent(db, created, hooks: hooks, now: now).first
         }
     }
+}
+
+/// An event that just became verified, with the deliveries that may start at once.
+public struct VerifiedEvent: Sendable {
+    public var event: Event
+    public var readyDeliveries: [Delivery]
 }
 
 public struct VerificationAttempt: Sendable, Equatable, Encodable {

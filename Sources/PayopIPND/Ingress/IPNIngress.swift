@@ -60,13 +60,13 @@ public final class IPNIngress: Sendable {
     private let store: any EventStore
     private let clock: any WallClock
     private let logger: Logger
-    /// Told of every IPN made durable (the verifier wakes on it).
-    private let onStored: @Sendable (IngestOutcome, Notification) -> Void
+    /// Told of every IPN made durable (the verifier takes it from there).
+    private let onStored: @Sendable (IngestOutcome, IncomingIPN) -> Void
     private let metrics: DaemonMetrics?
 
     public init(
         settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger,
-        metrics: DaemonMetrics? = nil, onStored: @escaping @Sendable (IngestOutcome, Notification) -> Void = { _, _ in }
+        metrics: DaemonMetrics? = nil, onStored: @escaping @Sendable (IngestOutcome, IncomingIPN) -> Void = { _, _ in }
     ) {
         self.settings = Mutex(settings)
         self.store = store
@@ -137,7 +137,7 @@ public final class IPNIngress: Sendable {
             verifiedBySignature: notification.legacy != nil)
         do {
             let outcome = try await store.ingest(ipn)
-            onStored(outcome, notification)
+            onStored(outcome, ipn)
             metrics?.ipn(kind: notification.kind.rawValue, answer: 200)
             if !outcome.duplicate { metrics?.eventCreated(type: notification.type) }
             if outcome.duplicate {

@@ -65,18 +65,30 @@ public struct Daemon: Sendable {
         let reconcileSignal = WorkSignal()
         let verifier = Verifier(
             log: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
-            onVerified: { _ in
-                dispatcher.signal.signal()
+            onVerified: { verified in
+                dispatcher.submit(verified)
                 reconcileSignal.signal()
             })
         let reconciler = Reconciler(
             log: log, payop: payop, intervalMilliseconds: Int64(config.reconcile.intervalSeconds * 1000), clock: clock,
-            logger: logger, onVerified: { _ in dispatcher.signal.signal() })
+            logger: logger, onVerified: { verified in dispatcher.submit(verified) })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
-            onStored: { _, notification in
-                if notification.legacy == nil { verifySignal.signal() } else { dispatcher.signal.signal() }
+            onStored: { outcome, ipn in
+                let n = ipn.notification
+                if ipn.verifiedBySignature {
+                    dispatcher.signal.signal()
+                    return
+                }
+                if !outcome.duplicate {
+                    verifier.submit(
+                        PendingVerification(
+                            eventID: outcome.eventID, kind: n.kind, entityID: n.entityID, status: n.status,
+                            orderID: n.orderID, amount: n.amount, currency: n.currency, invoiceID: n.invoiceID,
+                            transactionID: n.transactionID, receivedAt: ipn.receivedAt, attempts: 0))
+                }
+                verifySignal.signal()
             })
         let ports = Mutex(BoundPorts(ipn: 0, admin: 0))
         let onReady = self.onReady

@@ -11,7 +11,7 @@ public final class Reconciler: Sendable {
     private let intervalMilliseconds: Mutex<Int64>
     private let clock: any WallClock
     private let logger: Logger
-    private let onVerified: @Sendable ([String]) -> Void
+    private let onVerified: @Sendable ([VerifiedEvent]) -> Void
     /// Ids per `/v1/transactions/filter` call.
     static let batchSize = 20
     /// Events looked at per round: bounds the load put on Payop.
@@ -19,7 +19,7 @@ public final class Reconciler: Sendable {
 
     public init(
         log: SQLiteEventLog, payop: any PayopAPI, intervalMilliseconds: Int64, clock: any WallClock = SystemWallClock(),
-        logger: Logger, onVerified: @escaping @Sendable ([String]) -> Void = { _ in }
+        logger: Logger, onVerified: @escaping @Sendable ([VerifiedEvent]) -> Void = { _ in }
     ) {
         self.log = log
         self.payop = payop
@@ -59,7 +59,7 @@ public final class Reconciler: Sendable {
                 logger.notice("reconcile: Payop did not answer", metadata: ["error": "\(error)"])
             }
         }
-        var verified: [String] = []
+        var verified: [VerifiedEvent] = []
         for pending in due {
             let key = "\(pending.kind.rawValue)/\(pending.entityID)"
             // No answer is not "no change": ask again next round.
@@ -68,7 +68,7 @@ public final class Reconciler: Sendable {
                 verified.append(created)
                 logger.info(
                     "reconcile found a new status",
-                    metadata: ["event.id": "\(created)", "entity.id": "\(pending.entityID)", "status": "\(record?.status.name ?? "")"])
+                    metadata: ["event.id": "\(created.event.id)", "entity.id": "\(pending.entityID)", "status": "\(record?.status.name ?? "")"])
             }
         }
         if !verified.isEmpty { onVerified(verified) }

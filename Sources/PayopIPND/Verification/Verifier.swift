@@ -48,8 +48,12 @@ public final class Verifier: Sendable {
     private let clock: any WallClock
     private let logger: Logger
     public let access: PayopAccess
-    /// Called with the ids of events that became verified (the dispatcher wakes on it).
-    private let onVerified: @Sendable ([String]) -> Void
+    /// Told of events that became verified (the dispatcher starts their deliveries).
+    private let onVerified: @Sendable ([VerifiedEvent]) -> Void
+    /// Fresh IPNs handed over by the listener, verified without first being looked up in the log.
+    private let inbox = Mutex<[PendingVerification]>([])
+    /// Events being verified now, so a pass over the log does not take them twice.
+    private let inFlight = Mutex<Set<String>>([])
     /// Questions to Payop in flight at once.
     private let concurrency = 8
     private let metrics: DaemonMetrics?
@@ -57,7 +61,7 @@ public final class Verifier: Sendable {
     public init(
         log: SQLiteEventLog, payop: any PayopAPI, policy: VerificationPolicy, clock: any WallClock = SystemWallClock(),
         access: PayopAccess = PayopAccess(), logger: Logger, metrics: DaemonMetrics? = nil,
-        onVerified: @escaping @Sendable ([String]) -> Void = { _ in }
+        onVerified: @escaping @Sendable ([VerifiedEvent]) -> Void = { _ in }
     ) {
         self.metrics = metrics
         self.log = log
@@ -71,11 +75,29 @@ public final class Verifier: Sendable {
 
     public func reload(_ newPolicy: VerificationPolicy) { policy.withLock { $0 = newPolicy } }
 
-    /// Verifies every event due now; returns how many were asked about.
+    /// Hands over an event the listener just made durable, so it is verified at once. If the daemon
+    /// stops first, the log still has it due, and it is verified after the restart.
+    public func submit(_ pending: PendingVerification) {
+        inbox.withLock { $0.append(pending) }
+    }
+
+    /// Verifies what was handed over and every event due now in the log; returns how many were asked
+    /// about. A pass with handed-over events skips the log: retries are found on the next quiet pass.
     @discardableResult
     public func verifyDue(batch: Int = 64) async throws(EventLogError) -> Int {
         let now = clock.nowMilliseconds()
-        let due = try await log.dueForVerification(now: now, limit: batch)
+        var due = inbox.withLock { inbox in
+            defer { inbox.removeAll() }
+            return inbox
+        }
+        if due.isEmpty {
+            due = try await log.dueForVerification(now: now, limit: batch)
+        }
+        due = inFlight.withLock { running in
+            let fresh = due.filter { !running.contains($0.eventID) }
+            running.formUnion(fresh.map(\.eventID))
+            return fresh
+        }
         let policy = policy.withLock { $0 }
         await withTaskGroup(of: Void.self) { group in
             var running = 0
@@ -92,6 +114,7 @@ public final class Verifier: Sendable {
     }
 
     private func verify(_ pending: PendingVerification, policy: VerificationPolicy) async {
+        defer { inFlight.withLock { _ = $0.remove(pending.eventID) } }
         let outcome = await decide(pending, policy: policy)
         let now = clock.nowMilliseconds()
         do {
@@ -186,6 +209,7 @@ public final class Verifier: Sendable {
     }
 
     public func nextDue() async -> Int64? {
-        try? await log.nextVerificationDue()
+        if inbox.withLock({ !$0.isEmpty }) { return clock.nowMilliseconds() }
+        return try? await log.nextVerificationDue()
     }
 }
