@@ -215,6 +215,15 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         #expect(try String(contentsOfFile: dir.file("runs"), encoding: .utf8) == "2\n")
     }
 
+    @Test func pruneDeletesOldDeliveredDeliveriesAndKeepsDeadOnes() async throws {
+        let h = try DeliveryHarness(hooks: [commandHook("ok", "/bin/true"), commandHook("no", "/bin/false", attempts: 1)])
+        try await h.verifiedEvent()
+        try await h.dispatcher().dispatchDue()
+        #expect(Set(try await h.deliveries().map(\.state)) == ["delivered", "dead"])
+        #expect(try await h.log.prune(before: h.clock.nowMilliseconds() + 1).deliveries == 1)
+        #expect(try await h.deliveries().map(\.state) == ["dead"])
+    }
+
     @Test func onlyMatchingHooksGetDeliveries() async throws {
         let h = try DeliveryHarness(hooks: [
             commandHook("paid", "/bin/true", events: ["checkout.accepted"]),

@@ -275,10 +275,12 @@ public final class SQLiteEventLog: EventStore {
 
     public struct PruneResult: Sendable, Equatable {
         public var receipts: Int
+        public var deliveries: Int
     }
 
-    /// Deletes receipts received before `cutoff`. Events are kept, and with them the receipt of each
-    /// one's first IPN (its `ipn` body).
+    /// Deletes receipts received before `cutoff` and deliveries delivered before it. Events are kept,
+    /// and with them the receipt of each one's first IPN (its `ipn` body); dead deliveries are kept
+    /// for `replay`.
     public func prune(before cutoff: Int64) async throws(EventLogError) -> PruneResult {
         try await write { db in
             try db.execute(
@@ -286,7 +288,10 @@ public final class SQLiteEventLog: EventStore {
                     DELETE FROM receipts WHERE received_at < ?
                     AND id NOT IN (SELECT first_receipt FROM events WHERE first_receipt IS NOT NULL)
                     """, arguments: [cutoff])
-            return PruneResult(receipts: db.changesCount)
+            let receipts = db.changesCount
+            try db.execute(
+                sql: "DELETE FROM deliveries WHERE state = 'delivered' AND finished_at < ?", arguments: [cutoff])
+            return PruneResult(receipts: receipts, deliveries: db.changesCount)
         }
     }
 

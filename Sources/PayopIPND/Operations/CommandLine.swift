@@ -260,7 +260,8 @@ struct ReceiptsCommand: AsyncParsableCommand {
 
 struct PruneCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "prune", abstract: "Delete receipts older than the retention; events are kept.")
+        commandName: "prune",
+        abstract: "Delete receipts and delivered deliveries older than the retention; events and dead deliveries stay.")
 
     @OptionGroup var config: ConfigOption
     @Option(name: .customLong("older-than"), help: "Days to keep (default: storage.retention_days).")
@@ -277,7 +278,9 @@ struct PruneCommand: AsyncParsableCommand {
             let days = olderThan ?? config.storage.retentionDays
             let cutoff = SystemWallClock().nowMilliseconds() - Int64(days) * 86_400_000
             let result = try await log.prune(before: cutoff)
-            print("deleted \(result.receipts) receipt(s) older than \(days) day(s)")
+            print(
+                "deleted \(result.receipts) receipt(s) and \(result.deliveries) delivered deliver\(result.deliveries == 1 ? "y" : "ies") older than \(days) day(s)"
+            )
         }
     }
 }

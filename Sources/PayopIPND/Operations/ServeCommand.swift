@@ -41,13 +41,14 @@ struct ServeCommand: AsyncParsableCommand {
                     fflush(nil)
                 }
             }
+            let listeners = "\(daemonConfig.server.listen) (server.listen) or \(daemonConfig.admin.listen) (admin.listen)"
             do {
                 try await daemon.run()
             } catch let error as IOError where error.errnoCode == EADDRINUSE {
                 throw CommandFailure.user(
-                    "cannot listen on \(daemonConfig.server.listen): the address is already in use (is another payop-ipnd running?)")
+                    "cannot listen on \(listeners): an address is already in use (is another payop-ipnd running?)")
             } catch let error as IOError where error.errnoCode == EACCES {
-                throw CommandFailure.user("cannot listen on \(daemonConfig.server.listen): permission denied")
+                throw CommandFailure.user("cannot listen on \(listeners): permission denied")
             }
         }
     }
