@@ -86,6 +86,24 @@ import Testing
         }
     }
 
+    @Test func withoutAJWTEventsWaitUntouchedUntilOneArrives() async throws {
+        try await PayopHarness.with { h, port in
+            let paid = h.payop.create(.checkout, state: 2)
+            let outcome = try await h.receive(SimulatedPayop.ipnBody(for: paid))
+            let jwt = SecretBox(nil)
+            let client = PayopHTTPClient(http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: jwt)
+            let verifier = h.verifier(payop: client)
+            #expect(try await verifier.verifyDue() == 0)
+            #expect(verifier.access.currentProblem?.contains("payop.jwt_file") == true)
+            #expect(try await h.log.event(id: outcome.eventID)?.verificationAttempts.isEmpty == true)
+            #expect(h.payop.calls.isEmpty)
+            jwt.set(h.jwt)  // what a reload does
+            #expect(try await verifier.verifyDue() == 1)
+            #expect(try await h.event(outcome.eventID).state == "verified")
+            #expect(verifier.access.currentProblem == nil)
+        }
+    }
+
     @Test func jwtIsSentAsBearerAndNeverLogged() async throws {
         try await PayopHarness.with { h, _ in
             let paid = h.payop.create(.checkout, state: 2)

@@ -55,10 +55,16 @@ public struct PayopError: Error, Sendable, Equatable, CustomStringConvertible {
 
 /// The Payop API boundary: HTTP in production, a fake in unit tests, the simulator in integration tests.
 public protocol PayopAPI: Sendable {
+    /// Why no question can be asked at all (no JWT configured), or nil when Payop can be asked.
+    var unusableReason: String? { get }
     /// The entity as Payop knows it; nil when Payop does not know it (404, 422, or not in the list).
     func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord?
     /// Many checkout transactions at once (`/v1/transactions/filter`); ids Payop does not know are absent.
     func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord]
+}
+
+extension PayopAPI {
+    public var unusableReason: String? { nil }
 }
 
 /// Reads Payop's JSON answers (PROTOCOL.md) into records, leniently: numbers or strings alike.

@@ -41,6 +41,13 @@ public final class PayopHTTPClient: PayopAPI {
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }
 
+    public var unusableReason: String? {
+        guard let token = jwt.get(), !token.isEmpty else {
+            return "no JWT: set payop.jwt_file to a file holding Payop's JWT, then reload"
+        }
+        return nil
+    }
+
     public func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
         let encoded = Self.encode(id)
         switch kind {

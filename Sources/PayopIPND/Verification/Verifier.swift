@@ -86,6 +86,18 @@ public final class Verifier: Sendable {
     @discardableResult
     public func verifyDue(batch: Int = 64) async throws(EventLogError) -> Int {
         let now = clock.nowMilliseconds()
+        // Without a JWT there is nobody to ask: events wait, untouched, until a reload brings one.
+        // Reported (in /readyz too) only once an event is kept waiting by it.
+        if let reason = payop.unusableReason {
+            let handedOver = inbox.withLock { inbox in
+                defer { inbox.removeAll() }
+                return !inbox.isEmpty
+            }
+            var waiting = handedOver
+            if !waiting { waiting = try await log.nextVerificationDue() != nil }
+            noteAccess(waiting ? PayopError(.unauthorized, reason) : nil)
+            return 0
+        }
         var due = inbox.withLock { inbox in
             defer { inbox.removeAll() }
             return inbox
@@ -209,6 +221,7 @@ public final class Verifier: Sendable {
     }
 
     public func nextDue() async -> Int64? {
+        if payop.unusableReason != nil { return nil }
         if inbox.withLock({ !$0.isEmpty }) { return clock.nowMilliseconds() }
         return try? await log.nextVerificationDue()
     }
