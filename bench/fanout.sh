@@ -12,22 +12,14 @@ DURATION=${1:-10}
 SAMPLES=${2:-300}
 BASE=${BASE_PORT:-18580}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v webhook >/dev/null || need+=(webhook)
-command -v gcc >/dev/null || need+=(gcc)
-if [ ${#need[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
-swift build -c release --product payop-ipnd >/dev/null
-swift build -c release --product payop-simulator >/dev/null
-BINDIR=$(swift build -c release --show-bin-path)
+source bench/common.sh
+install_missing wrk:wrk webhook:webhook gcc:gcc
+release_binary payop-simulator >/dev/null
+BINDIR=$(dirname "$(release_binary payop-ipnd)")
 WORK=$(mktemp -d /tmp/payop-ipnd-fanout.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
 trap cleanup EXIT
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
 
 gcc -O2 -DBENCH_LOG="\"$WORK/started.log\"" -o "$WORK/hook-started" bench/hook-started.c
 echo "bench-jwt" >"$WORK/jwt"; chmod 600 "$WORK/jwt"

@@ -9,22 +9,14 @@ DURATION=${1:-10}
 CONNECTIONS=${2:-16}
 BASE=${BASE_PORT:-18380}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v webhook >/dev/null || need+=(webhook)
-if [ ${#need[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
-swift build -c release --product payop-ipnd >/dev/null
-BIN=$(swift build -c release --show-bin-path)/payop-ipnd
+source bench/common.sh
+install_missing wrk:wrk nginx:nginx-light webhook:webhook
+BIN=$(release_binary payop-ipnd)
 WORK=$(mktemp -d /tmp/payop-ipnd-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.2; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened"; exit 1; }
 
 # nginx: the ceiling of an HTTP server on this machine.
 mkdir -p "$WORK/nginx/logs"

@@ -3,8 +3,8 @@
 # the first start also creates the event log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-swift build -c release --product payop-ipnd >/dev/null
-BIN=$(swift build -c release --show-bin-path)/payop-ipnd
+source bench/common.sh
+BIN=$(release_binary payop-ipnd)
 WORK=$(mktemp -d /tmp/payop-ipnd-startup.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 cat >"$WORK/config.yaml" <<YAML

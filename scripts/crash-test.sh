@@ -11,8 +11,8 @@ TOTAL=${1:-6000}
 CLIENTS=${2:-32}
 PORT=${PORT:-18480}
 
-swift build -c release --product payop-ipnd >/dev/null
-BIN=$(swift build -c release --show-bin-path)/payop-ipnd
+source bench/common.sh
+BIN=$(release_binary payop-ipnd)
 WORK=$(mktemp -d /tmp/payop-ipnd-crash.XXXXXX)
 DAEMON=
 trap '[ -n "$DAEMON" ] && kill -9 $DAEMON 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -46,11 +46,7 @@ YAML
 start_daemon() {
     "$BIN" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
     DAEMON=$!
-    for _ in $(seq 1 100); do
-        if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "daemon did not start"; cat "$WORK/daemon.log"; exit 1
+    wait_port $PORT || { cat "$WORK/daemon.log"; exit 1; }
 }
 
 start_daemon
