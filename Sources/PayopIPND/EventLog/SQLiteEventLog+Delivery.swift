@@ -73,10 +73,12 @@ extension SQLiteEventLog {
     /// new deliveries that may run at once (nothing earlier pending or running for their hook and
     /// entity), so the dispatcher can start them without looking them up again.
     @discardableResult
-    static func enqueueDeliveries(_ db: Database, eventID: String, hooks: [HookConfig], now: Int64) throws -> [Delivery] {
+    static func enqueueDeliveries(_ db: Database, eventID: String, hooks: [HookConfig], now: Int64) throws -> [Delivery]
+    {
         guard !hooks.isEmpty,
             let row = try Row.fetchOne(
-                db, sql: "SELECT kind, entity_id, status FROM events WHERE id = ? AND state = 'verified'",
+                db.cachedStatement(
+                    sql: "SELECT kind, entity_id, status FROM events WHERE id = ? AND state = 'verified'"),
                 arguments: [eventID])
         else { return [] }
         let kind: String = row["kind"]
@@ -92,12 +94,13 @@ extension SQLiteEventLog {
             ).execute(arguments: [eventID, hook.name, kind, entity, now, now])
             guard db.changesCount == 1 else { continue }
             let id = db.lastInsertedRowID
-            let blocked = try Bool.fetchOne(
-                db.cachedStatement(
-                    sql: """
-                        SELECT EXISTS (SELECT 1 FROM deliveries WHERE hook = ? AND kind = ? AND entity_id = ? AND id < ?
-                                       AND state IN ('pending', 'running'))
-                        """), arguments: [hook.name, kind, entity, id]) ?? true
+            let blocked =
+                try Bool.fetchOne(
+                    db.cachedStatement(
+                        sql: """
+                            SELECT EXISTS (SELECT 1 FROM deliveries WHERE hook = ? AND kind = ? AND entity_id = ? AND id < ?
+                                           AND state IN ('pending', 'running'))
+                            """), arguments: [hook.name, kind, entity, id]) ?? true
             if !blocked { ready.append(Delivery(id: id, eventID: eventID, hook: hook.name, nextAttemptAt: now)) }
         }
         return ready
@@ -107,9 +110,9 @@ extension SQLiteEventLog {
     @discardableResult
     public func recoverInterruptedDeliveries(now: Int64) async throws(EventLogError) -> Int {
         try await write { db in
-            try db.execute(
-                sql: "UPDATE deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'running'",
-                arguments: [now])
+            try db.cachedStatement(
+                sql: "UPDATE deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'running'"
+            ).execute(arguments: [now])
             return db.changesCount
         }
     }
@@ -119,23 +122,24 @@ extension SQLiteEventLog {
     public func dueDeliveries(now: Int64, limit: Int) async throws(EventLogError) -> [Delivery] {
         try await read { db in
             try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT \(Delivery.columns) FROM deliveries AS d
-                    WHERE d.state = 'pending' AND d.next_attempt_at <= ?
-                    AND NOT EXISTS (
-                        SELECT 1 FROM deliveries AS e
-                        WHERE e.hook = d.hook AND e.kind = d.kind AND e.entity_id = d.entity_id AND e.id < d.id
-                        AND e.state IN ('pending', 'running'))
-                    ORDER BY d.next_attempt_at, d.id LIMIT ?
-                    """, arguments: [now, limit]
+                db.cachedStatement(
+                    sql: """
+                        SELECT \(Delivery.columns) FROM deliveries AS d
+                        WHERE d.state = 'pending' AND d.next_attempt_at <= ?
+                        AND NOT EXISTS (
+                            SELECT 1 FROM deliveries AS e
+                            WHERE e.hook = d.hook AND e.kind = d.kind AND e.entity_id = d.entity_id AND e.id < d.id
+                            AND e.state IN ('pending', 'running'))
+                        ORDER BY d.next_attempt_at, d.id LIMIT ?
+                        """), arguments: [now, limit]
             ).map(Delivery.init(row:))
         }
     }
 
     public func nextDeliveryDue() async throws(EventLogError) -> Int64? {
         try await read { db in
-            try Int64.fetchOne(db, sql: "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'")
+            try Int64.fetchOne(
+                db.cachedStatement(sql: "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'"))
         }
     }
 
@@ -144,9 +148,9 @@ extension SQLiteEventLog {
     @discardableResult
     public func startDelivery(id: Int64, attempt: Int) async throws(EventLogError) -> Bool {
         try await write { db in
-            try db.execute(
-                sql: "UPDATE deliveries SET state = 'running', attempts = ? WHERE id = ? AND state = 'pending'",
-                arguments: [attempt, id])
+            try db.cachedStatement(
+                sql: "UPDATE deliveries SET state = 'running', attempts = ? WHERE id = ? AND state = 'pending'"
+            ).execute(arguments: [attempt, id])
             return db.changesCount == 1
         }
     }
@@ -167,25 +171,29 @@ extension SQLiteEventLog {
                 case .retry(let at): ("pending", at)
                 case .dead: ("dead", now)
                 }
-            try db.execute(
+            try db.cachedStatement(
                 sql: """
                     UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, last_exit_code = ?,
                         last_http_status = ?, last_error = ?, output = ?, finished_at = ?,
                         delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END
                     WHERE id = ?
-                    """,
-                arguments: [
-                    state, attempt, next, result.exitCode, result.httpStatus, result.error, result.output, now, state, now,
-                    id,
-                ])
+                    """
+            ).execute(arguments: [
+                state, attempt, next, result.exitCode, result.httpStatus, result.error, result.output, now, state, now,
+                id,
+            ])
         }
     }
 
     /// `replay`: delivers an event again to every matching hook (or one), whatever its deliveries' state,
     /// creating deliveries for hooks added since. Returns how many deliveries are now pending.
-    public func replay(eventID: String, hook: String?, hooks: [HookConfig], now: Int64) async throws(EventLogError) -> Int {
+    public func replay(eventID: String, hook: String?, hooks: [HookConfig], now: Int64) async throws(EventLogError)
+        -> Int
+    {
         try await write { db in
-            guard let state = try String.fetchOne(db, sql: "SELECT state FROM events WHERE id = ?", arguments: [eventID])
+            guard
+                let state = try String.fetchOne(
+                    db.cachedStatement(sql: "SELECT state FROM events WHERE id = ?"), arguments: [eventID])
             else { throw EventLogError(.noSuchRecord, "no event \(eventID): list them with 'payop-ipnd events list'") }
             guard state == "verified" else {
                 throw EventLogError(.noSuchRecord, "event \(eventID) is \(state), not verified: it is never delivered")
@@ -209,7 +217,8 @@ extension SQLiteEventLog {
         }
     }
 
-    public func deliveries(state: String?, hook: String?, eventID: String? = nil, limit: Int) async throws(EventLogError)
+    public func deliveries(state: String?, hook: String?, eventID: String? = nil, limit: Int)
+        async throws(EventLogError)
         -> [Delivery]
     {
         try await read { db in
@@ -218,7 +227,8 @@ extension SQLiteEventLog {
             conditions.add("hook = ?", hook)
             conditions.add("event_id = ?", eventID)
             return try Row.fetchAll(
-                db, sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY id DESC LIMIT ?",
+                db,
+                sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY id DESC LIMIT ?",
                 arguments: conditions.arguments + [limit]
             ).map(Delivery.init(row:))
         }
@@ -235,7 +245,10 @@ extension SQLiteEventLog {
     public func deliveryCounts() async throws(EventLogError) -> DeliveryCounts {
         try await read { db in
             let rows = try Row.fetchAll(
-                db, sql: "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('pending', 'running', 'dead') GROUP BY state")
+                db.cachedStatement(
+                    sql:
+                        "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('pending', 'running', 'dead') GROUP BY state"
+                ))
             var counts = DeliveryCounts(pending: 0, running: 0, dead: 0)
             for row in rows {
                 switch row["state"] as String {

@@ -48,12 +48,12 @@ extension SQLiteEventLog {
     public func dueForVerification(now: Int64, limit: Int) async throws(EventLogError) -> [PendingVerification] {
         try await read { db in
             try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT \(Self.pendingColumns) FROM events
-                    WHERE next_check_at IS NOT NULL AND next_check_at <= ? AND state IN ('received', 'rejected')
-                    ORDER BY next_check_at, id LIMIT ?
-                    """, arguments: [now, limit]
+                db.cachedStatement(
+                    sql: """
+                        SELECT \(Self.pendingColumns) FROM events
+                        WHERE next_check_at IS NOT NULL AND next_check_at <= ? AND state IN ('received', 'rejected')
+                        ORDER BY next_check_at, id LIMIT ?
+                        """), arguments: [now, limit]
             ).compactMap(Self.pending)
         }
     }
@@ -62,15 +62,19 @@ extension SQLiteEventLog {
     public func nextVerificationDue() async throws(EventLogError) -> Int64? {
         try await read { db in
             try Int64.fetchOne(
-                db,
-                sql: "SELECT min(next_check_at) FROM events WHERE next_check_at IS NOT NULL AND state IN ('received', 'rejected')")
+                db.cachedStatement(
+                    sql:
+                        "SELECT min(next_check_at) FROM events WHERE next_check_at IS NOT NULL AND state IN ('received', 'rejected')"
+                ))
         }
     }
 
     /// Records the attempt and its consequence in one transaction. Returns the events that became
     /// verified (the IPN's, or Payop's own status on a mismatch) with their deliveries ready to run.
     @discardableResult
-    public func applyVerification(_ outcome: VerificationOutcome, to pending: PendingVerification, now: Int64, reconcileInterval: Int64)
+    public func applyVerification(
+        _ outcome: VerificationOutcome, to pending: PendingVerification, now: Int64, reconcileInterval: Int64
+    )
         async throws(EventLogError) -> [VerifiedEvent]
     {
         let hooks = self.hooks
@@ -78,13 +82,17 @@ extension SQLiteEventLog {
             // Another attempt may have settled it meanwhile (a duplicate IPN, a second verifier pass).
             guard
                 try Bool.fetchOne(
-                    db, sql: "SELECT state IN ('received', 'rejected') AND next_check_at IS NOT NULL FROM events WHERE id = ?",
+                    db.cachedStatement(
+                        sql:
+                            "SELECT state IN ('received', 'rejected') AND next_check_at IS NOT NULL FROM events WHERE id = ?"
+                    ),
                     arguments: [pending.eventID]) == true
             else { return [] }
             switch outcome {
             case .verified(let record):
                 try Self.attempt(db, pending.eventID, now, "verified", record.status.payopState, nil)
-                try Self.markVerified(db, eventID: pending.eventID, record: record, now: now, reconcileInterval: reconcileInterval)
+                try Self.markVerified(
+                    db, eventID: pending.eventID, record: record, now: now, reconcileInterval: reconcileInterval)
                 return try Self.verifiedEvent(db, pending.eventID, hooks: hooks, now: now)
             case .rejected(let reason, let record):
                 try Self.attempt(db, pending.eventID, now, "rejected", record?.status.payopState, reason)
@@ -102,35 +110,42 @@ extension SQLiteEventLog {
                 return try Self.verifiedEvent(db, created, hooks: hooks, now: now)
             case .retry(let outcome, let detail, let retryAt):
                 try Self.attempt(db, pending.eventID, now, outcome, nil, detail)
-                try db.execute(
-                    sql: "UPDATE events SET check_attempts = check_attempts + 1, next_check_at = ? WHERE id = ?",
-                    arguments: [retryAt, pending.eventID])
+                try db.cachedStatement(
+                    sql: "UPDATE events SET check_attempts = check_attempts + 1, next_check_at = ? WHERE id = ?"
+                ).execute(arguments: [retryAt, pending.eventID])
                 return []
             }
         }
     }
 
     /// The outbox entries of an event that just became verified, and the event as its hooks will see it.
-    static func verifiedEvent(_ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64) throws -> [VerifiedEvent] {
+    static func verifiedEvent(_ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64) throws
+        -> [VerifiedEvent]
+    {
         let ready = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now)
-        guard let row = try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [eventID]) else {
+        guard
+            let row = try Row.fetchOne(
+                db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [eventID])
+        else {
             return []
         }
         return [VerifiedEvent(event: Event(row: row), readyDeliveries: ready)]
     }
 
-    static func attempt(_ db: Database, _ eventID: String, _ at: Int64, _ outcome: String, _ state: Int?, _ detail: String?)
+    static func attempt(
+        _ db: Database, _ eventID: String, _ at: Int64, _ outcome: String, _ state: Int?, _ detail: String?
+    )
         throws
     {
-        try db.execute(
-            sql: "INSERT INTO verification_attempts (event_id, at, outcome, payop_state, detail) VALUES (?, ?, ?, ?, ?)",
-            arguments: [eventID, at, outcome, state, detail])
+        try db.cachedStatement(
+            sql: "INSERT INTO verification_attempts (event_id, at, outcome, payop_state, detail) VALUES (?, ?, ?, ?, ?)"
+        ).execute(arguments: [eventID, at, outcome, state, detail])
     }
 
     static func markVerified(_ db: Database, eventID: String, record: PayopRecord, now: Int64, reconcileInterval: Int64)
         throws
     {
-        try db.execute(
+        try db.cachedStatement(
             sql: """
                 UPDATE events SET state = 'verified', rejection_reason = NULL, verification = 'payop_api',
                     verified_at = ?, next_check_at = NULL,
@@ -139,20 +154,21 @@ extension SQLiteEventLog {
                     error_message = COALESCE(error_message, ?),
                     reconcile_at = ?
                 WHERE id = ?
-                """,
-            arguments: [
-                now, record.amount, record.currency, record.orderID, record.transactionID, record.errorMessage,
-                record.status.isFinal ? nil : now + reconcileInterval, eventID,
-            ])
+                """
+        ).execute(arguments: [
+            now, record.amount, record.currency, record.orderID, record.transactionID, record.errorMessage,
+            record.status.isFinal ? nil : now + reconcileInterval, eventID,
+        ])
     }
 
     static func markRejected(_ db: Database, eventID: String, reason: String) throws {
-        try db.execute(
+        try db.cachedStatement(
             sql: """
                 UPDATE events SET state = 'rejected', rejection_reason = ?, verification = NULL, verified_at = NULL,
                     next_check_at = NULL, reconcile_at = NULL
                 WHERE id = ?
-                """, arguments: [reason, eventID])
+                """
+        ).execute(arguments: [reason, eventID])
     }
 
     /// Payop's own status as a verified event "as if its IPN had arrived"; nil when the log has it already.
@@ -160,25 +176,25 @@ extension SQLiteEventLog {
         _ db: Database, record: PayopRecord, like pending: PendingVerification, now: Int64, reconcileInterval: Int64
     ) throws -> String? {
         let exists = try String.fetchOne(
-            db, sql: "SELECT id FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?",
+            db.cachedStatement(sql: "SELECT id FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
             arguments: [record.kind.rawValue, record.id, record.status.dedupeKey])
         if exists != nil { return nil }
         let id = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
-        try db.execute(
+        try db.cachedStatement(
             sql: """
                 INSERT INTO events (id, kind, entity_id, status, status_key, payop_state, state, source, verification,
                                     transaction_id, invoice_id, order_id, refund_id, withdrawal_id, amount, currency,
                                     error_message, legacy, received_at, verified_at, first_receipt, next_check_at, reconcile_at)
                 VALUES (?, ?, ?, ?, ?, ?, 'verified', 'reconcile', 'payop_api', ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL, NULL, ?)
-                """,
-            arguments: [
-                id, record.kind.rawValue, record.id, record.status.name, record.status.dedupeKey, record.status.payopState,
-                record.kind == .checkout ? record.id : (record.transactionID ?? pending.transactionID),
-                pending.invoiceID, record.orderID ?? pending.orderID,
-                record.kind == .refund ? record.id : nil, record.kind == .withdrawal ? record.id : nil,
-                record.amount ?? pending.amount, record.currency ?? pending.currency, record.errorMessage, now, now,
-                record.status.isFinal ? nil : now + reconcileInterval,
-            ])
+                """
+        ).execute(arguments: [
+            id, record.kind.rawValue, record.id, record.status.name, record.status.dedupeKey, record.status.payopState,
+            record.kind == .checkout ? record.id : (record.transactionID ?? pending.transactionID),
+            pending.invoiceID, record.orderID ?? pending.orderID,
+            record.kind == .refund ? record.id : nil, record.kind == .withdrawal ? record.id : nil,
+            record.amount ?? pending.amount, record.currency ?? pending.currency, record.errorMessage, now, now,
+            record.status.isFinal ? nil : now + reconcileInterval,
+        ])
         return id
     }
 
@@ -188,12 +204,12 @@ extension SQLiteEventLog {
     public func dueForReconcile(now: Int64, limit: Int) async throws(EventLogError) -> [PendingVerification] {
         try await read { db in
             try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT \(Self.pendingColumns) FROM events
-                    WHERE reconcile_at IS NOT NULL AND reconcile_at <= ? AND state = 'verified'
-                    ORDER BY reconcile_at, id LIMIT ?
-                    """, arguments: [now, limit]
+                db.cachedStatement(
+                    sql: """
+                        SELECT \(Self.pendingColumns) FROM events
+                        WHERE reconcile_at IS NOT NULL AND reconcile_at <= ? AND state = 'verified'
+                        ORDER BY reconcile_at, id LIMIT ?
+                        """), arguments: [now, limit]
             ).compactMap(Self.pending)
         }
     }
@@ -201,7 +217,8 @@ extension SQLiteEventLog {
     public func nextReconcileDue() async throws(EventLogError) -> Int64? {
         try await read { db in
             try Int64.fetchOne(
-                db, sql: "SELECT min(reconcile_at) FROM events WHERE reconcile_at IS NOT NULL AND state = 'verified'")
+                db.cachedStatement(
+                    sql: "SELECT min(reconcile_at) FROM events WHERE reconcile_at IS NOT NULL AND state = 'verified'"))
         }
     }
 
@@ -214,12 +231,14 @@ extension SQLiteEventLog {
         let hooks = self.hooks
         return try await write { db in
             guard let record, record.status.dedupeKey != pending.status.dedupeKey else {
-                try db.execute(
-                    sql: "UPDATE events SET reconcile_at = ? WHERE id = ? AND reconcile_at IS NOT NULL",
-                    arguments: [now + reconcileInterval, pending.eventID])
+                try db.cachedStatement(
+                    sql: "UPDATE events SET reconcile_at = ? WHERE id = ? AND reconcile_at IS NOT NULL"
+                ).execute(arguments: [now + reconcileInterval, pending.eventID])
                 return nil
             }
-            try db.execute(sql: "UPDATE events SET reconcile_at = NULL WHERE id = ?", arguments: [pending.eventID])
+            try db.cachedStatement(sql: "UPDATE events SET reconcile_at = NULL WHERE id = ?").execute(arguments: [
+                pending.eventID
+            ])
             guard
                 let created = try Self.insertReported(
                     db, record: record, like: pending, now: now, reconcileInterval: reconcileInterval)

@@ -22,7 +22,8 @@ public final class SQLiteEventLog: EventStore {
     /// How long a write waits for another process's lock before the log counts as unavailable.
     public static let lockDeadlineSeconds: TimeInterval = 5
 
-    private init(path: String, database: DatabasePool, clock: any WallClock, onBatch: @escaping @Sendable (Int) -> Void) {
+    private init(path: String, database: DatabasePool, clock: any WallClock, onBatch: @escaping @Sendable (Int) -> Void)
+    {
         self.path = path
         self.database = database
         self.clock = clock
@@ -71,7 +72,8 @@ public final class SQLiteEventLog: EventStore {
         let log = SQLiteEventLog(path: path, database: database, clock: clock, onBatch: onBatch)
         let level = try log.synchronousLevel()
         guard level == 2 else {
-            throw EventLogError(.unavailable, "the event log is not durable: PRAGMA synchronous reads \(level), not 2 (FULL)")
+            throw EventLogError(
+                .unavailable, "the event log is not durable: PRAGMA synchronous reads \(level), not 2 (FULL)")
         }
         return log
     }
@@ -208,7 +210,9 @@ public final class SQLiteEventLog: EventStore {
         public var since: Int64?
         public var limit: Int
 
-        public init(type: String? = nil, status: String? = nil, state: String? = nil, since: Int64? = nil, limit: Int = 50) {
+        public init(
+            type: String? = nil, status: String? = nil, state: String? = nil, since: Int64? = nil, limit: Int = 50
+        ) {
             self.type = type
             self.status = status
             self.state = state
@@ -226,7 +230,9 @@ public final class SQLiteEventLog: EventStore {
             conditions.add("events.state = ?", filter.state)
             conditions.add("events.received_at >= ?", filter.since)
             return try Row.fetchAll(
-                db, sql: "\(Event.select) \(conditions.whereClause) ORDER BY events.received_at DESC, events.id DESC LIMIT ?",
+                db,
+                sql:
+                    "\(Event.select) \(conditions.whereClause) ORDER BY events.received_at DESC, events.id DESC LIMIT ?",
                 arguments: conditions.arguments + [filter.limit]
             ).map(Event.init(row:))
         }
@@ -241,9 +247,14 @@ public final class SQLiteEventLog: EventStore {
                 arguments: [id]
             ).map(Receipt.init(row:))
             let attempts = try Row.fetchAll(
-                db, sql: "SELECT at, outcome, payop_state, detail FROM verification_attempts WHERE event_id = ? ORDER BY id",
+                db,
+                sql:
+                    "SELECT at, outcome, payop_state, detail FROM verification_attempts WHERE event_id = ? ORDER BY id",
                 arguments: [id]
-            ).map { VerificationAttempt(at: $0["at"], outcome: $0["outcome"], payopState: $0["payop_state"], detail: $0["detail"]) }
+            ).map {
+                VerificationAttempt(
+                    at: $0["at"], outcome: $0["outcome"], payopState: $0["payop_state"], detail: $0["detail"])
+            }
             let deliveries = try Row.fetchAll(
                 db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [id]
             ).map(Delivery.init(row:))
@@ -255,7 +266,8 @@ public final class SQLiteEventLog: EventStore {
     /// The event object alone (what a hook receives).
     public func eventObject(id: String) async throws(EventLogError) -> Event? {
         try await read { db in
-            try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id]).map(Event.init(row:))
+            try Row.fetchOne(db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [id])
+                .map(Event.init(row:))
         }
     }
 
@@ -267,7 +279,8 @@ public final class SQLiteEventLog: EventStore {
             conditions.add("received_at >= ?", since)
             return try Row.fetchAll(
                 db,
-                sql: "SELECT \(Receipt.columns) FROM receipts \(conditions.whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
+                sql:
+                    "SELECT \(Receipt.columns) FROM receipts \(conditions.whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
                 arguments: conditions.arguments + [limit]
             ).map(Receipt.init(row:))
         }
