@@ -80,8 +80,6 @@ public final class IPNIngress: Sendable {
         settings.withLock { $0 = newSettings }
     }
 
-    public var currentSettings: IngressSettings { settings.withLock { $0 } }
-
     /// Everything decided before the body is read: path, method, source and declared length.
     public func preflight(
         method: String, path: String, peer: IPAddress?, forwardedFor: [String], contentLength: Int?

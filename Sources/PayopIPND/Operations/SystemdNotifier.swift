@@ -14,8 +14,6 @@ public struct SystemdNotifier: Sendable {
         socketPath = environment["NOTIFY_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
     }
 
-    public var isEnabled: Bool { socketPath != nil }
-
     /// Sends `lines` (`READY=1`, `STATUS=...`) as one datagram; false when it could not be sent.
     @discardableResult
     public func notify(_ lines: String...) -> Bool {
