@@ -89,6 +89,17 @@ import Foundation
         }
     }
 
+    @Test func clientTricklingItsHeadersIsDisconnectedAfterTheReadTimeout() async throws {
+        try await withListener(readTimeoutSeconds: 0.3) { _, _, port in
+            let started = ContinuousClock.now
+            // Headers never finished: no response can be given, the connection is closed.
+            let answer = try await rawExchange(port: port, send: "POST /payop/ipn HTTP/1.1\r\nHost: x\r\n")
+            #expect(answer.isEmpty)
+            // The read timeout closed it, not the idle backstop (four times longer).
+            #expect(ContinuousClock.now - started < .milliseconds(1000))
+        }
+    }
+
     @Test func metricsAreNotServedOnTheIPNPort() async throws {
         try await withListener { client, _, _ in
             let response = try await client.get("/metrics")

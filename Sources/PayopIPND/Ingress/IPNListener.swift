@@ -8,6 +8,9 @@ import NIOPosix
 /// The IPN port: HummingbirdCore's HTTP/1 server with one lean responder and no router, middleware or
 /// per-request context, because the request path, not the disk, is the ingest ceiling (DESIGN.md).
 public enum IPNListener {
+    /// Connections served at once; Payop opens a handful, so this only bounds abuse.
+    public static let maxConnections = 1024
+
     public static func makeServer(
         host: String, port: Int, ingress: IPNIngress, readTimeoutSeconds: Double, logger: Logger,
         onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
@@ -21,13 +24,18 @@ public enum IPNListener {
                     try? await channel.close()
                 }
             },
-            // Idle connections (slow headers, or kept alive between IPNs) are closed after twice the read
-            // timeout; a body that started must be complete within the read timeout itself (below),
-            // which answers 408 first.
-            configuration: .init(idleTimeout: readTimeout * 2))
+            // Headers must arrive within the read timeout (HeaderDeadlineHandler, which also ends kept-alive
+            // connections that send nothing more), and a started body too (below, answered 408). The idle
+            // timeout is only a backstop.
+            configuration: .init(
+                additionalChannelHandlers: [HeaderDeadlineHandler(timeout: readTimeout)],
+                idleTimeout: readTimeout * 4))
         return Server(
             childChannelSetup: channel,
-            configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 1024),
+            // Connections beyond this wait in the backlog: memory stays bounded whatever is sent.
+            configuration: .init(
+                address: .hostname(host, port: port), serverName: nil, backlog: 1024,
+                availableConnectionsDelegate: MaximumAvailableConnections(maxConnections)),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) },
             eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
             logger: logger)
