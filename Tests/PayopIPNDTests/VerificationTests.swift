@@ -228,3 +228,45 @@ import Testing
         #expect(jittery.delayMilliseconds(afterAttempt: 1) == 12_000)
     }
 }
+
+/// The verifier's hand-over from the listener, with the fake Payop and a real SQLite file.
+@Suite struct VerifierHandOverTests {
+    @Test func handOversBeyondTheLimitAreFoundInTheLogSoNoEventIsLeftUnverified() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        let payop = FakePayop()
+        let verifier = Verifier(
+            log: log, payop: payop,
+            policy: VerificationPolicy(
+                backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter), notFoundRetryMilliseconds: 0,
+                reconcileIntervalMilliseconds: 60_000),
+            clock: clock, logger: quietLogger)
+        let count = Verifier.inboxLimit + 50
+        let pendings = try await withThrowingTaskGroup(of: PendingVerification.self) { group in
+            for n in 0..<count {
+                group.addTask {
+                    let body = checkoutBody(transaction: "tx-\(n)", state: 2)
+                    let notification = try NotificationParser.parse(body).get()
+                    let outcome = try await log.ingest(
+                        IncomingIPN(
+                            receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+                            notification: notification, verifiedBySignature: false))
+                    return PendingVerification(
+                        eventID: outcome.eventID, kind: .checkout, entityID: notification.entityID,
+                        status: notification.status, orderID: notification.orderID, amount: nil, currency: nil,
+                        invoiceID: notification.invoiceID, transactionID: notification.transactionID,
+                        receivedAt: clock.nowMilliseconds(), attempts: 0)
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        for pending in pendings { verifier.submit(pending) }
+        while try await verifier.verifyDue() > 0 {}
+        #expect(try await log.events(.init(state: "verified", limit: 10_000)).count == count)
+        #expect(try await log.events(.init(state: "received", limit: 10_000)).isEmpty)
+        // Each event was asked about once: hand-overs and the log's due list never overlap.
+        #expect(payop.asked.withLock { $0 } == count)
+    }
+}

@@ -65,9 +65,16 @@ public final class Dispatcher: Sendable {
     /// Hands over freshly verified events' deliveries (already durable, pending in the log).
     public func submit(_ verified: [VerifiedEvent]) {
         let ready = verified.flatMap { item in item.readyDeliveries.map { ($0, item.event) } }
-        if !ready.isEmpty { inbox.withLock { $0.append(contentsOf: ready) } }
+        // Past the limit they are left to the log, where they are pending anyway: memory stays bounded.
+        if !ready.isEmpty {
+            inbox.withLock { inbox in
+                inbox.append(contentsOf: ready.prefix(max(0, Self.inboxLimit - inbox.count)))
+            }
+        }
         signal.signal()
     }
+
+    static let inboxLimit = 1024
 
     /// Starts what was handed over, else what is due now in the log, through `spawn`; returns how many
     /// were started. A handed-over delivery the per-hook limit turns away is not lost: it is pending in
@@ -76,8 +83,9 @@ public final class Dispatcher: Sendable {
         let hooks = Dictionary(log.hooks.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         let limit = policy.withLock { $0.perHookConcurrency }
         let handedOver = inbox.withLock { inbox in
-            defer { inbox.removeAll() }
-            return inbox
+            let taken = Array(inbox.prefix(64))
+            inbox.removeFirst(taken.count)
+            return taken
         }
         let due: [(Delivery, Event?)] =
             handedOver.isEmpty

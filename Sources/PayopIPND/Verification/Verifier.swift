@@ -77,9 +77,15 @@ public final class Verifier: Sendable {
 
     /// Hands over an event the listener just made durable, so it is verified at once. If the daemon
     /// stops first, the log still has it due, and it is verified after the restart.
+    /// Past `inboxLimit` waiting hand-overs (Payop slow, IPNs flooding in), new ones are not kept: they
+    /// are due in the log and found there, so memory stays bounded.
     public func submit(_ pending: PendingVerification) {
-        inbox.withLock { $0.append(pending) }
+        inbox.withLock { inbox in
+            if inbox.count < Self.inboxLimit { inbox.append(pending) }
+        }
     }
+
+    static let inboxLimit = 1024
 
     /// Verifies what was handed over and every event due now in the log; returns how many were asked
     /// about. A pass with handed-over events skips the log: retries are found on the next quiet pass.
@@ -99,8 +105,9 @@ public final class Verifier: Sendable {
             return 0
         }
         var due = inbox.withLock { inbox in
-            defer { inbox.removeAll() }
-            return inbox
+            let taken = Array(inbox.prefix(batch))
+            inbox.removeFirst(taken.count)
+            return taken
         }
         if due.isEmpty {
             due = try await log.dueForVerification(now: now, limit: batch)

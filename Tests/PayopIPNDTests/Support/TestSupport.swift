@@ -99,3 +99,19 @@ func checkoutBody(transaction: String, state: Int, message: String = "") -> [UIn
                         "error":{"message":"\(message)","code":""}}}
         """.utf8)
 }
+
+/// The Payop API boundary, in memory: every checkout it is asked about is paid, and it counts questions.
+final class FakePayop: PayopAPI {
+    let asked = Mutex(0)
+
+    func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
+        asked.withLock { $0 += 1 }
+        return PayopRecord(kind: kind, id: id, status: .status(kind: kind, state: 2, errorMessage: nil))
+    }
+
+    func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord] {
+        var records: [PayopRecord] = []
+        for id in ids { if let record = try await lookup(.checkout, id: id) { records.append(record) } }
+        return records
+    }
+}
