@@ -297,15 +297,7 @@ struct DeliveryHarnessView {
         let secretBytes = Data((0..<24).map { UInt8($0 * 7 & 0xff) })
         let secret = "whsec_" + secretBytes.base64EncodedString()
         try await withEndpoint { port, received in
-            let h = try DeliveryHarness(hooks: [
-                HookConfig(
-                    name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5,
-                    maxAttempts: 3)
-            ])
-            let eventID = try await h.verifiedEvent()
-            let (runner, shutdown) = runner(secret: secret, clock: h.clock)
-            try await h.dispatcher(runner: runner).dispatchDue()
-            try await shutdown()
+            let (h, eventID) = try await deliverOnce(to: port, secret: secret)
             let request = try #require(received().first)
             #expect(request.headers["webhook-id"] == eventID)
             #expect(request.headers["webhook-timestamp"] == String(h.clock.nowMilliseconds() / 1000))
@@ -336,15 +328,23 @@ struct DeliveryHarnessView {
         }
     }
 
+    /// One verified event delivered once to a url hook on `port`; returns the harness to inspect.
+    func deliverOnce(to port: Int, secret: String? = nil) async throws -> (DeliveryHarness, eventID: String) {
+        let h = try DeliveryHarness(hooks: [
+            HookConfig(
+                name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5,
+                maxAttempts: 30)
+        ])
+        let eventID = try await h.verifiedEvent()
+        let (runner, shutdown) = runner(secret: secret, clock: h.clock)
+        try await h.dispatcher(runner: runner).dispatchDue()
+        try await shutdown()
+        return (h, eventID)
+    }
+
     @Test func goneMakesTheDeliveryDeadAtOnce() async throws {
         try await withEndpoint(status: .gone) { port, _ in
-            let h = try DeliveryHarness(hooks: [
-                HookConfig(name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5, maxAttempts: 30)
-            ])
-            try await h.verifiedEvent()
-            let (runner, shutdown) = runner(secret: nil, clock: h.clock)
-            try await h.dispatcher(runner: runner).dispatchDue()
-            try await shutdown()
+            let (h, _) = try await deliverOnce(to: port)
             let delivery = try #require(try await h.deliveries().first)
             #expect(delivery.state == "dead" && delivery.attempts == 1 && delivery.lastHTTPStatus == 410)
         }
@@ -352,13 +352,7 @@ struct DeliveryHarnessView {
 
     @Test func retryAfterLongerThanTheBackoffReplacesIt() async throws {
         try await withEndpoint(status: .tooManyRequests, extra: [.retryAfter: "120"]) { port, _ in
-            let h = try DeliveryHarness(hooks: [
-                HookConfig(name: "crm", target: .url("http://127.0.0.1:\(port)/hook"), events: ["*"], timeoutSeconds: 5, maxAttempts: 30)
-            ])
-            try await h.verifiedEvent()
-            let (runner, shutdown) = runner(secret: nil, clock: h.clock)
-            try await h.dispatcher(runner: runner).dispatchDue()
-            try await shutdown()
+            let (h, _) = try await deliverOnce(to: port)
             let delivery = try #require(try await h.deliveries().first)
             #expect(delivery.state == "pending")
             #expect(delivery.nextAttemptAt == h.clock.nowMilliseconds() + 120_000)

@@ -248,16 +248,10 @@ import Testing
             for n in 0..<count {
                 group.addTask {
                     let body = checkoutBody(transaction: "tx-\(n)", state: 2)
-                    let notification = try NotificationParser.parse(body).get()
-                    let outcome = try await log.ingest(
-                        IncomingIPN(
-                            receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
-                            notification: notification, verifiedBySignature: false))
-                    return PendingVerification(
-                        eventID: outcome.eventID, kind: .checkout, entityID: notification.entityID,
-                        status: notification.status, orderID: notification.orderID, amount: nil, currency: nil,
-                        invoiceID: notification.invoiceID, transactionID: notification.transactionID,
-                        receivedAt: clock.nowMilliseconds(), attempts: 0)
+                    let ipn = IncomingIPN(
+                        receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+                        notification: try NotificationParser.parse(body).get(), verifiedBySignature: false)
+                    return PendingVerification(fresh: try await log.ingest(ipn), ipn: ipn)
                 }
             }
             return try await group.reduce(into: []) { $0.append($1) }

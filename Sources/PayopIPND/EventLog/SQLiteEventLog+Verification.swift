@@ -17,6 +17,17 @@ public struct PendingVerification: Sendable, Equatable {
     public var attempts: Int
 }
 
+extension PendingVerification {
+    /// A V2 IPN that just made a new event: due at once, never asked about.
+    public init(fresh outcome: IngestOutcome, ipn: IncomingIPN) {
+        let n = ipn.notification
+        self.init(
+            eventID: outcome.eventID, kind: n.kind, entityID: n.entityID, status: n.status, orderID: n.orderID,
+            amount: n.amount, currency: n.currency, invoiceID: n.invoiceID, transactionID: n.transactionID,
+            receivedAt: ipn.receivedAt, attempts: 0)
+    }
+}
+
 /// What the verifier concluded from one question to Payop.
 public enum VerificationOutcome: Sendable, Equatable {
     /// Payop confirms the status; fields Payop knows and the IPN lacked are filled in.

@@ -76,18 +76,11 @@ public struct Daemon: Sendable {
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
             onStored: { outcome, ipn in
-                let n = ipn.notification
                 if ipn.verifiedBySignature {
                     dispatcher.signal.signal()
                     return
                 }
-                if !outcome.duplicate {
-                    verifier.submit(
-                        PendingVerification(
-                            eventID: outcome.eventID, kind: n.kind, entityID: n.entityID, status: n.status,
-                            orderID: n.orderID, amount: n.amount, currency: n.currency, invoiceID: n.invoiceID,
-                            transactionID: n.transactionID, receivedAt: ipn.receivedAt, attempts: 0))
-                }
+                if !outcome.duplicate { verifier.submit(PendingVerification(fresh: outcome, ipn: ipn)) }
                 verifySignal.signal()
             })
         let ports = Mutex(BoundPorts(ipn: 0, admin: 0))
