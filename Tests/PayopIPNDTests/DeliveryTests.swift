@@ -44,7 +44,7 @@ struct DeliveryHarness {
 
     func dispatcher(runner: any HookRunner = CommandHookRunner(path: "/usr/bin:/bin")) -> Dispatcher {
         Dispatcher(
-            log: log, runner: runner,
+            store: log, runner: runner, hooks: { [log] in log.hooks },
             policy: DeliveryPolicy(
                 backoff: Backoff(initialSeconds: 2, maxSeconds: 10800, jitter: Backoff.noJitter), killGraceSeconds: 0.2,
                 shutdownGraceSeconds: 1),
@@ -87,7 +87,7 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         #expect((stdin as? [String: Any])?["type"] as? String == "checkout.accepted")
         #expect(try String(contentsOfFile: dir.file("pwd"), encoding: .utf8) == "/\n")
         let delivery = try #require(try await h.deliveries().first)
-        #expect(delivery.state == "delivered" && delivery.lastExitCode == 0)
+        #expect(delivery.state == .delivered && delivery.lastExitCode == 0)
     }
 
     @Test func failingTwiceThenSucceedingRunsThreeTimesWithAttemptNumbers() async throws {
@@ -98,7 +98,7 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         try await h.verifiedEvent()
         let dispatcher = h.dispatcher()
         #expect(try await dispatcher.dispatchDue() == 1)
-        #expect(try await h.deliveries().first?.state == "pending")
+        #expect(try await h.deliveries().first?.state == .pending)
         // Retries are due after 2 s, then 4 s: not a millisecond before.
         h.clock.advance(milliseconds: 1_999)
         #expect(try await dispatcher.dispatchDue() == 0)
@@ -110,7 +110,7 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         #expect(try await dispatcher.dispatchDue() == 1)
         #expect(try String(contentsOfFile: dir.file("attempts"), encoding: .utf8) == "1\n2\n3\n")
         let delivery = try #require(try await h.deliveries().first)
-        #expect(delivery.state == "delivered" && delivery.attempts == 3)
+        #expect(delivery.state == .delivered && delivery.attempts == 3)
     }
 
     @Test func alwaysFailingHookIsDeadAfterMaxAttemptsThenReplayDeliversIt() async throws {
@@ -126,14 +126,14 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
             h.clock.advance(milliseconds: 10_800_000)
         }
         var delivery = try #require(try await h.deliveries().first)
-        #expect(delivery.state == "dead" && delivery.attempts == 3)
+        #expect(delivery.state == .dead && delivery.attempts == 3)
         #expect(delivery.lastExitCode == 1 && delivery.output == "boom\n")
         #expect(try await dispatcher.dispatchDue() == 0)
         FileManager.default.createFile(atPath: fixed, contents: nil)
         #expect(try await h.log.replay(eventID: eventID, hook: nil, hooks: [config], now: h.clock.nowMilliseconds()) == 1)
         #expect(try await dispatcher.dispatchDue() == 1)
         delivery = try #require(try await h.deliveries().first)
-        #expect(delivery.state == "delivered")
+        #expect(delivery.state == .delivered)
     }
 
     @Test func hangingHookIsKilledWithItsChildrenAndRetried() async throws {
@@ -145,7 +145,7 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         try await h.dispatcher().dispatchDue()
         #expect(ContinuousClock.now - started < .seconds(5))
         let delivery = try #require(try await h.deliveries().first)
-        #expect(delivery.state == "pending")
+        #expect(delivery.state == .pending)
         #expect(delivery.lastError?.contains("timed out") == true)
         let child = try #require(Int32(try String(contentsOfFile: dir.file("child"), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         // The child got the group's signal too; give the kernel a moment to reap it.
@@ -200,15 +200,15 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         first.setHooks([commandHook("ok", hook)])
         let h = DeliveryHarnessView(log: first, clock: clock)
         try await h.verified()
-        let due = try await first.dueDeliveries(now: clock.nowMilliseconds(), limit: 10)
-        #expect(try await first.startDelivery(id: try #require(due.first).id, attempt: 1))
+        let due = try await first.runnableDeliveries(now: clock.nowMilliseconds(), hooks: ["ok"], limit: 10)
+        #expect(try await first.claimDelivery(id: try #require(due.first).id, now: clock.nowMilliseconds())?.attempt == 1)
         first.close()  // "kill -9": the run never finished, the log says running
         let second = try SQLiteEventLog.open(path: path, mode: .daemon, clock: clock)
         defer { second.close() }
         second.setHooks([commandHook("ok", hook)])
         #expect(try await second.recoverInterruptedDeliveries(now: clock.nowMilliseconds()) == 1)
         let dispatcher = Dispatcher(
-            log: second, runner: CommandHookRunner(),
+            store: second, runner: CommandHookRunner(), hooks: { second.hooks },
             policy: DeliveryPolicy(backoff: Backoff(initialSeconds: 1, maxSeconds: 10), killGraceSeconds: 1, shutdownGraceSeconds: 1),
             clock: clock, logger: quietLogger)
         #expect(try await dispatcher.dispatchDue() == 1)
@@ -219,9 +219,9 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         let h = try DeliveryHarness(hooks: [commandHook("ok", "/bin/true"), commandHook("no", "/bin/false", attempts: 1)])
         try await h.verifiedEvent()
         try await h.dispatcher().dispatchDue()
-        #expect(Set(try await h.deliveries().map(\.state)) == ["delivered", "dead"])
+        #expect(Set(try await h.deliveries().map(\.state)) == [.delivered, .dead])
         #expect(try await h.log.prune(before: h.clock.nowMilliseconds() + 1).deliveries == 1)
-        #expect(try await h.deliveries().map(\.state) == ["dead"])
+        #expect(try await h.deliveries().map(\.state) == [.dead])
     }
 
     @Test func onlyMatchingHooksGetDeliveries() async throws {
@@ -323,7 +323,7 @@ struct DeliveryHarnessView {
             try check.run()
             check.waitUntilExit()
             #expect(check.terminationStatus == 0)
-            #expect(try await h.deliveries().first?.state == "delivered")
+            #expect(try await h.deliveries().first?.state == .delivered)
             #expect(try await h.deliveries().first?.lastHTTPStatus == 200)
         }
     }
@@ -346,7 +346,7 @@ struct DeliveryHarnessView {
         try await withEndpoint(status: .gone) { port, _ in
             let (h, _) = try await deliverOnce(to: port)
             let delivery = try #require(try await h.deliveries().first)
-            #expect(delivery.state == "dead" && delivery.attempts == 1 && delivery.lastHTTPStatus == 410)
+            #expect(delivery.state == .dead && delivery.attempts == 1 && delivery.lastHTTPStatus == 410)
         }
     }
 
@@ -354,7 +354,7 @@ struct DeliveryHarnessView {
         try await withEndpoint(status: .tooManyRequests, extra: [.retryAfter: "120"]) { port, _ in
             let (h, _) = try await deliverOnce(to: port)
             let delivery = try #require(try await h.deliveries().first)
-            #expect(delivery.state == "pending")
+            #expect(delivery.state == .pending)
             #expect(delivery.nextAttemptAt == h.clock.nowMilliseconds() + 120_000)
         }
     }
@@ -364,14 +364,5 @@ struct DeliveryHarnessView {
         #expect(URLHookRunner.retryAfterMilliseconds("Thu, 26 Nov 2026 12:01:30 GMT", now: now) == 90_000)
         #expect(URLHookRunner.retryAfterMilliseconds("45", now: now) == 45_000)
         #expect(URLHookRunner.retryAfterMilliseconds("soon", now: now) == nil)
-    }
-
-    @Test func endsAreDecidedByOutcomeAttemptsAndBackoff() {
-        let backoff = Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter)
-        let failed = HookResult(outcome: .failed(retryAfterMilliseconds: nil))
-        #expect(Dispatcher.end(of: failed, attempt: 1, maxAttempts: 3, now: 0, backoff: backoff) == .retry(at: 2_000))
-        #expect(Dispatcher.end(of: failed, attempt: 3, maxAttempts: 3, now: 0, backoff: backoff) == .dead)
-        let later = HookResult(outcome: .failed(retryAfterMilliseconds: 500_000))
-        #expect(Dispatcher.end(of: later, attempt: 1, maxAttempts: 3, now: 0, backoff: backoff) == .retry(at: 100_000))
     }
 }

@@ -144,22 +144,25 @@ import Testing
         }
     }
 
-    @Test func reconcilerTurnsAPendingPaymentIntoAnAcceptedEventWithoutAnyIPN() async throws {
+    @Test func reCheckTurnsPendingPaymentsIntoAcceptedEventsWithoutAnyIPN() async throws {
         try await PayopHarness.with { h, _ in
-            let entity = h.payop.create(.checkout, state: 4)
-            let pending = try await h.receive(SimulatedPayop.ipnBody(for: entity))
-            try await h.verifier().verifyDue()
-            #expect(try await h.event(pending.eventID).state == "verified")
-            _ = h.payop.setState(.checkout, id: entity.id, state: 2)
-            let reconciler = h.reconciler()
-            #expect(try await reconciler.reconcileDue() == 0)
+            let entities = [h.payop.create(.checkout, state: 4), h.payop.create(.checkout, state: 4)]
+            var pendings: [IngestOutcome] = []
+            for entity in entities { pendings.append(try await h.receive(SimulatedPayop.ipnBody(for: entity))) }
+            let verifier = h.verifier()
+            try await verifier.verifyDue()
+            for pending in pendings { #expect(try await h.event(pending.eventID).state == "verified") }
+            for entity in entities { _ = h.payop.setState(.checkout, id: entity.id, state: 2) }
+            #expect(try await verifier.verifyDue() == 0)
             h.clock.advance(milliseconds: 300_000)
-            #expect(try await reconciler.reconcileDue() == 1)
-            let accepted = try #require(try await h.log.events(.init(type: "checkout.accepted")).first)
-            #expect(accepted.state == "verified" && accepted.source == "reconcile" && accepted.ipn == nil)
+            // Both re-checks in one question to Payop's filter endpoint.
+            #expect(try await verifier.verifyDue() == 2)
+            let accepted = try await h.log.events(.init(type: "checkout.accepted"))
+            #expect(accepted.count == 2)
+            #expect(accepted.allSatisfy { $0.state == "verified" && $0.source == "reconcile" && $0.ipn == nil })
             #expect(h.payop.calls.contains { $0.path == "/v1/transactions/filter" })
             h.clock.advance(milliseconds: 300_000)
-            #expect(try await reconciler.reconcileDue() == 0)
+            #expect(try await verifier.verifyDue() == 0)
         }
     }
 
@@ -183,13 +186,6 @@ import Testing
 
 /// The comparison itself, with no Payop at all.
 @Suite struct VerificationRulesTests {
-    func pending(amount: String? = nil, currency: String? = nil, order: String? = "o-1") -> PendingVerification {
-        PendingVerification(
-            eventID: "evt_1", kind: .checkout, entityID: "tx", status: .checkout(state: 2, errorMessage: nil),
-            orderID: order, amount: amount, currency: currency, invoiceID: nil, transactionID: "tx", receivedAt: 0,
-            attempts: 0)
-    }
-
     func record(state: Int = 2, amount: String? = "10.00", currency: String? = "EUR", order: String? = "o-1") -> PayopRecord {
         PayopRecord(
             kind: .checkout, id: "tx", status: .checkout(state: state, errorMessage: nil), orderID: order, amount: amount,
@@ -197,27 +193,29 @@ import Testing
     }
 
     @Test func amountsCompareAsDecimalsNotText() {
-        #expect(Verifier.compare(pending(amount: "10"), with: record()) == .verified(record()))
-        #expect(
-            Verifier.compare(pending(amount: "10.01"), with: record())
-                == .rejected(reason: "amount_mismatch", record: record()))
+        #expect(EventVerification.compare(IPNClaim(amount: "10"), record()) == nil)
+        #expect(EventVerification.compare(IPNClaim(amount: "10.01"), record()) == .amountMismatch)
+        #expect(EventVerification.compare(IPNClaim(amount: "10.00abc"), record()) == .amountMismatch)
+        #expect(EventVerification.compare(IPNClaim(amount: "1e1"), record()) == .amountMismatch)
     }
 
-    @Test func currencyAndOrderMustAgreeWhereBothAreKnown() {
-        #expect(
-            Verifier.compare(pending(currency: "USD"), with: record())
-                == .rejected(reason: "currency_mismatch", record: record()))
-        #expect(Verifier.compare(pending(currency: "eur"), with: record()) == .verified(record()))
-        #expect(
-            Verifier.compare(pending(order: "o-2"), with: record())
-                == .rejected(reason: "order_mismatch", record: record()))
-        #expect(Verifier.compare(pending(order: nil), with: record()) == .verified(record()))
+    @Test func currencyOrderAndInvoiceMustAgreeWhereBothAreKnown() {
+        #expect(EventVerification.compare(IPNClaim(currency: "USD"), record()) == .currencyMismatch)
+        #expect(EventVerification.compare(IPNClaim(currency: "eur"), record()) == nil)
+        #expect(EventVerification.compare(IPNClaim(orderID: "o-2"), record()) == .orderMismatch)
+        #expect(EventVerification.compare(IPNClaim(orderID: nil), record()) == nil)
+        var withInvoice = record()
+        withInvoice.invoiceID = "inv-1"
+        #expect(EventVerification.compare(IPNClaim(invoiceID: "inv-2"), withInvoice) == .invoiceMismatch)
     }
 
     @Test func twoDifferentUnknownStatesAreAMismatch() {
-        var ipn = pending()
-        ipn.status = .checkout(state: 7, errorMessage: nil)
-        #expect(Verifier.compare(ipn, with: record(state: 8)) == .statusMismatch(record(state: 8)))
+        var machine = EventVerification.fresh(kind: .checkout, status: .checkout(state: 7, errorMessage: nil), receivedAt: 0)
+        let policy = VerificationPolicy(
+            backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter), notFoundRetryMilliseconds: 0,
+            reconcileIntervalMilliseconds: 60_000)
+        let outcome = machine.payopAnswered(.record(record(state: 8)), claims: [], now: 0, policy: policy)
+        #expect(machine.state == .rejected(.statusMismatch) && outcome.reportedStatus?.status.payopState == 8)
     }
 
     @Test func backoffDoublesAndIsCapped() {
@@ -229,38 +227,36 @@ import Testing
     }
 }
 
-/// The verifier's hand-over from the listener, with the fake Payop and a real SQLite file.
-@Suite struct VerifierHandOverTests {
-    @Test func handOversBeyondTheLimitAreFoundInTheLogSoNoEventIsLeftUnverified() async throws {
+/// Many events at once, with the fake Payop and a real SQLite file.
+@Suite struct VerifierBatchTests {
+    @Test func everyDueEventIsAskedAboutOnceAndVerified() async throws {
         let dir = try TemporaryDirectory()
         let clock = TestClock()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
         defer { log.close() }
         let payop = FakePayop()
         let verifier = Verifier(
-            log: log, payop: payop,
+            store: log, payop: payop,
             policy: VerificationPolicy(
                 backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter), notFoundRetryMilliseconds: 0,
                 reconcileIntervalMilliseconds: 60_000),
             clock: clock, logger: quietLogger)
-        let count = Verifier.inboxLimit + 50
-        let pendings = try await withThrowingTaskGroup(of: PendingVerification.self) { group in
+        let count = 300
+        try await withThrowingTaskGroup(of: Void.self) { group in
             for n in 0..<count {
                 group.addTask {
                     let body = checkoutBody(transaction: "tx-\(n)", state: 2)
                     let ipn = IncomingIPN(
                         receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
                         notification: try NotificationParser.parse(body).get(), verifiedBySignature: false)
-                    return PendingVerification(fresh: try await log.ingest(ipn), ipn: ipn)
+                    _ = try await log.ingest(ipn)
                 }
             }
-            return try await group.reduce(into: []) { $0.append($1) }
+            try await group.waitForAll()
         }
-        for pending in pendings { verifier.submit(pending) }
         while try await verifier.verifyDue() > 0 {}
         #expect(try await log.events(.init(state: "verified", limit: 10_000)).count == count)
         #expect(try await log.events(.init(state: "received", limit: 10_000)).isEmpty)
-        // Each event was asked about once: hand-overs and the log's due list never overlap.
         #expect(payop.asked.withLock { $0 } == count)
     }
 }

@@ -17,175 +17,189 @@ public struct DeliveryPolicy: Sendable {
         self.shutdownGraceSeconds = shutdownGraceSeconds
         self.perHookConcurrency = perHookConcurrency
     }
+}
 
-    public init(_ config: DaemonConfig, jitter: @escaping @Sendable () -> Double = Backoff.randomJitter) {
-        self.init(
-            backoff: Backoff(
-                initialSeconds: config.delivery.retryInitialSeconds, maxSeconds: config.delivery.retryMaxSeconds,
-                jitter: jitter),
-            killGraceSeconds: config.delivery.killGraceSeconds, shutdownGraceSeconds: config.delivery.shutdownGraceSeconds)
-    }
+/// What the dispatcher reports; the daemon's Prometheus metrics in production.
+public protocol DeliveryMetrics: Sendable {
+    func delivery(hook: String, outcome: String, milliseconds: Int64)
+    func orphanedDeliveries(_ count: Int)
 }
 
 /// Runs due deliveries: at least once, in order per (hook, kind, entity), a bounded number per hook at
 /// a time, retried with capped exponential backoff until `max_attempts`, then dead until replayed.
-/// Wakes on new work (a verified event, a finished run) and on the next due time.
+///
+/// A run starts only after the log has recorded it as running (`claimDelivery`); when the log cannot
+/// be written nothing starts and the caller backs off. How a run ended is written until the log takes
+/// it, never dropped. What is asked of the log is only work that can run now: deliveries of configured
+/// hooks that are not at their limit, first in line for their entity.
 public final class Dispatcher: Sendable {
-    private let log: SQLiteEventLog
+    private let store: any DeliveryStore
     private let runner: any HookRunner
+    private let hooks: @Sendable () -> [HookConfig]
     private let policy: Mutex<DeliveryPolicy>
     private let clock: any WallClock
     private let logger: Logger
+    private let metrics: (any DeliveryMetrics)?
+    /// Waits between tries to record an outcome while the log cannot be written; injected in tests.
+    private let pause: @Sendable (Duration) async -> Void
     public let signal = WorkSignal()
+    /// Runs in progress: delivery id -> hook name.
     private let inFlight = Mutex<[Int64: String]>([:])
-    /// Deliveries handed over right after their event was verified, with the event: started without
-    /// looking either up again.
-    private let inbox = Mutex<[(Delivery, Event)]>([])
-    /// How often the log is looked at even without a signal: `replay` from another process lands in the
-    /// log without waking us.
-    static let idleRecheck: Duration = .seconds(1)
-    private let metrics: DaemonMetrics?
+    private let orphans = Mutex<[String: Int]>([:])
+    /// Deliveries looked at per pass.
+    static let batch = 64
 
     public init(
-        log: SQLiteEventLog, runner: any HookRunner, policy: DeliveryPolicy, clock: any WallClock = SystemWallClock(),
-        logger: Logger, metrics: DaemonMetrics? = nil
+        store: any DeliveryStore, runner: any HookRunner, hooks: @escaping @Sendable () -> [HookConfig],
+        policy: DeliveryPolicy, clock: any WallClock = SystemWallClock(), logger: Logger,
+        metrics: (any DeliveryMetrics)? = nil,
+        pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
     ) {
-        self.metrics = metrics
-        self.log = log
+        self.store = store
         self.runner = runner
+        self.hooks = hooks
         self.policy = Mutex(policy)
         self.clock = clock
         self.logger = logger
+        self.metrics = metrics
+        self.pause = pause
     }
 
     public func reload(_ newPolicy: DeliveryPolicy) { policy.withLock { $0 = newPolicy } }
 
     public var running: Int { inFlight.withLock { $0.count } }
 
-    /// Hands over freshly verified events' deliveries (already durable, pending in the log).
-    public func submit(_ verified: [VerifiedEvent]) {
-        let ready = verified.flatMap { item in item.readyDeliveries.map { ($0, item.event) } }
-        // Past the limit they are left to the log, where they are pending anyway: memory stays bounded.
-        if !ready.isEmpty {
-            inbox.withLock { inbox in
-                inbox.append(contentsOf: ready.prefix(max(0, Self.inboxLimit - inbox.count)))
-            }
+    /// Configured hooks that may start another run now.
+    private func openHooks() -> [String: HookConfig] {
+        let limit = policy.withLock { $0.perHookConcurrency }
+        let busy = inFlight.withLock { Dictionary($0.values.map { ($0, 1) }, uniquingKeysWith: +) }
+        var open: [String: HookConfig] = [:]
+        for hook in hooks() where open[hook.name] == nil && busy[hook.name, default: 0] < limit {
+            open[hook.name] = hook
         }
-        signal.signal()
+        return open
     }
 
-    static let inboxLimit = 1024
-
-    /// Starts what was handed over, else what is due now in the log, through `spawn`; returns how many
-    /// were started. A handed-over delivery the per-hook limit turns away is not lost: it is pending in
-    /// the log and a later pass finds it.
-    func startDue(spawn: (Delivery, Int, Event?) -> Void) async throws(EventLogError) -> Int {
-        let hooks = Dictionary(log.hooks.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+    /// Claims what can run now and hands each claimed run to `spawn`; returns how many were started.
+    /// Throws when the log cannot record a start: nothing more is started in this pass.
+    func startDue(spawn: (DeliveryClaim, HookConfig) -> Void) async throws(EventLogError) -> Int {
+        let open = openHooks()
+        guard !open.isEmpty else { return 0 }
         let limit = policy.withLock { $0.perHookConcurrency }
-        let handedOver = inbox.withLock { inbox in
-            let taken = Array(inbox.prefix(64))
-            inbox.removeFirst(taken.count)
-            return taken
-        }
-        let due: [(Delivery, Event?)] =
-            handedOver.isEmpty
-            ? try await log.dueDeliveries(now: clock.nowMilliseconds(), limit: 64).map { ($0, nil) }
-            : handedOver.map { ($0.0, $0.1) }
+        let now = clock.nowMilliseconds()
         var started = 0
-        for (delivery, event) in due {
-            guard hooks[delivery.hook] != nil else { continue }  // hook removed from the config: it waits
+        for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: Self.batch) {
+            guard let hook = open[delivery.hook] else { continue }
             let admitted = inFlight.withLock { running -> Bool in
-                guard running[delivery.id] == nil, running.values.filter({ $0 == delivery.hook }).count < limit else {
+                guard running[delivery.id] == nil, running.values.count(where: { $0 == hook.name }) < limit else {
                     return false
                 }
-                running[delivery.id] = delivery.hook
+                running[delivery.id] = hook.name
                 return true
             }
             guard admitted else { continue }
-            spawn(delivery, delivery.attempts + 1, event)
+            let claim: DeliveryClaim?
+            do {
+                claim = try await store.claimDelivery(id: delivery.id, now: clock.nowMilliseconds())
+            } catch {
+                release(delivery.id)
+                throw error
+            }
+            guard let claim else {
+                release(delivery.id)
+                continue
+            }
+            spawn(claim, hook)
             started += 1
         }
         return started
     }
 
-    /// Runs one delivery's attempt and records how it ended.
-    func execute(_ delivery: Delivery, attempt: Int, event known: Event? = nil) async {
+    private func release(_ id: Int64) {
+        inFlight.withLock { _ = $0.removeValue(forKey: id) }
+    }
+
+    /// Runs one claimed attempt and records how it ended.
+    func execute(_ claim: DeliveryClaim, hook: HookConfig) async {
         defer {
-            inFlight.withLock { _ = $0.removeValue(forKey: delivery.id) }
+            release(claim.delivery.id)
             signal.signal()
         }
-        guard let hook = log.hooks.first(where: { $0.name == delivery.hook }) else { return }
         let policy = policy.withLock { $0 }
         let started = clock.nowMilliseconds()
-        // "running" is written beside the run, not before it: a crash before it lands leaves the
-        // delivery pending, which runs again just the same. The writer commits in order, so it always
-        // lands before the result below.
-        async let marked = log.startDelivery(id: delivery.id, attempt: attempt)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let result: HookResult
         do {
-            var event = known
-            if event == nil { event = try await log.eventObject(id: delivery.eventID) }
-            guard let event else { return }
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            let body = Array(try encoder.encode(event))
+            let body = Array(try encoder.encode(claim.event))
             result = await runner.run(
                 HookInvocation(
-                    deliveryID: delivery.id, hook: hook, event: event, body: body, attempt: attempt,
+                    deliveryID: claim.delivery.id, hook: hook, event: claim.event, body: body, attempt: claim.attempt,
                     killGraceSeconds: policy.killGraceSeconds))
         } catch {
-            result = HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not prepare the event: \(error)")
+            result = HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not encode the event: \(error)")
         }
-        guard (try? await marked) == true else {
-            // Replayed or changed by another process while it ran: its new state stands.
+        var metadata: Logger.Metadata = [
+            "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
+            "attempt": "\(claim.attempt)",
+        ]
+        if Task.isCancelled {
+            // Stopped by our own shutdown: the attempt is not spent, and it runs again at the next start.
+            await persist("interrupted run", metadata) { [store, clock] () async throws(EventLogError) in
+                try await store.interruptDelivery(
+                    id: claim.delivery.id, attempt: claim.attempt, now: clock.nowMilliseconds())
+            }
+            logger.notice("hook stopped by shutdown; it runs again at the next start", metadata: metadata)
             return
         }
         let now = clock.nowMilliseconds()
-        let end = Self.end(of: result, attempt: attempt, maxAttempts: hook.maxAttempts, now: now, backoff: policy.backoff)
-        let outcome =
-            switch end {
-            case .delivered: "delivered"
-            case .retry: "failed"
-            case .dead: "dead"
-            }
-        metrics?.delivery(hook: hook.name, outcome: outcome, milliseconds: now - started)
-        do {
-            try await log.finishDelivery(id: delivery.id, attempt: attempt, end, result: result, now: now)
-        } catch {
-            // Still `running` in the log: it runs again after a restart, as at-least-once requires.
-            logger.error("delivery result not recorded", metadata: ["delivery.id": "\(delivery.id)", "error": "\(error)"])
+        let end = await persist("delivery result", metadata) { [store] () async throws(EventLogError) in
+            try await store.finishDelivery(
+                id: claim.delivery.id, attempt: claim.attempt, result: result, maxAttempts: hook.maxAttempts,
+                backoff: policy.backoff, now: now)
         }
-        let metadata: Logger.Metadata = [
-            "delivery.id": "\(delivery.id)", "event.id": "\(delivery.eventID)", "hook": "\(delivery.hook)",
-            "attempt": "\(attempt)",
-        ]
+        guard let end = end ?? nil else { return }
+        if let error = result.error { metadata["error"] = "\(error)" }
         switch end {
-        case .delivered: logger.info("delivered", metadata: metadata)
+        case .delivered:
+            metrics?.delivery(hook: hook.name, outcome: "delivered", milliseconds: now - started)
+            logger.info("delivered", metadata: metadata)
         case .retry(let at):
-            logger.warning(
-                "delivery failed; will retry",
-                metadata: metadata.merging(
-                    ["error": "\(result.error ?? "-")", "retry_at": "\(Timestamp.format(milliseconds: at))"]) { $1 })
+            metrics?.delivery(hook: hook.name, outcome: "failed", milliseconds: now - started)
+            metadata["retry_at"] = "\(Timestamp.format(milliseconds: at))"
+            logger.warning("delivery failed; will retry", metadata: metadata)
         case .dead:
-            logger.error(
-                "delivery dead: replay it when the hook is fixed",
-                metadata: metadata.merging(["error": "\(result.error ?? "-")"]) { $1 })
+            metrics?.delivery(hook: hook.name, outcome: "dead", milliseconds: now - started)
+            logger.error("delivery dead: replay it when the hook is fixed", metadata: metadata)
         }
     }
 
-    static func end(of result: HookResult, attempt: Int, maxAttempts: Int, now: Int64, backoff: Backoff)
-        -> SQLiteEventLog.DeliveryEnd
-    {
-        switch result.outcome {
-        case .delivered: return .delivered
-        case .gone: return .dead
-        case .failed(let retryAfter):
-            guard attempt < maxAttempts else { return .dead }
-            var delay = backoff.delayMilliseconds(afterAttempt: attempt)
-            if let retryAfter, retryAfter > delay {
-                delay = min(retryAfter, Int64(backoff.maxSeconds * 1000))
+    /// Writes until the log takes it: an outcome is never dropped. Gives up only when the log is
+    /// closed (the daemon stopping); the delivery is then still `running`, and runs again at the next
+    /// start, as at-least-once requires.
+    private func persist<T: Sendable>(
+        _ what: String, _ metadata: Logger.Metadata, _ write: () async throws(EventLogError) -> T
+    ) async -> T? {
+        var delay: Duration = .milliseconds(100)
+        var logged = false
+        while true {
+            do {
+                let value = try await write()
+                if logged { logger.notice("\(what) recorded after all", metadata: metadata) }
+                return value
+            } catch where error.code == .closed {
+                logger.error("\(what) not recorded: the event log is closed", metadata: metadata)
+                return nil
+            } catch {
+                if !logged {
+                    logger.error(
+                        "\(what) not recorded yet; retrying until the event log takes it",
+                        metadata: metadata.merging(["error": "\(error)"]) { $1 })
+                    logged = true
+                }
+                await pause(delay)
+                delay = min(delay * 2, .seconds(30))
             }
-            return .retry(at: now + delay)
         }
     }
 
@@ -194,11 +208,11 @@ public final class Dispatcher: Sendable {
     public func dispatchDue() async throws(EventLogError) -> Int {
         var total = 0
         while true {
-            var spawned: [(Delivery, Int, Event?)] = []
-            let started = try await startDue { spawned.append(($0, $1, $2)) }
+            var spawned: [(DeliveryClaim, HookConfig)] = []
+            let started = try await startDue { spawned.append(($0, $1)) }
             await withDiscardingTaskGroup { group in
-                for (delivery, attempt, event) in spawned {
-                    group.addTask { await self.execute(delivery, attempt: attempt, event: event) }
+                for (claim, hook) in spawned {
+                    group.addTask { await self.execute(claim, hook: hook) }
                 }
             }
             total += started
@@ -206,41 +220,53 @@ public final class Dispatcher: Sendable {
         }
     }
 
-    public func nextDue() async -> Int64? {
-        if inbox.withLock({ !$0.isEmpty }) { return clock.nowMilliseconds() }
-        return try? await log.nextDeliveryDue()
+    /// When the next run could start, if ever: only hooks that may start another run count.
+    public func nextDue() async throws(EventLogError) -> Int64? {
+        let open = openHooks()
+        return try await store.nextRunnableDelivery(hooks: Array(open.keys))
+    }
+
+    /// Reports pending deliveries of hooks that are no longer configured (once per change): they wait,
+    /// without holding up any other hook, until the hook is configured again.
+    public func checkOrphans() async {
+        guard let found = try? await store.orphanedDeliveries(configured: hooks().map(\.name)) else { return }
+        let changed = orphans.withLock { known in
+            defer { known = found }
+            return known != found
+        }
+        metrics?.orphanedDeliveries(found.values.reduce(0, +))
+        guard changed else { return }
+        for (hook, count) in found.sorted(by: { $0.key < $1.key }) {
+            logger.warning(
+                "deliveries wait for a hook that is not configured: add it back to hooks, or rename it",
+                metadata: ["hook": "\(hook)", "pending": "\(count)"])
+        }
     }
 }
 
 /// The dispatcher as a long-running service: hook runs are child tasks of this service; on shutdown no
 /// new run starts, running hooks get `shutdown_grace_seconds`, then they are stopped (their process
-/// groups terminated) and run again at the next start.
+/// groups terminated) and recorded as interrupted, to run again at the next start.
 struct DispatcherService: Service {
     let dispatcher: Dispatcher
     let clock: any WallClock
     let logger: Logger
     let shutdownGrace: Duration
+    /// How often the log is looked at even without a signal: `replay` from another process lands in the
+    /// log without waking us.
+    var recheck: Duration = .seconds(1)
 
     func run() async throws {
+        await dispatcher.checkOrphans()
         await withDiscardingTaskGroup { group in
+            let loop = DueWorkLoop(
+                name: "dispatcher", signal: dispatcher.signal, clock: clock, logger: logger, recheck: recheck)
             await withGracefulShutdownHandler {
-                var failing = false
-                while !Task.isCancelled && !Task.isShuttingDownGracefully {
-                    var timeout = Dispatcher.idleRecheck
-                    do {
-                        _ = try await dispatcher.startDue { delivery, attempt, event in
-                            group.addTask { await dispatcher.execute(delivery, attempt: attempt, event: event) }
-                        }
-                        if let next = await dispatcher.nextDue() {
-                            timeout = min(timeout, .milliseconds(max(0, next - clock.nowMilliseconds())))
-                        }
-                        failing = false
-                    } catch {
-                        if Task.isCancelled { break }
-                        if !failing { logger.error("dispatcher pass failed; retrying", metadata: ["error": "\(error)"]) }
-                        failing = true
+                await loop.run(while: { !Task.isCancelled && !Task.isShuttingDownGracefully }) {
+                    let started = try await dispatcher.startDue { claim, hook in
+                        group.addTask { await dispatcher.execute(claim, hook: hook) }
                     }
-                    await dispatcher.signal.wait(timeout: timeout)
+                    return (started, try await dispatcher.nextDue())
                 }
             } onGracefulShutdown: {
                 dispatcher.signal.signal()
@@ -251,7 +277,8 @@ struct DispatcherService: Service {
                 await dispatcher.signal.wait(timeout: deadline - ContinuousClock.now)
             }
             if dispatcher.running > 0 {
-                logger.warning("stopping hooks still running after the shutdown grace", metadata: ["count": "\(dispatcher.running)"])
+                logger.warning(
+                    "stopping hooks still running after the shutdown grace", metadata: ["count": "\(dispatcher.running)"])
                 group.cancelAll()
             }
         }

@@ -46,7 +46,7 @@ final class GroupCommitWriter: @unchecked Sendable {
                 condition.lock()
                 if stopping {
                     condition.unlock()
-                    job.fail(EventLogError(.unavailable, "the event log is shutting down"))
+                    job.fail(EventLogError(.closed, "the event log is shutting down"))
                     return
                 }
                 queue.append(job)

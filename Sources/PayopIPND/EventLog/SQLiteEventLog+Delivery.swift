@@ -1,77 +1,30 @@
 import Foundation
 import GRDB
 
-/// One hook's delivery of one event (DESIGN.md's delivery object).
-public struct Delivery: Sendable, Equatable, Encodable {
-    public var id: Int64
-    public var eventID: String
-    public var hook: String
-    public var state: String
-    public var attempts: Int
-    public var nextAttemptAt: Int64?
-    public var lastExitCode: Int?
-    public var lastHTTPStatus: Int?
-    public var lastError: String?
-    public var output: String?
-    public var deliveredAt: Int64?
-
+extension Delivery {
     static let columns = """
         id, event_id, hook, state, attempts, next_attempt_at, last_exit_code, last_http_status, last_error, output,
         delivered_at
         """
 
-    /// A delivery just created: pending, never tried.
-    init(id: Int64, eventID: String, hook: String, nextAttemptAt: Int64) {
-        self.id = id
-        self.eventID = eventID
-        self.hook = hook
-        state = "pending"
-        attempts = 0
-        self.nextAttemptAt = nextAttemptAt
-    }
-
     init(row: Row) {
-        id = row["id"]
-        eventID = row["event_id"]
-        hook = row["hook"]
-        state = row["state"]
-        attempts = row["attempts"]
-        let next: Int64 = row["next_attempt_at"]
-        nextAttemptAt = (state == "pending") ? next : nil
-        lastExitCode = row["last_exit_code"]
-        lastHTTPStatus = row["last_http_status"]
-        lastError = row["last_error"]
-        output = row["output"]
-        deliveredAt = row["delivered_at"]
+        self.init(
+            id: row["id"], eventID: row["event_id"], hook: row["hook"],
+            state: DeliveryState(rawValue: row["state"]) ?? .pending, attempts: row["attempts"],
+            nextAttemptAt: row["next_attempt_at"], lastExitCode: row["last_exit_code"],
+            lastHTTPStatus: row["last_http_status"], lastError: row["last_error"], output: row["output"],
+            deliveredAt: row["delivered_at"])
     }
 
-    enum CodingKeys: String, CodingKey {
-        case id, eventID = "event_id", hook, state, attempts, nextAttemptAt = "next_attempt_at"
-        case lastExitCode = "last_exit_code", lastHTTPStatus = "last_http_status", lastError = "last_error", output
-        case deliveredAt = "delivered_at"
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(id, forKey: .id)
-        try c.encode(eventID, forKey: .eventID)
-        try c.encode(hook, forKey: .hook)
-        try c.encode(state, forKey: .state)
-        try c.encode(attempts, forKey: .attempts)
-        try c.encode(nextAttemptAt.map { Timestamp.format(milliseconds: $0) }, forKey: .nextAttemptAt)
-        try c.encode(lastExitCode, forKey: .lastExitCode)
-        try c.encode(lastHTTPStatus, forKey: .lastHTTPStatus)
-        try c.encode(lastError, forKey: .lastError)
-        try c.encode(output, forKey: .output)
-        try c.encode(deliveredAt.map { Timestamp.format(milliseconds: $0) }, forKey: .deliveredAt)
+    var progress: DeliveryProgress {
+        DeliveryProgress(state: state, attempts: attempts, nextAttemptAt: nextAttemptAt ?? 0)
     }
 }
 
-extension SQLiteEventLog {
+extension SQLiteEventLog: DeliveryStore {
     /// The outbox: one pending delivery per matching hook for an event that just became verified, in the
     /// same transaction that verified it. A delivery that exists already is left as it is. Returns the
-    /// new deliveries that may run at once (nothing earlier pending or running for their hook and
-    /// entity), so the dispatcher can start them without looking them up again.
+    /// deliveries created.
     @discardableResult
     static func enqueueDeliveries(_ db: Database, eventID: String, hooks: [HookConfig], now: Int64) throws -> [Delivery]
     {
@@ -84,93 +37,111 @@ extension SQLiteEventLog {
         let kind: String = row["kind"]
         let entity: String = row["entity_id"]
         let type = "\(kind).\(row["status"] as String)"
-        var ready: [Delivery] = []
+        let progress = DeliveryProgress.created(now: now)
+        var created: [Delivery] = []
         for hook in hooks where hook.matches(type: type) {
             try db.cachedStatement(
                 sql: """
-                    INSERT OR IGNORE INTO deliveries (event_id, hook, kind, entity_id, state, next_attempt_at, created_at)
-                    VALUES (?, ?, ?, ?, 'pending', ?, ?)
+                    INSERT OR IGNORE INTO deliveries (event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
+                                                      created_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                     """
-            ).execute(arguments: [eventID, hook.name, kind, entity, now, now])
+            ).execute(arguments: [
+                eventID, hook.name, kind, entity, progress.state.rawValue, progress.attempts, progress.nextAttemptAt,
+                now,
+            ])
             guard db.changesCount == 1 else { continue }
-            let id = db.lastInsertedRowID
-            let blocked =
-                try Bool.fetchOne(
-                    db.cachedStatement(
-                        sql: """
-                            SELECT EXISTS (SELECT 1 FROM deliveries WHERE hook = ? AND kind = ? AND entity_id = ? AND id < ?
-                                           AND state IN ('pending', 'running'))
-                            """), arguments: [hook.name, kind, entity, id]) ?? true
-            if !blocked { ready.append(Delivery(id: id, eventID: eventID, hook: hook.name, nextAttemptAt: now)) }
+            created.append(
+                Delivery(
+                    id: db.lastInsertedRowID, eventID: eventID, hook: hook.name, state: progress.state,
+                    attempts: progress.attempts, nextAttemptAt: progress.nextAttemptAt))
         }
-        return ready
+        return created
     }
 
-    /// At start: a delivery that was running when the daemon died runs again.
-    @discardableResult
-    public func recoverInterruptedDeliveries(now: Int64) async throws(EventLogError) -> Int {
-        try await write { db in
-            try db.cachedStatement(
-                sql: "UPDATE deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'running'"
-            ).execute(arguments: [now])
-            return db.changesCount
-        }
+    /// Head-of-line pending deliveries of the given hooks: nothing earlier of their (hook, kind, entity)
+    /// is pending or running.
+    private static let headOfLine = """
+        FROM deliveries AS d
+        WHERE d.state = 'pending' AND d.hook IN (SELECT value FROM json_each(?))
+        AND NOT EXISTS (
+            SELECT 1 FROM deliveries AS e
+            WHERE e.hook = d.hook AND e.kind = d.kind AND e.entity_id = d.entity_id AND e.id < d.id
+            AND e.state IN ('pending', 'running'))
+        """
+
+    private static func hookList(_ hooks: [String]) -> String {
+        String(decoding: (try? JSONEncoder().encode(hooks)) ?? Data("[]".utf8), as: UTF8.self)
     }
 
-    /// Pending deliveries due at `now` whose (hook, kind, entity) has nothing earlier still pending or
-    /// running: a later status never overtakes an earlier one.
-    public func dueDeliveries(now: Int64, limit: Int) async throws(EventLogError) -> [Delivery] {
-        try await read { db in
+    public func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+        guard !hooks.isEmpty else { return [] }
+        return try await read { db in
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
-                        SELECT \(Delivery.columns) FROM deliveries AS d
-                        WHERE d.state = 'pending' AND d.next_attempt_at <= ?
-                        AND NOT EXISTS (
-                            SELECT 1 FROM deliveries AS e
-                            WHERE e.hook = d.hook AND e.kind = d.kind AND e.entity_id = d.entity_id AND e.id < d.id
-                            AND e.state IN ('pending', 'running'))
+                        SELECT d.id, d.event_id, d.hook, d.state, d.attempts, d.next_attempt_at, d.last_exit_code,
+                               d.last_http_status, d.last_error, d.output, d.delivered_at
+                        \(Self.headOfLine) AND d.next_attempt_at <= ?
                         ORDER BY d.next_attempt_at, d.id LIMIT ?
-                        """), arguments: [now, limit]
+                        """), arguments: [Self.hookList(hooks), now, limit]
             ).map(Delivery.init(row:))
         }
     }
 
-    public func nextDeliveryDue() async throws(EventLogError) -> Int64? {
-        try await read { db in
+    public func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
+        guard !hooks.isEmpty else { return nil }
+        return try await read { db in
             try Int64.fetchOne(
-                db.cachedStatement(sql: "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'"))
+                db.cachedStatement(sql: "SELECT min(d.next_attempt_at) \(Self.headOfLine)"),
+                arguments: [Self.hookList(hooks)])
         }
     }
 
-    /// Marks a delivery running as attempt `attempt`; false when it was no longer pending (replayed or
-    /// finished meanwhile).
-    @discardableResult
-    public func startDelivery(id: Int64, attempt: Int) async throws(EventLogError) -> Bool {
+    static func delivery(_ db: Database, _ id: Int64) throws -> Delivery? {
+        try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT \(Delivery.columns) FROM deliveries WHERE id = ?"), arguments: [id]
+        ).map(Delivery.init(row:))
+    }
+
+    static func saveProgress(_ progress: DeliveryProgress, id: Int64, in db: Database) throws {
+        try db.cachedStatement(
+            sql: "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ? WHERE id = ?"
+        ).execute(arguments: [progress.state.rawValue, progress.attempts, progress.nextAttemptAt, id])
+    }
+
+    public func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
         try await write { db in
-            try db.cachedStatement(
-                sql: "UPDATE deliveries SET state = 'running', attempts = ? WHERE id = ? AND state = 'pending'"
-            ).execute(arguments: [attempt, id])
-            return db.changesCount == 1
+            guard var delivery = try Self.delivery(db, id) else { return nil }
+            let blocked =
+                try Bool.fetchOne(
+                    db.cachedStatement(
+                        sql: """
+                            SELECT EXISTS (SELECT 1 FROM deliveries AS e, deliveries AS d
+                                           WHERE d.id = ? AND e.hook = d.hook AND e.kind = d.kind
+                                           AND e.entity_id = d.entity_id AND e.id < d.id
+                                           AND e.state IN ('pending', 'running'))
+                            """), arguments: [id]) ?? true
+            var progress = delivery.progress
+            guard !blocked, let attempt = progress.start(now: now),
+                let row = try Row.fetchOne(
+                    db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [delivery.eventID])
+            else { return nil }
+            try Self.saveProgress(progress, id: id, in: db)
+            delivery.state = progress.state
+            delivery.attempts = progress.attempts
+            return DeliveryClaim(delivery: delivery, attempt: attempt, event: Event(row: row))
         }
     }
 
-    public enum DeliveryEnd: Sendable, Equatable {
-        case delivered
-        case retry(at: Int64)
-        case dead
-    }
-
-    public func finishDelivery(id: Int64, attempt: Int, _ end: DeliveryEnd, result: HookResult, now: Int64)
-        async throws(EventLogError)
-    {
+    public func finishDelivery(
+        id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+    ) async throws(EventLogError) -> DeliveryProgress.End? {
         try await write { db in
-            let (state, next): (String, Int64) =
-                switch end {
-                case .delivered: ("delivered", now)
-                case .retry(let at): ("pending", at)
-                case .dead: ("dead", now)
-                }
+            guard var progress = try Self.delivery(db, id)?.progress,
+                let end = progress.finish(
+                    attempt: attempt, outcome: result.outcome, maxAttempts: maxAttempts, backoff: backoff, now: now)
+            else { return nil }
             try db.cachedStatement(
                 sql: """
                     UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, last_exit_code = ?,
@@ -179,9 +150,47 @@ extension SQLiteEventLog {
                     WHERE id = ?
                     """
             ).execute(arguments: [
-                state, attempt, next, result.exitCode, result.httpStatus, result.error, result.output, now, state, now,
-                id,
+                progress.state.rawValue, progress.attempts, progress.nextAttemptAt, result.exitCode, result.httpStatus,
+                result.error, result.output, now, progress.state.rawValue, now, id,
             ])
+            return end
+        }
+    }
+
+    public func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
+        try await write { db in
+            guard var progress = try Self.delivery(db, id)?.progress else { return }
+            progress.interrupt(attempt: attempt, now: now)
+            try Self.saveProgress(progress, id: id, in: db)
+        }
+    }
+
+    /// At start, under the log's lock: a delivery that was running when the last daemon died runs again.
+    @discardableResult
+    public func recoverInterruptedDeliveries(now: Int64) async throws(EventLogError) -> Int {
+        try await write { db in
+            let running = try Row.fetchAll(
+                db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE state = 'running'"
+            ).map(Delivery.init(row:))
+            for delivery in running {
+                var progress = delivery.progress
+                progress.recoverAfterCrash(now: now)
+                try Self.saveProgress(progress, id: delivery.id, in: db)
+            }
+            return running.count
+        }
+    }
+
+    public func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
+        try await read { db in
+            let rows = try Row.fetchAll(
+                db.cachedStatement(
+                    sql: """
+                        SELECT hook, count(*) AS n FROM deliveries
+                        WHERE state = 'pending' AND hook NOT IN (SELECT value FROM json_each(?))
+                        GROUP BY hook
+                        """), arguments: [Self.hookList(configured)])
+            return Dictionary(rows.map { ($0["hook"] as String, $0["n"] as Int) }, uniquingKeysWith: +)
         }
     }
 
@@ -195,25 +204,25 @@ extension SQLiteEventLog {
                 let state = try String.fetchOne(
                     db.cachedStatement(sql: "SELECT state FROM events WHERE id = ?"), arguments: [eventID])
             else { throw EventLogError(.noSuchRecord, "no event \(eventID): list them with 'payop-ipnd events list'") }
-            guard state == "verified" else {
+            guard state == VerificationState.verified.name else {
                 throw EventLogError(.noSuchRecord, "event \(eventID) is \(state), not verified: it is never delivered")
             }
             let chosen = hooks.filter { hook == nil || $0.name == hook }
             try Self.enqueueDeliveries(db, eventID: eventID, hooks: chosen, now: now)
-            var arguments: StatementArguments = [now, eventID]
-            var filter = ""
-            if let hook {
-                filter = " AND hook = ?"
-                arguments += [hook]
+            var pending = 0
+            let deliveries = try Row.fetchAll(
+                db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [eventID]
+            ).map(Delivery.init(row:))
+            for delivery in deliveries where hook == nil || delivery.hook == hook {
+                var progress = delivery.progress
+                progress.replay(now: now)
+                try Self.saveProgress(progress, id: delivery.id, in: db)
+                if progress.state == .pending {
+                    try db.execute(sql: "UPDATE deliveries SET last_error = NULL WHERE id = ?", arguments: [delivery.id])
+                    pending += 1
+                }
             }
-            try db.execute(
-                sql: """
-                    UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL
-                    WHERE event_id = ? AND state <> 'running'\(filter)
-                    """, arguments: arguments)
-            return try Int.fetchOne(
-                db, sql: "SELECT count(*) FROM deliveries WHERE event_id = ? AND state = 'pending'\(filter)",
-                arguments: hook.map { [eventID, $0] } ?? [eventID]) ?? 0
+            return pending
         }
     }
 
@@ -251,9 +260,9 @@ extension SQLiteEventLog {
                 ))
             var counts = DeliveryCounts(pending: 0, running: 0, dead: 0)
             for row in rows {
-                switch row["state"] as String {
-                case "pending": counts.pending = row["n"]
-                case "running": counts.running = row["n"]
+                switch DeliveryState(rawValue: row["state"]) {
+                case .pending: counts.pending = row["n"]
+                case .running: counts.running = row["n"]
                 default: counts.dead = row["n"]
                 }
             }

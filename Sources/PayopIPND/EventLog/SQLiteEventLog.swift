@@ -33,6 +33,7 @@ public final class SQLiteEventLog: EventStore {
     /// Opens (creating when `create`) the log at `path`, migrates it and checks that commits are durable.
     public static func open(
         path: String, mode: Mode, create: Bool = true, clock: any WallClock = SystemWallClock(),
+        lockDeadlineSeconds: TimeInterval = SQLiteEventLog.lockDeadlineSeconds,
         onBatch: @escaping @Sendable (Int) -> Void = { _ in }
     ) throws(EventLogError) -> SQLiteEventLog {
         let fileManager = FileManager.default
@@ -147,15 +148,16 @@ public final class SQLiteEventLog: EventStore {
             try db.cachedStatement(sql: Self.insertReceipt).execute(arguments: [
                 refused.receivedAt, refused.sourceIP, refused.path, refused.answer, refused.reason.rawValue,
                 refused.notification?.kind.rawValue, refused.notification?.entityID, refused.notification?.status.name,
-                nil, refused.size, Data(refused.bodyPrefix),
+                nil, refused.size, Data(refused.bodyPrefix), nil, nil, nil, nil, nil,
             ])
         }
     }
 
     private static let insertReceipt = """
         INSERT INTO receipts (received_at, source_ip, path, answer, reason, kind, entity_id, status, event_id,
-                              size, body)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                              size, body, claim_order_id, claim_amount, claim_currency, claim_invoice_id,
+                              claim_transaction_id)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
     private static let insertEvent = """
@@ -168,35 +170,39 @@ public final class SQLiteEventLog: EventStore {
     static func ingest(_ ipn: IncomingIPN, in db: Database, hooks: [HookConfig]) throws -> IngestOutcome {
         let n = ipn.notification
         let now = ipn.receivedAt
-        let existing = try String.fetchOne(
-            db.cachedStatement(sql: "SELECT id FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
+        let existing = try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT id, state FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
             arguments: [n.kind.rawValue, n.entityID, n.status.dedupeKey])
-        let eventID = existing ?? SortableID.make(prefix: "evt_", millisecondsSince1970: now)
-        // The receipt first, so a new event can point at it; the foreign keys are checked at commit.
+        let eventID: String = existing?["id"] ?? SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        // The receipt first, so a new event can point at it. Each copy keeps its own claims: a later copy
+        // is judged on its own against Payop.
         try db.cachedStatement(sql: insertReceipt).execute(arguments: [
             now, ipn.sourceIP, ipn.path, 200, nil, n.kind.rawValue, n.entityID, n.status.name, eventID,
-            ipn.body.count, Data(ipn.body),
+            ipn.body.count, Data(ipn.body), n.orderID, n.amount, n.currency, n.invoiceID, n.transactionID,
         ])
         let receiptID = db.lastInsertedRowID
-        if existing != nil {
-            // A repeat of a rejected IPN makes the verifier ask Payop again: Payop may have caught up.
-            try db.cachedStatement(
-                sql: """
-                    UPDATE events SET duplicates = duplicates + 1,
-                        next_check_at = CASE WHEN state = 'rejected' AND legacy = 0 THEN ? ELSE next_check_at END
-                    WHERE id = ?
-                    """
-            ).execute(arguments: [now, eventID])
+        if let existing {
+            try db.cachedStatement(sql: "UPDATE events SET duplicates = duplicates + 1 WHERE id = ?").execute(
+                arguments: [eventID])
+            if existing["state"] as String == "rejected",
+                var machine = try verification(db, eventID)
+            {
+                machine.ipnRepeated(now: now)
+                try persist(machine, eventID: eventID, facts: nil, now: now, in: db)
+            }
         } else {
-            let verified = ipn.verifiedBySignature
+            let machine =
+                ipn.verifiedBySignature
+                ? EventVerification.signed(kind: n.kind, status: n.status, receivedAt: now)
+                : EventVerification.fresh(kind: n.kind, status: n.status, receivedAt: now)
             try db.cachedStatement(sql: insertEvent).execute(arguments: [
                 eventID, n.kind.rawValue, n.entityID, n.status.name, n.status.dedupeKey, n.status.payopState,
-                verified ? "verified" : "received", verified ? "signature" : nil,
+                machine.state.name, ipn.verifiedBySignature ? "signature" : nil,
                 n.transactionID, n.invoiceID, n.orderID, n.refundID, n.withdrawalID, n.amount, n.currency,
-                n.errorMessage, n.legacy != nil, now, verified ? now : nil, receiptID,
-                verified ? nil : now,
+                n.errorMessage, n.legacy != nil, now, ipn.verifiedBySignature ? now : nil, receiptID,
+                machine.nextCheckAt,
             ])
-            if verified { try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now) }
+            if ipn.verifiedBySignature { try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now) }
         }
         return IngestOutcome(receiptID: receiptID, eventID: eventID, duplicate: existing != nil)
     }

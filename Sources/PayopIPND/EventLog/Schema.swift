@@ -106,6 +106,31 @@ enum Schema {
                     CREATE INDEX deliveries_by_state ON deliveries (state, id);
                     """)
         }
+        migrator.registerMigration("0004-verification-machine") { db in
+            try db.execute(
+                sql: """
+                    -- a contradicted claim, or a verified failed checkout, is asked about until then
+                    ALTER TABLE events ADD COLUMN watch_until INTEGER;
+                    -- one schedule for every question to Payop: re-checks of verified statuses join it
+                    UPDATE events SET next_check_at = reconcile_at WHERE state = 'verified' AND reconcile_at IS NOT NULL;
+                    UPDATE events SET reconcile_at = NULL;
+                    DROP INDEX events_due_for_reconcile;
+                    -- what each copy of an IPN claimed: every copy is judged on its own against Payop
+                    ALTER TABLE receipts ADD COLUMN claim_order_id TEXT;
+                    ALTER TABLE receipts ADD COLUMN claim_amount TEXT;
+                    ALTER TABLE receipts ADD COLUMN claim_currency TEXT;
+                    ALTER TABLE receipts ADD COLUMN claim_invoice_id TEXT;
+                    ALTER TABLE receipts ADD COLUMN claim_transaction_id TEXT;
+                    -- copies received before this version: the event's first copy speaks for them all
+                    UPDATE receipts SET
+                        claim_order_id = (SELECT order_id FROM events WHERE events.id = receipts.event_id),
+                        claim_amount = (SELECT amount FROM events WHERE events.id = receipts.event_id),
+                        claim_currency = (SELECT currency FROM events WHERE events.id = receipts.event_id),
+                        claim_invoice_id = (SELECT invoice_id FROM events WHERE events.id = receipts.event_id),
+                        claim_transaction_id = (SELECT transaction_id FROM events WHERE events.id = receipts.event_id)
+                    WHERE answer = 200 AND event_id IS NOT NULL;
+                    """)
+        }
         return migrator
     }
 }

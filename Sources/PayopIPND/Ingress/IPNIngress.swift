@@ -42,6 +42,13 @@ public struct IngressAnswer: Sendable, Equatable {
     static let unavailable = IngressAnswer(503, "event log unavailable, send again later")
 }
 
+/// What the listener reports; the daemon's Prometheus metrics in production.
+public protocol IngressMetrics: Sendable {
+    /// One IPN request answered; `kind` is nil when the body was not understood.
+    func ipn(kind: String?, answer: Int)
+    func eventCreated(type: String)
+}
+
 /// The IPN listener's decisions, with no HTTP server in them: the status table of DESIGN.md.
 public final class IPNIngress: Sendable {
     /// A request that passed the checks that need no body; the body may now be read.
@@ -62,11 +69,11 @@ public final class IPNIngress: Sendable {
     private let logger: Logger
     /// Told of every IPN made durable (the verifier takes it from there).
     private let onStored: @Sendable (IngestOutcome, IncomingIPN) -> Void
-    private let metrics: DaemonMetrics?
+    private let metrics: (any IngressMetrics)?
 
     public init(
         settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger,
-        metrics: DaemonMetrics? = nil, onStored: @escaping @Sendable (IngestOutcome, IncomingIPN) -> Void = { _, _ in }
+        metrics: (any IngressMetrics)? = nil, onStored: @escaping @Sendable (IngestOutcome, IncomingIPN) -> Void = { _, _ in }
     ) {
         self.settings = Mutex(settings)
         self.store = store
@@ -75,6 +82,9 @@ public final class IPNIngress: Sendable {
         self.metrics = metrics
         self.onStored = onStored
     }
+
+    /// Who may post, as the connection gate checks it at accept time.
+    public var sources: SourcePolicy { settings.withLock { $0.sources } }
 
     public func reload(_ newSettings: IngressSettings) {
         settings.withLock { $0 = newSettings }

@@ -8,13 +8,10 @@ import NIOPosix
 /// The IPN port: HummingbirdCore's HTTP/1 server with one lean responder and no router, middleware or
 /// per-request context, because the request path, not the disk, is the ingest ceiling (DESIGN.md).
 public enum IPNListener {
-    /// Connections served at once; Payop opens a handful, so this only bounds abuse.
-    public static let maxConnections = 1024
-
     public static func makeServer(
         host: String, port: Int, ingress: IPNIngress, readTimeoutSeconds: Double, logger: Logger,
-        onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
-    ) -> Server<HTTP1Channel> {
+        limits: ConnectionGate.Limits = .init(), onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
+    ) -> Server<GatedHTTP1Channel> {
         let readTimeout = TimeAmount.milliseconds(Int64(readTimeoutSeconds * 1000))
         let channel = HTTP1Channel(
             responder: { request, responseWriter, channel in
@@ -30,12 +27,12 @@ public enum IPNListener {
             configuration: .init(
                 additionalChannelHandlers: [HeaderDeadlineHandler(timeout: readTimeout)],
                 idleTimeout: readTimeout * 4))
+        // Connections are admitted or refused as they are accepted (ConnectionGate), never left waiting
+        // in the backlog behind someone else's: memory stays bounded whatever is sent.
+        let gate = ConnectionGate(limits: limits) { ingress.sources }
         return Server(
-            childChannelSetup: channel,
-            // Connections beyond this wait in the backlog: memory stays bounded whatever is sent.
-            configuration: .init(
-                address: .hostname(host, port: port), serverName: nil, backlog: 1024,
-                availableConnectionsDelegate: MaximumAvailableConnections(maxConnections)),
+            childChannelSetup: GatedHTTP1Channel(inner: channel, gate: gate),
+            configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 1024),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) },
             eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
             logger: logger)

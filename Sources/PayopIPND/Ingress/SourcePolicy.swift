@@ -112,8 +112,14 @@ public struct SourcePolicy: Sendable, Equatable {
         }
     }
 
-    private func isTrustedProxy(_ address: IPAddress) -> Bool {
+    public func isTrustedProxy(_ address: IPAddress) -> Bool {
         trustedProxies.contains { $0.contains(address) }
+    }
+
+    /// True when the configured list names `address` (not merely `any`).
+    public func listsExplicitly(_ address: IPAddress) -> Bool {
+        if case .only(let ranges) = allowed { return ranges.contains { $0.contains(address) } }
+        return false
     }
 }
 

@@ -47,7 +47,7 @@ extension AsyncParsableCommand {
             throw ExitCode(1)
         } catch let error as EventLogError {
             printError(error.description)
-            throw ExitCode(error.code == .unavailable ? 69 : 1)
+            throw ExitCode(error.code == .unavailable || error.code == .closed ? 69 : 1)
         }
     }
 }

@@ -7,7 +7,7 @@ import ServiceLifecycle
 import Synchronization
 
 /// Assembles the long-running parts into one ServiceGroup, in the order of an IPN's life: event log,
-/// Payop client, dispatcher, verifier and reconciler, listeners; plus the operations around them.
+/// Payop client, dispatcher, verifier, listeners; plus the operations around them.
 public struct Daemon: Sendable {
     public var config: DaemonConfig
     /// Where `config` came from: SIGHUP reads it again.
@@ -46,6 +46,9 @@ public struct Daemon: Sendable {
 
     public func run() async throws {
         let notifier = SystemdNotifier(environment: environment)
+        // One daemon per log, decided before anything is touched: a second one exits naming the first.
+        let lock = try EventLogLock.acquire(logPath: config.storage.path)
+        defer { lock.release() }
         let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
         log.setHooks(config.hooks)
         let recovered = try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
@@ -60,28 +63,21 @@ public struct Daemon: Sendable {
             commands: CommandHookRunner(),
             urls: URLHookRunner(http: http, secrets: { name in secrets.hookSigning.withLock { $0[name] } }, clock: clock))
         let dispatcher = Dispatcher(
-            log: log, runner: runner, policy: DeliveryPolicy(config), clock: clock, logger: logger, metrics: metrics)
+            store: log, runner: runner, hooks: { log.hooks }, policy: DeliveryPolicy(config), clock: clock,
+            logger: logger, metrics: metrics)
         let verifySignal = WorkSignal()
-        let reconcileSignal = WorkSignal()
         let verifier = Verifier(
-            log: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
-            onVerified: { verified in
-                dispatcher.submit(verified)
-                reconcileSignal.signal()
-            })
-        let reconciler = Reconciler(
-            log: log, payop: payop, intervalMilliseconds: Int64(config.reconcile.intervalSeconds * 1000), clock: clock,
-            logger: logger, onVerified: { verified in dispatcher.submit(verified) })
+            store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
+            onVerified: { _ in dispatcher.signal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
-            onStored: { outcome, ipn in
+            onStored: { _, ipn in
                 if ipn.verifiedBySignature {
                     dispatcher.signal.signal()
-                    return
+                } else {
+                    verifySignal.signal()
                 }
-                if !outcome.duplicate { verifier.submit(PendingVerification(fresh: outcome, ipn: ipn)) }
-                verifySignal.signal()
             })
         let ports = Mutex(BoundPorts(ipn: 0, admin: 0))
         let onReady = self.onReady
@@ -123,8 +119,8 @@ public struct Daemon: Sendable {
             secrets.hookSigning.withLock { $0 = nextSecrets.hookSigning.withLock { $0 } }
             log.setHooks(next.hooks)
             verifier.reload(VerificationPolicy(next))
-            reconciler.reload(intervalMilliseconds: Int64(next.reconcile.intervalSeconds * 1000))
             dispatcher.reload(DeliveryPolicy(next))
+            await dispatcher.checkOrphans()
             logLevel.set(next.logLevel)
             dispatcher.signal.signal()
             verifySignal.signal()
@@ -137,7 +133,7 @@ public struct Daemon: Sendable {
                 "hooks": "\(config.hooks.map(\.name))",
             ])
         // Services stop in reverse order: STOPPING=1 first, then the listeners (no new IPNs), the
-        // reconciler and verifier, the dispatcher (running hooks get their grace), and the event log
+        // verifier, the dispatcher (running hooks get their grace), and the event log
         // last, after everything answered is committed.
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
             .init(service: EventLogService(log: log)),
@@ -153,16 +149,7 @@ public struct Daemon: Sendable {
                 service: DispatcherService(
                     dispatcher: dispatcher, clock: clock, logger: logger,
                     shutdownGrace: .milliseconds(Int64(config.delivery.shutdownGraceSeconds * 1000)))),
-            .init(
-                service: DueWorkService(name: "verifier", signal: verifySignal, clock: clock, logger: logger) {
-                    try await verifier.verifyDue()
-                    return await verifier.nextDue()
-                }),
-            .init(
-                service: DueWorkService(name: "reconciler", signal: reconcileSignal, clock: clock, logger: logger) {
-                    try await reconciler.reconcileDue()
-                    return await reconciler.nextDue()
-                }),
+            .init(service: VerifierService(verifier: verifier, signal: verifySignal, clock: clock, logger: logger)),
             .init(service: ReloadService(notifier: notifier, logger: logger, reload: reload)),
             .init(service: admin),
             .init(service: server),

@@ -37,7 +37,7 @@ func printDeliveries(_ deliveries: [Delivery]) {
         ["ID", "EVENT", "HOOK", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"],
         deliveries.map {
             [
-                String($0.id), $0.eventID, $0.hook, $0.state, String($0.attempts),
+                String($0.id), $0.eventID, $0.hook, $0.state.rawValue, String($0.attempts),
                 $0.nextAttemptAt.map { Timestamp.format(milliseconds: $0) } ?? "-", $0.lastError ?? "-",
             ]
         })

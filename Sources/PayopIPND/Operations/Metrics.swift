@@ -5,13 +5,14 @@ import Synchronization
 
 /// The daemon's metrics through swift-metrics, kept in one Prometheus registry per daemon (so tests
 /// get their own). Every name starts with `payop_ipnd_`.
-public final class DaemonMetrics: Sendable {
+public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryMetrics, Sendable {
     public let registry = PrometheusCollectorRegistry()
     private let factory: PrometheusMetricsFactory
     private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
     private let lastIPN: CoreMetrics.Gauge
     private let backlog: CoreMetrics.Gauge
     private let dead: CoreMetrics.Gauge
+    private let orphaned: CoreMetrics.Gauge
     private let verificationLatency: CoreMetrics.Timer
     private let startTime: CoreMetrics.Gauge
 
@@ -26,6 +27,7 @@ public final class DaemonMetrics: Sendable {
         lastIPN = Gauge(label: "payop_ipnd_last_ipn_timestamp_seconds", factory: factory)
         backlog = Gauge(label: "payop_ipnd_delivery_backlog", factory: factory)
         dead = Gauge(label: "payop_ipnd_dead_deliveries", factory: factory)
+        orphaned = Gauge(label: "payop_ipnd_orphaned_deliveries", factory: factory)
         verificationLatency = Timer(label: "payop_ipnd_verification_latency_seconds", factory: factory)
         startTime = Gauge(label: "payop_ipnd_start_time_seconds", factory: factory)
         startTime.record(Date().timeIntervalSince1970)
@@ -43,28 +45,33 @@ public final class DaemonMetrics: Sendable {
     }
 
     /// One IPN request answered; `kind` is nil when the body was not understood.
-    func ipn(kind: String?, answer: Int) {
+    public func ipn(kind: String?, answer: Int) {
         count("payop_ipnd_ipn_requests_total", [("kind", kind ?? "unknown"), ("answer", String(answer))])
         if answer == 200 { lastIPN.record(Date().timeIntervalSince1970) }
     }
 
-    func eventCreated(type: String) {
+    public func eventCreated(type: String) {
         count("payop_ipnd_events_total", [("type", type)])
     }
 
-    func verification(outcome: String, latencyMilliseconds: Int64?) {
+    public func verification(outcome: String, latencyMilliseconds: Int64?) {
         count("payop_ipnd_verifications_total", [("outcome", outcome)])
         if let latencyMilliseconds { verificationLatency.recordMilliseconds(latencyMilliseconds) }
     }
 
-    func payopError(code: String) {
+    public func payopError(code: String) {
         count("payop_ipnd_payop_api_errors_total", [("code", code)])
     }
 
-    func delivery(hook: String, outcome: String, milliseconds: Int64) {
+    public func delivery(hook: String, outcome: String, milliseconds: Int64) {
         count("payop_ipnd_deliveries_total", [("hook", hook), ("outcome", outcome)])
         Timer(label: "payop_ipnd_delivery_latency_seconds", dimensions: [("hook", hook)], factory: factory)
             .recordMilliseconds(milliseconds)
+    }
+
+    /// Pending deliveries of hooks no longer configured.
+    public func orphanedDeliveries(_ count: Int) {
+        orphaned.record(count)
     }
 
     func deliveryBacklog(pending: Int, dead deadCount: Int) {

@@ -8,19 +8,22 @@ public struct PayopRecord: Sendable, Equatable {
     public var orderID: String?
     /// For refunds, the refunded checkout transaction.
     public var transactionID: String?
+    /// When Payop's answer names the invoice (its checkout answer usually does not).
+    public var invoiceID: String?
     public var amount: String?
     public var currency: String?
     public var errorMessage: String?
 
     public init(
         kind: IPNKind, id: String, status: PaymentStatus, orderID: String? = nil, transactionID: String? = nil,
-        amount: String? = nil, currency: String? = nil, errorMessage: String? = nil
+        invoiceID: String? = nil, amount: String? = nil, currency: String? = nil, errorMessage: String? = nil
     ) {
         self.kind = kind
         self.id = id
         self.status = status
         self.orderID = orderID
         self.transactionID = transactionID
+        self.invoiceID = invoiceID
         self.amount = amount
         self.currency = currency
         self.errorMessage = errorMessage
@@ -80,11 +83,12 @@ enum PayopAnswers {
         var amount: String?
         var currency: String?
         var orderID: String?
+        var invoiceID: String?
         var error: String?
         var sourceTransaction: String?
 
         enum CodingKeys: String, CodingKey {
-            case identifier, state, status, amount, currency, orderId, error, sourceTransaction
+            case identifier, state, status, amount, currency, orderId, invoiceIdentifier, error, sourceTransaction
         }
 
         private struct Source: Decodable {
@@ -103,6 +107,7 @@ enum PayopAnswers {
             amount = c.looseText(.amount)
             currency = c.looseText(.currency)
             orderID = c.looseText(.orderId)
+            invoiceID = c.looseText(.invoiceIdentifier)
             error = c.lenientDecode(PayopErrorMessage.self, .error)?.message
             sourceTransaction = c.lenientDecode(Source.self, .sourceTransaction)?.identifier
         }
@@ -112,11 +117,17 @@ enum PayopAnswers {
                 throw PayopError(.badResponse, "Payop's answer for \(id) has no state")
             }
             let message = error.flatMap { $0.isEmpty ? nil : $0 }
+            let amount = amount.flatMap { $0.isEmpty ? nil : $0 }
+            // Payop's facts reach hooks as they are: an amount that is not a whole decimal is no answer.
+            if let amount, Amount.parse(amount) == nil {
+                throw PayopError(.badResponse, "Payop's answer for \(id) has an amount that is not a number: \(amount)")
+            }
             return PayopRecord(
                 kind: kind, id: id, status: .status(kind: kind, state: number, errorMessage: message),
-                orderID: orderID.flatMap { $0.isEmpty ? nil : $0 }, transactionID: sourceTransaction,
-                amount: amount.flatMap { $0.isEmpty ? nil : $0 }, currency: currency.flatMap { $0.isEmpty ? nil : $0 },
-                errorMessage: message)
+                orderID: orderID.flatMap { $0.isEmpty ? nil : $0 },
+                transactionID: sourceTransaction.flatMap { $0.isEmpty ? nil : $0 },
+                invoiceID: invoiceID.flatMap { $0.isEmpty ? nil : $0 }, amount: amount,
+                currency: currency.flatMap { $0.isEmpty ? nil : $0 }, errorMessage: message)
         }
     }
 

@@ -95,15 +95,11 @@ final class PayopHarness: Sendable {
 
     func verifier(notFoundRetryMinutes: Double = 10, payop: (any PayopAPI)? = nil) -> Verifier {
         Verifier(
-            log: log, payop: payop ?? client,
+            store: log, payop: payop ?? client,
             policy: VerificationPolicy(
                 backoff: Backoff(initialSeconds: 1, maxSeconds: 300, jitter: Backoff.noJitter),
                 notFoundRetryMilliseconds: Int64(notFoundRetryMinutes * 60_000), reconcileIntervalMilliseconds: 300_000),
             clock: clock, logger: logs.logger)
-    }
-
-    func reconciler() -> Reconciler {
-        Reconciler(log: log, payop: client, intervalMilliseconds: 300_000, clock: clock, logger: logs.logger)
     }
 
     /// Posts `body` into the log as the listener would (at the test clock's time).

@@ -59,37 +59,10 @@ public struct IngestOutcome: Sendable, Equatable {
     public var duplicate: Bool
 }
 
-/// The event log's write side as the listener sees it: a fake in tests, SQLite in production.
+/// What the listener needs of the event log: a fake in tests, SQLite in production.
 public protocol EventStore: Sendable {
     /// Records the receipt and its event (or counts a duplicate); returns only once durable.
     func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome
     /// Records a refused request; nothing else happens.
     func recordRefused(_ refused: RefusedIPN) async throws(EventLogError)
-}
-
-/// A failure of the event log, with a stable code a merchant can look up and the cause kept.
-public struct EventLogError: Error, CustomStringConvertible, Sendable {
-    public enum Code: String, Sendable {
-        /// Cannot commit now (disk full, read-only, locked past the deadline, closed): try again later.
-        case unavailable
-        /// The file is not there, or is not a payop-ipnd event log.
-        case notFound
-        case notEventLog
-        /// A referenced event or delivery does not exist.
-        case noSuchRecord
-    }
-
-    public var code: Code
-    public var message: String
-    public var cause: String?
-
-    public init(_ code: Code, _ message: String, cause: (any Error)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause.map { String(describing: $0) }
-    }
-
-    public var description: String {
-        cause.map { "\(message) (\($0))" } ?? message
-    }
 }

@@ -1,0 +1,82 @@
+/// One hook's delivery of one event (the contract's delivery object).
+public struct Delivery: Sendable, Equatable, Encodable {
+    public var id: Int64
+    public var eventID: String
+    public var hook: String
+    public var state: DeliveryState
+    public var attempts: Int
+    public var nextAttemptAt: Int64?
+    public var lastExitCode: Int?
+    public var lastHTTPStatus: Int?
+    public var lastError: String?
+    public var output: String?
+    public var deliveredAt: Int64?
+
+    public init(
+        id: Int64, eventID: String, hook: String, state: DeliveryState, attempts: Int, nextAttemptAt: Int64?,
+        lastExitCode: Int? = nil, lastHTTPStatus: Int? = nil, lastError: String? = nil, output: String? = nil,
+        deliveredAt: Int64? = nil
+    ) {
+        self.id = id
+        self.eventID = eventID
+        self.hook = hook
+        self.state = state
+        self.attempts = attempts
+        self.nextAttemptAt = state == .pending ? nextAttemptAt : nil
+        self.lastExitCode = lastExitCode
+        self.lastHTTPStatus = lastHTTPStatus
+        self.lastError = lastError
+        self.output = output
+        self.deliveredAt = deliveredAt
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, eventID = "event_id", hook, state, attempts, nextAttemptAt = "next_attempt_at"
+        case lastExitCode = "last_exit_code", lastHTTPStatus = "last_http_status", lastError = "last_error", output
+        case deliveredAt = "delivered_at"
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(id, forKey: .id)
+        try c.encode(eventID, forKey: .eventID)
+        try c.encode(hook, forKey: .hook)
+        try c.encode(state.rawValue, forKey: .state)
+        try c.encode(attempts, forKey: .attempts)
+        try c.encode(nextAttemptAt.map { Timestamp.format(milliseconds: $0) }, forKey: .nextAttemptAt)
+        try c.encode(lastExitCode, forKey: .lastExitCode)
+        try c.encode(lastHTTPStatus, forKey: .lastHTTPStatus)
+        try c.encode(lastError, forKey: .lastError)
+        try c.encode(output, forKey: .output)
+        try c.encode(deliveredAt.map { Timestamp.format(milliseconds: $0) }, forKey: .deliveredAt)
+    }
+}
+
+/// A delivery whose run was recorded as started: the hook may now run, once.
+public struct DeliveryClaim: Sendable {
+    public var delivery: Delivery
+    /// The attempt just recorded as running.
+    public var attempt: Int
+    public var event: Event
+}
+
+/// What delivery needs of the event log. The log runs `DeliveryProgress`'s transitions inside its own
+/// transactions and persists what they return; nothing else changes a delivery's state.
+public protocol DeliveryStore: Sendable {
+    /// Pending deliveries of `hooks` due at `now` whose (hook, kind, entity) has nothing earlier
+    /// pending or running: a later status never overtakes an earlier one.
+    func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery]
+    /// When the earliest delivery of `hooks` that could run falls due (ordering respected), if ever.
+    func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64?
+    /// Records the next attempt as running, if the delivery may still run now; the hook is started only
+    /// after this returns.
+    func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim?
+    /// Records how attempt `attempt` ended; returns what became of the delivery (nil: replayed meanwhile).
+    func finishDelivery(
+        id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+    ) async throws(EventLogError) -> DeliveryProgress.End?
+    /// The daemon's own shutdown stopped attempt `attempt`: pending again, the attempt not spent.
+    func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError)
+    /// Pending deliveries per hook that is not in `configured` (removed or renamed hooks).
+    func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int]
+}

@@ -1,0 +1,153 @@
+import HummingbirdCore
+import Logging
+import NIOCore
+import Synchronization
+
+/// Who gets a connection on the IPN port, decided when the connection is accepted, before a byte is
+/// read: Payop must get through whatever one other client does.
+///
+/// - A peer the source policy refuses (and that is not a trusted proxy) is answered 403 at once and
+///   closed; past `maxLingeringRefusals` such answers at once it is closed without one.
+/// - One address holds at most `maxPerAddress` connections (trusted proxies and Payop's own
+///   addresses excepted: everything arrives through them).
+/// - Of `maxConnections`, the last `reserve` are kept for privileged peers: Payop's addresses, the
+///   configured allow list and trusted proxies. With `allowed_sources: any`, anyone else shares the rest.
+public final class ConnectionGate: Sendable {
+    public struct Limits: Sendable {
+        public var maxConnections = 1024
+        public var reserve = 128
+        public var maxPerAddress = 64
+        public var maxLingeringRefusals = 256
+
+        public init() {}
+    }
+
+    public enum Decision: Sendable, Equatable {
+        case admit
+        /// Answer 403 and close.
+        case forbid
+        /// Close at once, no answer.
+        case drop
+    }
+
+    private struct State {
+        var open = 0
+        var perAddress: [IPAddress: Int] = [:]
+        var lingering = 0
+    }
+
+    private let limits: Limits
+    private let state = Mutex(State())
+    private let sources: @Sendable () -> SourcePolicy
+
+    public init(limits: Limits = Limits(), sources: @escaping @Sendable () -> SourcePolicy) {
+        self.limits = limits
+        self.sources = sources
+    }
+
+    private static let payop = SourcePolicy.payopAddresses.compactMap(IPAddress.init)
+
+    /// Decides for a connection from `peer`; an admitted one must be `release`d when it closes.
+    public func admit(_ peer: IPAddress?) -> Decision {
+        guard let peer else { return .drop }
+        let policy = sources()
+        let proxy = policy.isTrustedProxy(peer)
+        guard proxy || policy.allows(peer) else {
+            return state.withLock { state in
+                guard state.lingering < limits.maxLingeringRefusals else { return .drop }
+                state.lingering += 1
+                return .forbid
+            }
+        }
+        let privileged = proxy || Self.payop.contains(peer) || policy.listsExplicitly(peer)
+        return state.withLock { state in
+            let limit = privileged ? limits.maxConnections : limits.maxConnections - limits.reserve
+            guard state.open < limit else { return .drop }
+            if !privileged {
+                guard state.perAddress[peer, default: 0] < limits.maxPerAddress else { return .drop }
+                state.perAddress[peer, default: 0] += 1
+            }
+            state.open += 1
+            return .admit
+        }
+    }
+
+    public func release(_ peer: IPAddress?, _ decision: Decision) {
+        guard let peer else { return }
+        state.withLock { state in
+            switch decision {
+            case .admit:
+                state.open -= 1
+                if let count = state.perAddress[peer] {
+                    state.perAddress[peer] = count > 1 ? count - 1 : nil
+                }
+            case .forbid:
+                state.lingering -= 1
+            case .drop:
+                break
+            }
+        }
+    }
+
+    public var openConnections: Int { state.withLock { $0.open } }
+}
+
+/// The IPN port's child channel: `HTTP1Channel` behind the gate.
+public struct GatedHTTP1Channel: ServerChildChannel {
+    public typealias Value = HTTP1Channel.Value
+    let inner: HTTP1Channel
+    let gate: ConnectionGate
+
+    public func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        let peer = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init)
+        let decision = gate.admit(peer)
+        let gate = gate
+        channel.closeFuture.whenComplete { _ in gate.release(peer, decision) }
+        if decision != .admit {
+            do {
+                try channel.pipeline.syncOperations.addHandler(RefusingHandler(answer: decision == .forbid))
+            } catch {
+                channel.close(promise: nil)
+            }
+        }
+        return inner.setup(channel: channel, logger: logger)
+    }
+
+    public func handle(value: Value, logger: Logger) async {
+        await inner.handle(value: value, logger: logger)
+    }
+}
+
+/// First in a refused connection's pipeline: answers 403 (or nothing) as soon as the connection is
+/// up, reads nothing further, and closes.
+private final class RefusingHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    let answer: Bool
+
+    init(answer: Bool) { self.answer = answer }
+
+    static let forbidden: ByteBuffer = {
+        let body = IngressAnswer.forbidden.body
+        return ByteBuffer(
+            string: "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                + "Content-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n" + body)
+    }()
+
+    func channelActive(context: ChannelHandlerContext) {
+        guard answer else {
+            context.close(promise: nil)
+            return
+        }
+        let channel = context.channel
+        // A half close first, so the client reads the answer before the connection goes; then, shortly
+        // after, the rest (a close with unread input would reset the connection and lose the answer).
+        context.writeAndFlush(NIOAny(Self.forbidden)).whenComplete { _ in
+            channel.close(mode: .output, promise: nil)
+            channel.eventLoop.scheduleTask(in: .milliseconds(200)) { channel.close(promise: nil) }
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Dropped: nothing a refused client sends is parsed.
+    }
+}
