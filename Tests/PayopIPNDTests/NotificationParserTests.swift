@@ -118,4 +118,95 @@ import Testing
         #expect(n.entityID == "12345")
         #expect(n.amount == "100.1")
     }
+
+    /// A checkout IPN whose transaction id holds `bytes` between "t" and the closing quote.
+    func checkoutWithID(containing bytes: [UInt8]) -> [UInt8] {
+        Array(#"{"transaction": {"id": "t"#.utf8) + bytes + Array(#"", "state": 2}}"#.utf8)
+    }
+
+    @Test(arguments: [
+        [0xFF],  // not UTF-8 at all
+        [0xC0, 0xAF],  // overlong '/'
+        [0xE0, 0x80, 0xAF],  // overlong '/', three bytes
+        [0xED, 0xA0, 0x80],  // a UTF-16 surrogate encoded in UTF-8
+        [0x00],  // raw NUL inside a string
+        [0x0A],  // raw newline inside a string
+    ] as [[UInt8]])
+    func hostileBytesInAStringAreInvalidJSON(bytes: [UInt8]) {
+        #expect(NotificationParser.parse(checkoutWithID(containing: bytes)) == .failure(.invalidJSON))
+    }
+
+    @Test func theSameBodyWithWellFormedUTF8IsACheckout() throws {
+        #expect(try parse(checkoutWithID(containing: [0xE2, 0x82, 0xAC])).entityID == "t€")
+    }
+
+    @Test(arguments: [
+        #"{"transaction": {"id": "t", "state": 2},}"#,  // trailing comma
+        #"{"transaction": {"id": "t", "state": 2}, "transaction": {"id": "u", "state": 3}}"#,  // duplicate key
+        #"{"transaction": {"id": "t\ud800", "state": 2}}"#,  // lone surrogate escape
+        #"{"transaction": {"id": "t", "state": 02}}"#,  // leading zero
+        "\u{FEFF}{\"transaction\": {\"id\": \"t\", \"state\": 2}}",  // byte order mark
+    ])
+    func whatStrictJSONRefusesIsInvalidJSON(body: String) {
+        #expect(NotificationParser.parse(Array(body.utf8)) == .failure(.invalidJSON))
+    }
+
+    @Test(arguments: [
+        #"{"transaction": {"state": 2, "amount": 100, "currency": "USD"}, "sourceTransaction": {"id": "s", "state": 2}}"#,
+        #"{"sourceTransaction": {"id": "s", "state": 2}}"#,
+    ])
+    func aRefundWithoutItsRefundIDIsMissingItsID(body: String) {
+        #expect(NotificationParser.parse(Array(body.utf8)) == .failure(.missingID))
+    }
+
+    @Test func aWithdrawalWithoutItsWithdrawalIDIsMissingItsID() {
+        let body = #"{"transaction": {"state": 3, "amount": 100, "currency": "USD", "comment": "c"}}"#
+        #expect(NotificationParser.parse(Array(body.utf8)) == .failure(.missingID))
+    }
+
+    @Test func aTransactionWithoutAStateOrIDIsOfNoKnownShape() {
+        #expect(NotificationParser.parse(Array(#"{"transaction": {"amount": 1}}"#.utf8)) == .failure(.unknownShape))
+        #expect(NotificationParser.parse(Array(#"{"sourceTransaction": "s"}"#.utf8)) == .failure(.unknownShape))
+    }
+
+    @Test(arguments: [#""1,000.00""#, #""1.00abc""#, "1e3", #""NaN""#, #""-1""#, "-1", #"" 1""#, #""1.""#, #"".5""#])
+    func anAmountThatIsNotADecimalIsRefused(amount: String) {
+        let withdrawal = #"{"transaction": {"withdrawalId": "w", "state": 2, "amount": \#(amount)}}"#
+        let refund = #"{"transaction": {"refundId": "r", "state": 2, "amount": \#(amount)}}"#
+        let checkout = #"{"transaction": {"id": "t", "state": 2, "amount": \#(amount)}}"#
+        let legacy = #"{"orderId": "1", "status": "success", "signature": "s", "amount": \#(amount)}"#
+        for body in [withdrawal, refund, checkout, legacy] {
+            #expect(NotificationParser.parse(Array(body.utf8)) == .failure(.invalidAmount))
+        }
+        #expect(RefusalReason.invalidAmount.httpStatus == 400)
+        #expect(RefusalReason.invalidAmount.rawValue == "invalid_amount")
+    }
+
+    @Test(arguments: [("100", "100"), ("100.5", "100.5"), ("100.50", "100.5"), (#""0100.50""#, "0100.50"), (#""""#, nil)])
+    func amountsThatAreDecimalsAreKept(amount: String, text: String?) throws {
+        let n = try parse(Array(#"{"transaction": {"refundId": "r", "state": 2, "amount": \#(amount)}}"#.utf8))
+        #expect(n.amount == text)
+    }
+
+    @Test func fieldsOfTheWrongTypeCountAsAbsent() throws {
+        let body = #"""
+            {"invoice": {"id": 7, "txid": ["x"]}, "transaction": {"id": 1.50, "state": "4", "order": "o",
+             "amount": true, "currency": {}, "error": 5}}
+            """#
+        let n = try parse(Array(body.utf8))
+        #expect(n.type == "checkout.pending")
+        #expect(n.entityID == "1.50")
+        #expect(n.invoiceID == "7")
+        #expect(n.orderID == nil)
+        #expect(n.amount == nil)
+        #expect(n.currency == nil)
+        #expect(n.errorMessage == nil)
+    }
+
+    @Test func anErrorMayBeAnObjectOrAString() throws {
+        let object = #"{"transaction": {"id": "t", "state": 5, "error": {"message": "timeout", "code": 1}}}"#
+        let string = #"{"transaction": {"id": "t", "state": 5, "error": "timeout"}}"#
+        #expect(try parse(Array(object.utf8)).type == "checkout.timeout")
+        #expect(try parse(Array(string.utf8)).type == "checkout.timeout")
+    }
 }
