@@ -109,11 +109,23 @@ import Foundation
 }
 
 /// Sends `text` on a plain TCP socket and returns what comes back before the server closes (or 5 s).
-func rawExchange(port: Int, send text: String) async throws -> String {
+/// Sends `text` on a fresh connection (from `source`, a loopback address) and reads until the server
+/// closes or 5 s pass.
+func rawExchange(port: Int, send text: String, from source: String? = nil) async throws -> String {
     try await withCheckedThrowingContinuation { continuation in
         let thread = Thread {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             defer { close(fd) }
+            if let source {
+                var local = sockaddr_in()
+                local.sin_family = sa_family_t(AF_INET)
+                local.sin_addr.s_addr = inet_addr(source)
+                _ = withUnsafePointer(to: &local) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    }
+                }
+            }
             var address = sockaddr_in()
             address.sin_family = sa_family_t(AF_INET)
             address.sin_port = in_port_t(UInt16(port).bigEndian)

@@ -1,0 +1,433 @@
+import Foundation
+import GRDB
+import Logging
+import PayopSimulator
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+@testable import PayopIPND
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The hook boundary, in memory: records every run and answers as told.
+final class RecordingHookRunner: HookRunner {
+    struct Run: Sendable, Equatable {
+        var deliveryID: Int64
+        var hook: String
+        var eventID: String
+        var type: String
+        var entity: String
+        var amount: String?
+        var transactionID: String?
+        var attempt: Int
+    }
+
+    let runs = Mutex<[Run]>([])
+    let answer: @Sendable (HookInvocation) async -> HookResult
+
+    init(answer: @escaping @Sendable (HookInvocation) async -> HookResult = { _ in HookResult(outcome: .delivered) }) {
+        self.answer = answer
+    }
+
+    func run(_ invocation: HookInvocation) async -> HookResult {
+        let event = invocation.event
+        runs.withLock {
+            $0.append(
+                Run(
+                    deliveryID: invocation.deliveryID, hook: invocation.hook.name, eventID: event.id, type: event.type,
+                    entity: event.entityID ?? "", amount: event.amount, transactionID: event.transactionID,
+                    attempt: invocation.attempt))
+        }
+        return await answer(invocation)
+    }
+
+    var all: [Run] { runs.withLock { $0 } }
+}
+
+extension PayopHarness {
+    /// A verifier re-checking every 2 s (the lagging-API scenario's reconcile interval).
+    func quickVerifier() -> Verifier {
+        Verifier(
+            store: log, payop: client,
+            policy: VerificationPolicy(
+                backoff: Backoff(initialSeconds: 1, maxSeconds: 300, jitter: Backoff.noJitter),
+                notFoundRetryMilliseconds: 600_000, reconcileIntervalMilliseconds: 2_000),
+            clock: clock, logger: logs.logger)
+    }
+
+    func dispatcher(_ runner: RecordingHookRunner) -> Dispatcher {
+        Dispatcher(
+            store: log, runner: runner, hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 10_800, jitter: Backoff.noJitter), killGraceSeconds: 0.2,
+                shutdownGraceSeconds: 1),
+            clock: clock, logger: logs.logger)
+    }
+}
+
+/// The defects of issue 8, each as the sequence Payop or the operating system really produces.
+@Suite struct AdversityTests {
+    @Test func paidOrderIsDeliveredWhenPayopsAPILagsItsOwnIPN() async throws {
+        try await PayopHarness.with { h, _ in
+            h.log.setHooks([commandHook("fulfil", "/bin/true")])
+            let runner = RecordingHookRunner()
+            let entity = h.payop.create(.checkout, state: 4)  // the API still says pending
+            let accepted = try await h.receive(SimulatedPayop.ipnBody(for: entity, claimingState: 2))
+            let verifier = h.quickVerifier()
+            let dispatcher = h.dispatcher(runner)
+            try await verifier.verifyDue()
+            try await dispatcher.dispatchDue()
+            #expect(try await h.event(accepted.eventID).rejectionReason == "status_mismatch")
+            #expect(runner.all.map(\.type) == ["checkout.pending"])
+            // Payop catches up; it will not post again. The contradicted claim is still asked about.
+            _ = h.payop.setState(.checkout, id: entity.id, state: 2)
+            for _ in 0..<3 {
+                h.clock.advance(milliseconds: 2_000)
+                try await verifier.verifyDue()
+                try await dispatcher.dispatchDue()
+            }
+            let event = try await h.event(accepted.eventID)
+            #expect(event.state == "verified" && event.rejectionReason == nil)
+            #expect(runner.all.map(\.type) == ["checkout.pending", "checkout.accepted"])
+        }
+    }
+
+    @Test func forgedRefundFieldsNeverReachAHook() async throws {
+        try await PayopHarness.with { h, _ in
+            h.log.setHooks([commandHook("crm", "/bin/true")])
+            let runner = RecordingHookRunner()
+            let refund = h.payop.create(.refund, state: 2, amount: "1.00", currency: "EUR", sourceTransactionID: "X")
+            // Amounts that are not whole decimals are refused at the door.
+            let ingress = IPNIngress(settings: ingressSettings(), store: h.log, logger: quietLogger)
+            for amount in ["\"1,000.00\"", "\"1.00abc\"", "1e3", "\"NaN\""] {
+                let body = refundBody(id: refund.id, amount: amount, source: "X")
+                #expect(await post(body, to: ingress) == IngressAnswer(400, "invalid_amount"))
+            }
+            // A source transaction Payop contradicts is rejected, and nothing is delivered.
+            let forged = try await h.receive(Data(refundBody(id: refund.id, amount: "\"1.00\"", source: "T-victim")))
+            try await h.quickVerifier().verifyDue()
+            try await h.dispatcher(runner).dispatchDue()
+            #expect(try await h.event(forged.eventID).rejectionReason == "transaction_mismatch")
+            #expect(runner.all.isEmpty)
+        }
+    }
+
+    @Test func forgedFirstCopyDoesNotStopTheGenuineCopyFromBeingDelivered() async throws {
+        try await PayopHarness.with { h, _ in
+            h.log.setHooks([commandHook("crm", "/bin/true")])
+            let runner = RecordingHookRunner()
+            let refund = h.payop.create(.refund, state: 2, amount: "1.00", currency: "EUR", sourceTransactionID: "X")
+            let verifier = h.quickVerifier()
+            let dispatcher = h.dispatcher(runner)
+            let first = try await h.receive(Data(refundBody(id: refund.id, amount: "\"1000.00\"", source: "X")))
+            try await verifier.verifyDue()
+            #expect(try await h.event(first.eventID).rejectionReason == "amount_mismatch")
+            h.clock.advance(milliseconds: 1_000)
+            let genuine = try await h.receive(SimulatedPayop.ipnBody(for: refund))
+            #expect(genuine.eventID == first.eventID && genuine.duplicate)
+            try await verifier.verifyDue()
+            try await dispatcher.dispatchDue()
+            let event = try await h.event(first.eventID)
+            #expect(event.state == "verified" && event.amount == "1.00" && event.transactionID == "X")
+            #expect(runner.all.map(\.amount) == ["1.00"])
+            // The event's `ipn` is the copy Payop confirmed, not the forged first one.
+            let ipn = try #require(event.ipn)
+            #expect(!String(decoding: ipn, as: UTF8.self).contains("1000"))
+        }
+    }
+
+    @Test func hookIsNotStartedWhileTheLogCannotRecordItAndRunsOnceAfter() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(
+            path: dir.file("events.sqlite3"), mode: .daemon, clock: clock, lockDeadlineSeconds: 0.05)
+        defer { log.close() }
+        log.setHooks([commandHook("fulfil", "/bin/true")])
+        try await ingestSigned(log, clock: clock)
+        let runner = RecordingHookRunner()
+        let dispatcher = Dispatcher(
+            store: log, runner: runner, hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 1),
+            clock: clock, logger: quietLogger)
+        // Another writer (a backup, a big prune) holds the log.
+        let other = try lockingConnection(dir.file("events.sqlite3"))
+        try await other.writeWithoutTransaction { db in try db.execute(sql: "BEGIN IMMEDIATE") }
+        for _ in 0..<3 {
+            await #expect(throws: EventLogError.self) { try await dispatcher.dispatchDue() }
+        }
+        #expect(runner.all.isEmpty)
+        try await other.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(runner.all.count == 1)
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 10).count == 1)
+    }
+
+    @Test func outcomeThatCannotBeWrittenIsRetriedNotDroppedAndTheHookRunsOnce() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(
+            path: dir.file("events.sqlite3"), mode: .daemon, clock: clock, lockDeadlineSeconds: 0.05)
+        defer { log.close() }
+        log.setHooks([commandHook("fulfil", "/bin/true")])
+        try await ingestSigned(log, clock: clock)
+        let other = try lockingConnection(dir.file("events.sqlite3"))
+        // The hook locks the log while it runs; the dispatcher's pause (instead of a real sleep) frees it
+        // after the second failed try to record the outcome.
+        let runner = RecordingHookRunner { _ in
+            try? await other.writeWithoutTransaction { db in try db.execute(sql: "BEGIN IMMEDIATE") }
+            return HookResult(outcome: .delivered)
+        }
+        let pauses = Mutex(0)
+        let dispatcher = Dispatcher(
+            store: log, runner: runner, hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 1),
+            clock: clock, logger: quietLogger,
+            pause: { _ in
+                if pauses.withLock({ $0 += 1; return $0 }) == 2 {
+                    try? await other.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
+                }
+            })
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(pauses.withLock { $0 } == 2)
+        #expect(runner.all.count == 1)
+        let delivery = try #require(try await log.deliveries(state: nil, hook: nil, limit: 10).first)
+        #expect(delivery.state == .delivered && delivery.attempts == 1)
+    }
+
+    @Test func verifierThatCannotRecordAnAnswerStopsAndSaysSoInsteadOfAskingAgainAtOnce() async throws {
+        try await PayopHarness.with { h, _ in
+            let paid = h.payop.create(.checkout, state: 2)
+            _ = try await h.receive(SimulatedPayop.ipnBody(for: paid))
+            let locked = try SQLiteEventLog.open(
+                path: h.log.path, mode: .tool, clock: h.clock, lockDeadlineSeconds: 0.05)
+            defer { locked.close() }
+            let verifier = Verifier(
+                store: locked, payop: h.client,
+                policy: VerificationPolicy(
+                    backoff: Backoff(initialSeconds: 1, maxSeconds: 300, jitter: Backoff.noJitter),
+                    notFoundRetryMilliseconds: 600_000, reconcileIntervalMilliseconds: 300_000),
+                clock: h.clock, logger: quietLogger)
+            let other = try lockingConnection(h.log.path)
+            try await other.writeWithoutTransaction { db in try db.execute(sql: "BEGIN IMMEDIATE") }
+            await #expect(throws: EventLogError.self) { try await verifier.verifyDue() }
+            #expect(h.payop.calls.count == 1)
+            try await other.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
+            #expect(try await verifier.verifyDue() == 1)
+        }
+    }
+
+    @Test func failingPassIsRetriedWithBackoffNotInATightLoop() async throws {
+        let passes = Mutex(0)
+        let loop = DueWorkLoop(
+            name: "test", signal: WorkSignal(), clock: SystemWallClock(), logger: quietLogger,
+            idleFloor: .milliseconds(20), maxBackoff: .milliseconds(160))
+        let started = ContinuousClock.now
+        await loop.run(while: { ContinuousClock.now - started < .milliseconds(500) }) {
+            passes.withLock { $0 += 1 }
+            throw EventLogError(.unavailable, "locked (test)")
+        }
+        // 20 + 40 + 80 + 160 + 160 ... ms: a handful of passes in half a second, not thousands.
+        #expect(passes.withLock { $0 } <= 8)
+    }
+
+    @Test func idlePassWithWorkSeeminglyDueWaitsInsteadOfSpinning() async throws {
+        let passes = Mutex(0)
+        let clock = SystemWallClock()
+        let loop = DueWorkLoop(
+            name: "test", signal: WorkSignal(), clock: clock, logger: quietLogger, idleFloor: .milliseconds(100))
+        let started = ContinuousClock.now
+        await loop.run(while: { ContinuousClock.now - started < .milliseconds(450) }) {
+            passes.withLock { $0 += 1 }
+            return (0, clock.nowMilliseconds())  // "due now", yet nothing could be done
+        }
+        #expect(passes.withLock { $0 } <= 6)
+    }
+
+    @Test func laterStatusBehindARunningHookIsNotReportedDue() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        log.setHooks([commandHook("slow", "/bin/true")])
+        try await ingestSigned(log, clock: clock, order: "o-1", status: "wait")
+        try await ingestSigned(log, clock: clock, order: "o-1", status: "success")
+        let runner = RecordingHookRunner()
+        let dispatcher = Dispatcher(
+            store: log, runner: runner, hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 1),
+            clock: clock, logger: quietLogger)
+        var claims: [DeliveryClaim] = []
+        #expect(try await dispatcher.startDue { claim, _ in claims.append(claim) } == 1)
+        // The first is running; the second waits behind it: nothing can start, so nothing is due.
+        #expect(try await dispatcher.nextDue() == nil)
+        #expect(try await dispatcher.startDue { _, _ in } == 0)
+    }
+
+    @Test func deliveriesOfARemovedHookDoNotStarveTheOthers() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        log.setHooks([commandHook("removed", "/bin/true")])
+        for n in 0..<(Dispatcher.batch + 10) { try await ingestSigned(log, clock: clock, order: "old-\(n)") }
+        clock.advance(milliseconds: 1)
+        log.setHooks([commandHook("kept", "/bin/true")])
+        try await ingestSigned(log, clock: clock, order: "new")
+        let runner = RecordingHookRunner()
+        let dispatcher = Dispatcher(
+            store: log, runner: runner, hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 1),
+            clock: clock, logger: quietLogger)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(runner.all.map(\.hook) == ["kept"])
+        #expect(try await dispatcher.nextDue() == nil)
+        #expect(try await log.orphanedDeliveries(configured: ["kept"]) == ["removed": Dispatcher.batch + 10])
+    }
+
+    @Test func hookStoppedByShutdownDoesNotSpendAnAttempt() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        let hook = try script(dir, "slow", "sleep 30")
+        log.setHooks([commandHook("slow", hook, attempts: 1)])
+        try await ingestSigned(log, clock: clock)
+        let dispatcher = Dispatcher(
+            store: log, runner: CommandHookRunner(), hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 0.2),
+            clock: clock, logger: quietLogger)
+        let service = DispatcherService(
+            dispatcher: dispatcher, clock: clock, logger: quietLogger, shutdownGrace: .milliseconds(200))
+        let group = ServiceGroup(services: [service], logger: quietLogger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            while try await log.deliveries(state: "running", hook: nil, limit: 1).isEmpty {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        let delivery = try #require(try await log.deliveries(state: nil, hook: nil, limit: 1).first)
+        // max_attempts 1: had the interrupted run counted, the delivery would now be dead.
+        #expect(delivery.state == .pending && delivery.attempts == 0)
+    }
+
+    @Test func secondDaemonOnTheSameLogExitsNamingTheFirstAndTouchesNothing() async throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.file("events.sqlite3")
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: path, mode: .daemon, clock: clock)
+        log.setHooks([commandHook("fulfil", "/bin/true")])
+        try await ingestSigned(log, clock: clock)
+        let first = try EventLogLock.acquire(logPath: path)
+        defer { first.release() }
+        let due = try await log.runnableDeliveries(now: clock.nowMilliseconds(), hooks: ["fulfil"], limit: 1)
+        #expect(try await log.claimDelivery(id: try #require(due.first).id, now: clock.nowMilliseconds()) != nil)
+        log.close()
+        var config = DaemonConfig()
+        config.storage.path = path
+        config.server.listen = ListenAddress(host: "127.0.0.1", port: 0)
+        config.admin.listen = ListenAddress(host: "127.0.0.1", port: 0)
+        let daemon = Daemon(config: config, logger: quietLogger, environment: [:])
+        let error = await #expect(throws: EventLogError.self) { try await daemon.run() }
+        #expect(error?.code == .inUse)
+        #expect(error?.message.contains("pid \(getpid())") == true)
+        // The first daemon's running delivery is still its own.
+        let reopened = try SQLiteEventLog.open(path: path, mode: .tool, create: false)
+        defer { reopened.close() }
+        #expect(try await reopened.deliveries(state: "running", hook: nil, limit: 10).count == 1)
+    }
+
+    @Test func lockIsFreedWhenItsHolderGoes() throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.file("events.sqlite3")
+        let first = try EventLogLock.acquire(logPath: path)
+        #expect(throws: EventLogError.self) { _ = try EventLogLock.acquire(logPath: path) }
+        first.release()
+        let second = try EventLogLock.acquire(logPath: path)
+        second.release()
+    }
+
+    @Test func unitLetsTheDaemonStopItsOwnHooks() throws {
+        let unit = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("systemd/payop-ipnd.service")
+        let lines = try String(contentsOf: unit, encoding: .utf8).split(separator: "\n").map(String.init)
+        #expect(lines.contains("KillMode=mixed"))
+    }
+
+    @Test(arguments: [
+        [UInt8]("{\"transaction\":{\"id\":\"".utf8) + [0xFF, 0xFE] + [UInt8]("\",\"state\":2}}".utf8),
+        [UInt8]("{\"transaction\":{\"id\":\"".utf8) + [0xC0, 0xAF] + [UInt8]("\",\"state\":2}}".utf8),
+        [UInt8]("{\"transaction\":{\"id\":\"a".utf8) + [0x01] + [UInt8]("b\",\"state\":2}}".utf8),
+    ])
+    func hostileBytesInAStringAreInvalidJSON(body: [UInt8]) async throws {
+        let store = FakeEventStore()
+        let ingress = IPNIngress(settings: ingressSettings(), store: store, logger: quietLogger)
+        #expect(await post(body, to: ingress) == IngressAnswer(400, "invalid_json"))
+        #expect(store.ingested.isEmpty && store.refused.first?.reason == .invalidJSON)
+    }
+
+    @Test(arguments: [
+        "{\"transaction\":{\"state\":2,\"amount\":1,\"currency\":\"USD\"},\"sourceTransaction\":{\"id\":\"s\",\"state\":2}}",
+        "{\"transaction\":{\"refundId\":\"\",\"state\":2},\"sourceTransaction\":{\"id\":\"s\",\"state\":2}}",
+    ])
+    func refundWithoutItsIdIsMissingID(body: String) async throws {
+        let store = FakeEventStore()
+        let ingress = IPNIngress(settings: ingressSettings(), store: store, logger: quietLogger)
+        #expect(await post(Array(body.utf8), to: ingress) == IngressAnswer(400, "missing_id"))
+    }
+}
+
+func refundBody(id: String, amount: String, source: String) -> [UInt8] {
+    Array(
+        """
+        {"transaction":{"refundId":"\(id)","state":2,"amount":\(amount),"currency":"EUR","error":{"message":"","code":""}},
+         "sourceTransaction":{"id":"\(source)","state":2}}
+        """.utf8)
+}
+
+func post(_ body: [UInt8], to ingress: IPNIngress, peer: String = "3.125.109.58") async -> IngressAnswer {
+    switch ingress.preflight(
+        method: "POST", path: "/payop/ipn", peer: IPAddress(peer), forwardedFor: [], contentLength: body.count)
+    {
+    case .answer(let answer): return answer
+    case .readBody(let admitted): return await ingress.accept(body: body, from: admitted)
+    }
+}
+
+/// A legacy V1 IPN (verified by its signature at the door), so its deliveries exist at once.
+@discardableResult
+func ingestSigned(_ log: SQLiteEventLog, clock: TestClock, order: String = "1042", status: String = "success")
+    async throws -> IngestOutcome
+{
+    let signature = try #require(
+        LegacySignature.expected(amount: "10.00", currency: "EUR", orderID: order, status: status, secretKey: "k"))
+    let body = Array(
+        "{\"orderId\":\"\(order)\",\"amount\":\"10.00\",\"currency\":\"EUR\",\"status\":\"\(status)\",\"signature\":\"\(signature)\"}"
+            .utf8)
+    return try await log.ingest(
+        IncomingIPN(
+            receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+            notification: try NotificationParser.parse(body).get(), verifiedBySignature: true))
+}
+
+/// A second writer on the log (a backup, a big prune, the CLI): `BEGIN IMMEDIATE` holds the lock
+/// across calls until `COMMIT`.
+func lockingConnection(_ path: String) throws -> DatabaseQueue {
+    var configuration = Configuration()
+    configuration.allowsUnsafeTransactions = true
+    return try DatabaseQueue(path: path, configuration: configuration)
+}
