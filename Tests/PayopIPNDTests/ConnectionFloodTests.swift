@@ -1,0 +1,114 @@
+import Foundation
+import ServiceLifecycle
+import Testing
+
+@testable import PayopIPND
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Payop must get through whatever one other client does: the real listener on loopback, a flood of
+/// idle connections from 127.0.0.1, Payop posting from 127.0.0.2.
+@Suite(.serialized) struct ConnectionFloodTests {
+    func withListener(
+        allowed: SourcePolicy.Allowed, _ body: @Sendable (Int, SQLiteEventLog) async throws -> Void
+    ) async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let ingress = IPNIngress(settings: ingressSettings(allowed: allowed), store: log, logger: quietLogger)
+        let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
+        let server = IPNListener.makeServer(
+            host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: 30, logger: quietLogger,
+            onRunning: { continuation.yield($0) })
+        let group = ServiceGroup(services: [server], logger: quietLogger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            var iterator = ports.makeAsyncIterator()
+            let port = try #require(await iterator.next())
+            try await body(port, log)
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    }
+
+    /// Opens `count` idle connections from 127.0.0.1 and keeps them until `body` returns.
+    func withIdleConnections<T>(_ count: Int, port: Int, _ body: () async throws -> T) async throws -> T {
+        var limit = rlimit()
+        getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        if limit.rlim_cur < rlim_t(count + 512) {
+            limit.rlim_cur = min(limit.rlim_max, rlim_t(count + 512))
+            setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+        var sockets: [Int32] = []
+        defer { for fd in sockets { close(fd) } }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        for _ in 0..<count {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            guard fd >= 0 else { break }
+            sockets.append(fd)
+            _ = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        }
+        #expect(sockets.count == count)
+        return try await body()
+    }
+
+    func postIPN(port: Int) async throws -> (String, Duration) {
+        let body = String(decoding: try Samples.data("checkout-accepted"), as: UTF8.self)
+        let request =
+            "POST /payop/ipn HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
+        let started = ContinuousClock.now
+        let answer = try await rawExchange(port: port, send: request, from: "127.0.0.2")
+        return (answer, ContinuousClock.now - started)
+    }
+
+    @Test func payopGetsThroughTwoThousandIdleConnectionsFromAnAllowedClient() async throws {
+        try await withListener(allowed: .any) { port, _ in
+            let (answer, took) = try await withIdleConnections(2000, port: port) { try await postIPN(port: port) }
+            #expect(answer.hasPrefix("HTTP/1.1 200"))
+            #expect(took < .seconds(2))
+        }
+    }
+
+    @Test func disallowedFloodIsTurnedAwayAtAcceptAndPayopGetsThrough() async throws {
+        try await withListener(allowed: .only([CIDR("127.0.0.2")!])) { port, log in
+            let (answer, took) = try await withIdleConnections(2000, port: port) { try await postIPN(port: port) }
+            #expect(answer.hasPrefix("HTTP/1.1 200"))
+            #expect(took < .seconds(2))
+            #expect(try await log.counts().receipts == 1)
+        }
+    }
+
+    @Test func disallowedSourceIsAnswered403BeforeItsRequestIsRead() async throws {
+        try await withListener(allowed: .only([CIDR("127.0.0.2")!])) { port, log in
+            let answer = try await rawExchange(
+                port: port, send: "POST /payop/ipn HTTP/1.1\r\nHost: shop\r\nContent-Length: 2\r\n\r\n{}")
+            #expect(answer.hasPrefix("HTTP/1.1 403"))
+            #expect(try await log.counts().receipts == 0)
+        }
+    }
+
+    @Test func gateBoundsOneAddressAndKeepsAReserveForPrivilegedPeers() {
+        var limits = ConnectionGate.Limits()
+        limits.maxConnections = 10
+        limits.reserve = 4
+        limits.maxPerAddress = 3
+        let gate = ConnectionGate(limits: limits) { SourcePolicy(allowed: .any) }
+        let flooder = IPAddress("198.51.100.7")
+        #expect((0..<5).map { _ in gate.admit(flooder) } == [.admit, .admit, .admit, .drop, .drop])
+        for n in 1...3 { #expect(gate.admit(IPAddress("198.51.100.\(10 + n)")) == .admit) }
+        #expect(gate.admit(IPAddress("198.51.100.20")) == .drop)  // only the reserve is left
+        for _ in 0..<4 { #expect(gate.admit(IPAddress("3.125.109.58")) == .admit) }  // Payop
+        #expect(gate.admit(IPAddress("3.125.109.58")) == .drop)
+        gate.release(flooder, .admit)
+        #expect(gate.openConnections == 9)
+    }
+}
