@@ -1,0 +1,137 @@
+import Foundation
+import Testing
+
+@testable import PayopIPND
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The real `payop-ipnd` binary (built beside the tests), run as a process.
+@Suite(.serialized) struct DaemonProcessTests {
+    static var binary: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("payop-ipnd")
+            .path
+    }
+
+    static func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    /// User + system CPU time of `pid` so far, in seconds, from /proc.
+    static func cpuSeconds(_ pid: Int32) throws -> Double {
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        let fields = stat[stat.index(after: try #require(stat.lastIndex(of: ")")))...].split(separator: " ")
+        let ticks = Double(fields[11])! + Double(fields[12])!  // utime, stime (fields 14 and 15)
+        return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    struct Running {
+        let process: Process
+        let ipnPort: Int
+        let dir: TemporaryDirectory
+        let stderr: Pipe
+    }
+
+    static func start(hookScript: String, in dir: TemporaryDirectory, storage: String? = nil) throws -> Running {
+        let ipnPort = freePort()
+        let hook = try script(dir, "hook", hookScript)
+        let secret = try dir.write("secret", "k\n")
+        let config = try dir.write(
+            "payop-ipnd.yaml",
+            """
+            server:
+              listen: 127.0.0.1:\(ipnPort)
+              allowed_sources: any
+            admin:
+              listen: 127.0.0.1:\(freePort())
+            storage:
+              path: \(storage ?? dir.file("events.sqlite3"))
+            payop:
+              api_base_url: http://127.0.0.1:1
+              secret_key_file: \(secret)
+            hooks:
+              - name: fulfil
+                command: [\(hook)]
+                events: ["*"]
+                timeout_seconds: 60
+            delivery:
+              shutdown_grace_seconds: 1
+              kill_grace_seconds: 1
+            """)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["serve", "--config", config]
+        let stderr = Pipe()
+        process.standardError = stderr
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        return Running(process: process, ipnPort: ipnPort, dir: dir, stderr: stderr)
+    }
+
+    static func postLegacy(port: Int, order: String, status: String) async throws -> String {
+        let signature = try #require(
+            LegacySignature.expected(amount: "10.00", currency: "EUR", orderID: order, status: status, secretKey: "k"))
+        let body =
+            "{\"orderId\":\"\(order)\",\"amount\":\"10.00\",\"currency\":\"EUR\",\"status\":\"\(status)\",\"signature\":\"\(signature)\"}"
+        let request =
+            "POST /payop/ipn HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
+        for _ in 0..<100 {
+            if let answer = try? await rawExchange(port: port, send: request), !answer.isEmpty { return answer }
+            try await Task.sleep(for: .milliseconds(50))  // the daemon is still starting
+        }
+        return ""
+    }
+
+    @Test func daemonIdlesWhileALaterStatusWaitsBehindASlowHook() async throws {
+        let dir = try TemporaryDirectory()
+        let started = dir.file("started")
+        let daemon = try Self.start(
+            hookScript: "echo \"$PAYOP_STATUS\" >> '\(started)'; [ \"$PAYOP_STATUS\" = pending ] && sleep 8; exit 0",
+            in: dir)
+        defer {
+            daemon.process.terminate()
+            daemon.process.waitUntilExit()
+        }
+        #expect(try await Self.postLegacy(port: daemon.ipnPort, order: "o-1", status: "wait").hasPrefix("HTTP/1.1 200"))
+        #expect(try await Self.postLegacy(port: daemon.ipnPort, order: "o-1", status: "success").hasPrefix("HTTP/1.1 200"))
+        // The pending hook is running; accepted waits behind it. Measure the daemon meanwhile.
+        try await Task.sleep(for: .seconds(1))
+        let before = try Self.cpuSeconds(daemon.process.processIdentifier)
+        try await Task.sleep(for: .seconds(3))
+        let used = try Self.cpuSeconds(daemon.process.processIdentifier) - before
+        #expect(try String(contentsOfFile: started, encoding: .utf8) == "pending\n")
+        // An idle daemon spends a few milliseconds a second (the 1 s checkpoint and re-check); a spinning
+        // one spends a whole core (3 s here).
+        #expect(used < 0.3, "the daemon used \(used) s of CPU in 3 s while waiting")
+    }
+
+    @Test func secondServeOnTheSameLogExitsOneNamingTheFirst() async throws {
+        let dir = try TemporaryDirectory()
+        let first = try Self.start(hookScript: "exit 0", in: dir)
+        defer {
+            first.process.terminate()
+            first.process.waitUntilExit()
+        }
+        #expect(try await Self.postLegacy(port: first.ipnPort, order: "o-2", status: "success").hasPrefix("HTTP/1.1 200"))
+        let other = try TemporaryDirectory()
+        let second = try Self.start(hookScript: "exit 0", in: other, storage: dir.file("events.sqlite3"))
+        second.process.waitUntilExit()
+        let message = String(decoding: second.stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(second.process.terminationStatus == 1)
+        #expect(message.contains("pid \(first.process.processIdentifier)"), "\(message)")
+        #expect(first.process.isRunning)
+    }
+}
