@@ -135,7 +135,7 @@ extension PayopHarness {
             #expect(runner.all.map(\.amount) == ["1.00"])
             // The event's `ipn` is the copy Payop confirmed, not the forged first one.
             let ipn = try #require(event.ipn)
-            #expect(!String(decoding: ipn, as: UTF8.self).contains("1000"))
+            #expect(!String(decoding: ipn, as: UTF8.self).contains("1000.00"))
         }
     }
 
@@ -430,4 +430,57 @@ func lockingConnection(_ path: String) throws -> DatabaseQueue {
     var configuration = Configuration()
     configuration.allowsUnsafeTransactions = true
     return try DatabaseQueue(path: path, configuration: configuration)
+}
+
+/// What the adversarial review of issue 8 found, each pinned.
+@Suite struct ReviewFindingsTests {
+    @Test func payopAnswerAboutAnotherSpellingOfTheIdIsNotFound() throws {
+        let body = Data(#"{"data":{"identifier":"ABC-1","state":2,"amount":"1.00","currency":"EUR"},"status":1}"#.utf8)
+        #expect(try PayopAnswers.single(body, kind: .checkout, id: "abc-1") == nil)
+        #expect(try PayopAnswers.single(body, kind: .checkout, id: "ABC-1")?.status.name == "accepted")
+    }
+
+    @Test func lagginAPIReportingAnOlderStatusAfterAFinalOneIsIgnored() {
+        let policy = VerificationPolicy(
+            backoff: Backoff(initialSeconds: 1, maxSeconds: 300, jitter: Backoff.noJitter),
+            notFoundRetryMilliseconds: 0, reconcileIntervalMilliseconds: 60_000)
+        var machine = EventVerification.fresh(
+            kind: .checkout, status: .checkout(state: 3, errorMessage: nil), receivedAt: 0)
+        let failed = PayopRecord(kind: .checkout, id: "T", status: .checkout(state: 3, errorMessage: nil))
+        _ = machine.payopAnswered(.record(failed), claims: [], now: 0, policy: policy)
+        let pending = PayopRecord(kind: .checkout, id: "T", status: .checkout(state: 4, errorMessage: nil))
+        let outcome = machine.payopAnswered(.record(pending), claims: [], now: 60_000, policy: policy)
+        #expect(outcome.reportedStatus == nil)
+        #expect(machine.nextCheckAt == 120_000)  // the failed checkout is still watched
+    }
+
+    @Test func checkoutMissingFromTheFilterAnswerIsAskedAloneNotRejected() async throws {
+        final class PagingPayop: PayopAPI {
+            func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
+                PayopRecord(kind: kind, id: id, status: .status(kind: kind, state: 2, errorMessage: nil))
+            }
+            func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord] {
+                [try await lookup(.checkout, id: ids[0])].compactMap { $0 }  // a short page
+            }
+        }
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        for n in 0..<3 {
+            let body = checkoutBody(transaction: "tx-\(n)", state: 2)
+            _ = try await log.ingest(
+                IncomingIPN(
+                    receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+                    notification: try NotificationParser.parse(body).get(), verifiedBySignature: false))
+        }
+        let verifier = Verifier(
+            store: log, payop: PagingPayop(),
+            policy: VerificationPolicy(
+                backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter), notFoundRetryMilliseconds: 0,
+                reconcileIntervalMilliseconds: 60_000),
+            clock: clock, logger: quietLogger)
+        #expect(try await verifier.verifyDue() == 3)
+        #expect(try await log.events(.init(state: "verified")).count == 3)
+    }
 }

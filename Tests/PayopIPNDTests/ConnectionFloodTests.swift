@@ -12,6 +12,12 @@ import Glibc
 /// idle connections from 127.0.0.1, Payop posting from 127.0.0.2.
 @Suite(.serialized) struct ConnectionFloodTests {
     func withListener(
+        allowed: SourcePolicy.Allowed, _ body: @escaping @Sendable (Int, SQLiteEventLog) async throws -> Void
+    ) async throws {
+        try await ExclusiveTiming.shared.run { try await listening(allowed: allowed, body) }
+    }
+
+    func listening(
         allowed: SourcePolicy.Allowed, _ body: @Sendable (Int, SQLiteEventLog) async throws -> Void
     ) async throws {
         let dir = try TemporaryDirectory()
@@ -58,6 +64,8 @@ import Glibc
             }
         }
         #expect(sockets.count == count)
+        // The flood is in place (accepted, or refused) before Payop posts; what is measured is Payop's wait.
+        try await Task.sleep(for: .milliseconds(300))
         return try await body()
     }
 

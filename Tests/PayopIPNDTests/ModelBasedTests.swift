@@ -338,7 +338,7 @@ final class Scenario {
 @Suite struct ModelBasedTests {
     @Test(arguments: scenarioSeeds(count: 120, base: 90_000))
     func randomScenariosKeepThePromise(seed: UInt64) async throws {
-        try await Scenario(seed: seed).run(steps: 40)
+        try await ExclusiveTiming.shared.run { try await Scenario(seed: seed).run(steps: 40) }
     }
 }
 

@@ -143,7 +143,7 @@ public final class Dispatcher: Sendable {
             "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
             "attempt": "\(claim.attempt)",
         ]
-        if Task.isCancelled {
+        if Task.isCancelled, result.outcome != .delivered {
             // Stopped by our own shutdown: the attempt is not spent, and it runs again at the next start.
             await persist("interrupted run", metadata) { [store, clock] () async throws(EventLogError) in
                 try await store.interruptDelivery(
@@ -187,8 +187,10 @@ public final class Dispatcher: Sendable {
                 let value = try await write()
                 if logged { logger.notice("\(what) recorded after all", metadata: metadata) }
                 return value
-            } catch where error.code == .closed {
-                logger.error("\(what) not recorded: the event log is closed", metadata: metadata)
+            } catch where error.code == .closed || Task.isCancelled {
+                // Closed, or stopping: the delivery is still `running` in the log and runs again at the
+                // next start (a pause cannot wait once cancelled, so retrying here would spin).
+                logger.error("\(what) not recorded: the daemon is stopping", metadata: metadata)
                 return nil
             } catch {
                 if !logged {
@@ -273,7 +275,7 @@ struct DispatcherService: Service {
             }
             // Shutting down: give running hooks their grace, then stop them.
             let deadline = ContinuousClock.now + shutdownGrace
-            while dispatcher.running > 0, ContinuousClock.now < deadline {
+            while dispatcher.running > 0, ContinuousClock.now < deadline, !Task.isCancelled {
                 await dispatcher.signal.wait(timeout: deadline - ContinuousClock.now)
             }
             if dispatcher.running > 0 {

@@ -73,7 +73,8 @@ extension SQLiteEventLog: VerificationStore {
             nextCheckAt: row["next_check_at"], watchUntil: row["watch_until"])
     }
 
-    /// The distinct claims of the event's accepted copies, each with its first receipt.
+    /// The distinct claims of the event's accepted copies, each with its first receipt, newest first:
+    /// Payop repeats the genuine copy, so forged copies sent before it cannot push it out of the list.
     static func claims(_ db: Database, _ eventID: String) throws -> [IPNClaim] {
         try Row.fetchAll(
             db.cachedStatement(
@@ -82,7 +83,7 @@ extension SQLiteEventLog: VerificationStore {
                            claim_transaction_id
                     FROM receipts WHERE event_id = ? AND answer = 200
                     GROUP BY claim_order_id, claim_amount, claim_currency, claim_invoice_id, claim_transaction_id
-                    ORDER BY 1 LIMIT 100
+                    ORDER BY 1 DESC LIMIT 100
                     """), arguments: [eventID]
         ).map { row in
             IPNClaim(

@@ -121,6 +121,12 @@ enum Schema {
                     ALTER TABLE receipts ADD COLUMN claim_currency TEXT;
                     ALTER TABLE receipts ADD COLUMN claim_invoice_id TEXT;
                     ALTER TABLE receipts ADD COLUMN claim_transaction_id TEXT;
+                    -- claims the previous version contradicted, and failed checkouts it verified, within
+                    -- Payop's 24 h retry window: asked about again from now on
+                    UPDATE events SET watch_until = received_at + 86400000, next_check_at = received_at
+                    WHERE legacy = 0 AND received_at + 86400000 > CAST(strftime('%s', 'now') AS INTEGER) * 1000
+                    AND ((state = 'rejected' AND rejection_reason = 'status_mismatch')
+                         OR (state = 'verified' AND kind = 'checkout' AND status = 'failed'));
                     -- copies received before this version: the event's first copy speaks for them all
                     UPDATE receipts SET
                         claim_order_id = (SELECT order_id FROM events WHERE events.id = receipts.event_id),

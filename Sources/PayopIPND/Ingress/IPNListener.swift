@@ -32,7 +32,7 @@ public enum IPNListener {
         let gate = ConnectionGate(limits: limits) { ingress.sources }
         return Server(
             childChannelSetup: GatedHTTP1Channel(inner: channel, gate: gate),
-            configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 1024),
+            configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 4096),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) },
             eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
             logger: logger)

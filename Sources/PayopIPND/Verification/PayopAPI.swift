@@ -131,10 +131,13 @@ enum PayopAnswers {
         }
     }
 
-    static func single(_ body: Data, kind: IPNKind, id: String) throws(PayopError) -> PayopRecord {
+    /// Nil when Payop answers about another identifier than the one asked: an id spelled differently
+    /// (case, hyphens) must not make a second event of one payment.
+    static func single(_ body: Data, kind: IPNKind, id: String) throws(PayopError) -> PayopRecord? {
         guard let entry = try? sharedJSONDecoder.decode(Envelope<Entry>.self, from: body).data else {
             throw PayopError(.badResponse, "Payop's answer for \(id) is not {\"data\": {...}}")
         }
+        if let identifier = entry.identifier, identifier != id { return nil }
         return try entry.record(kind: kind, id: id)
     }
 

@@ -188,7 +188,10 @@ public struct EventVerification: Sendable, Equatable {
     public mutating func payopAnswered(_ answer: PayopAnswer, claims: [IPNClaim], now: Int64, policy: VerificationPolicy)
         -> Outcome
     {
-        guard !legacy else { return Outcome(attemptOutcome: "ignored") }
+        guard !legacy else {
+            nextCheckAt = nil
+            return Outcome(attemptOutcome: "ignored")
+        }
         switch answer {
         case .unanswered(let code, let detail):
             attempts += 1
@@ -254,6 +257,11 @@ public struct EventVerification: Sendable, Equatable {
 
     private mutating func otherStatus(_ record: PayopRecord, now: Int64, policy: VerificationPolicy) -> Outcome {
         let detail = "Payop reports \(record.status.name)"
+        if state == .verified, status.isFinal, !record.status.isFinal {
+            // A final status does not go back to new or pending: a lagging API, not news.
+            nextCheckAt = recheckAfterVerified(now: now, policy: policy)
+            return Outcome(attemptOutcome: "unchanged", attemptDetail: "\(detail) (older than this status; ignored)")
+        }
         if state == .verified {
             // Payop moved on: the new status is its own event, this one is settled.
             nextCheckAt = nil

@@ -120,3 +120,21 @@ final class FakePayop: PayopAPI {
         return records
     }
 }
+
+/// Tests that measure time on the real network stack take the machine for themselves; the heaviest
+/// CPU users (the model-based scenarios) wait for them, so a timing is not a measure of the other tests.
+actor ExclusiveTiming {
+    static let shared = ExclusiveTiming()
+    private var busy = false
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+
+    func run<T: Sendable>(_ body: @Sendable () async throws -> T) async rethrows -> T {
+        while busy { await withCheckedContinuation { waiters.append($0) } }
+        busy = true
+        defer {
+            busy = false
+            if !waiters.isEmpty { waiters.removeFirst().resume() }
+        }
+        return try await body()
+    }
+}
