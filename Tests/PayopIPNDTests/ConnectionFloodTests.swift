@@ -111,12 +111,29 @@ import Glibc
         limits.maxPerAddress = 3
         let gate = ConnectionGate(limits: limits) { SourcePolicy(allowed: .any) }
         let flooder = IPAddress("198.51.100.7")
-        #expect((0..<5).map { _ in gate.admit(flooder) } == [.admit, .admit, .admit, .drop, .drop])
-        for n in 1...3 { #expect(gate.admit(IPAddress("198.51.100.\(10 + n)")) == .admit) }
-        #expect(gate.admit(IPAddress("198.51.100.20")) == .drop)  // only the reserve is left
-        for _ in 0..<4 { #expect(gate.admit(IPAddress("3.125.109.58")) == .admit) }  // Payop
-        #expect(gate.admit(IPAddress("3.125.109.58")) == .drop)
-        gate.release(flooder, .admit)
-        #expect(gate.openConnections == 9)
+        let flood = (0..<5).map { _ in gate.admit(flooder) }
+        #expect(flood.map(\.decision) == [.admit, .admit, .admit, .drop, .drop])
+        var others = (1...3).map { gate.admit(IPAddress("198.51.100.\(10 + $0)")) }
+        #expect(others.allSatisfy { $0.decision == .admit })
+        #expect(gate.admit(IPAddress("198.51.100.20")).decision == .drop)  // only the reserve is left
+        others += (0..<4).map { _ in gate.admit(IPAddress("3.125.109.58")) }  // Payop
+        #expect(others.allSatisfy { $0.decision == .admit })
+        #expect(gate.admit(IPAddress("3.125.109.58")).decision == .drop)
+        for ticket in flood + others { gate.release(ticket) }
+        #expect(gate.openConnections == 0)
+        #expect((0..<3).map { _ in gate.admit(flooder).decision } == [.admit, .admit, .admit])
+    }
+
+    @Test func listedAddressIsCappedTooAndReloadCannotSkewTheCounts() {
+        var limits = ConnectionGate.Limits()
+        limits.maxPerAddress = 2
+        let listed = Shared(SourcePolicy(allowed: .only([CIDR("10.0.0.0/8")!])))
+        let gate = ConnectionGate(limits: limits) { listed.withLock { $0 } }
+        let client = IPAddress("10.1.2.3")
+        let tickets = (0..<3).map { _ in gate.admit(client) }
+        #expect(tickets.map(\.decision) == [.admit, .admit, .drop])
+        listed.withLock { $0 = SourcePolicy(allowed: .any, trustedProxies: [CIDR("10.0.0.0/8")!]) }
+        for ticket in tickets { gate.release(ticket) }
+        #expect(gate.openConnections == 0)
     }
 }

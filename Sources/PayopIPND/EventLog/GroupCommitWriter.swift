@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 
 /// Owns the event log's only write connection on one dedicated OS thread and group-commits: every
 /// write queued while the previous commit was running shares the next transaction and its one fsync.
@@ -24,6 +25,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var stopping = false
     private var finished = false
     private let onBatch: @Sendable (Int) -> Void
+    private let commits = Atomic<Int>(0)
+    var commitCount: Int { commits.load(ordering: .relaxed) }
 
     init(database: DatabasePool, onBatch: @escaping @Sendable (Int) -> Void = { _ in }) {
         self.database = database
@@ -118,6 +121,7 @@ final class GroupCommitWriter: @unchecked Sendable {
             for job in jobs { job.fail(failure) }
             return
         }
+        commits.add(1, ordering: .relaxed)
         onBatch(jobs.count)
         for complete in completions { complete() }
         for (job, error) in refusals { job.fail(error) }

@@ -166,11 +166,16 @@ extension SQLiteEventLog: VerificationStore {
         let created = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now)
         guard
             let row = try Row.fetchOne(
-                db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [eventID])
+                db.cachedStatement(sql: "SELECT kind, status, received_at FROM events WHERE id = ?"),
+                arguments: [eventID])
         else {
             return []
         }
-        return [VerifiedEvent(event: Event(row: row), deliveries: created)]
+        return [
+            VerifiedEvent(
+                eventID: eventID, type: "\(row["kind"] as String).\(row["status"] as String)",
+                receivedAt: row["received_at"], deliveries: created.count)
+        ]
     }
 
     static func attempt(

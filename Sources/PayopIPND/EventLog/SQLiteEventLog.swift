@@ -22,6 +22,9 @@ public final class SQLiteEventLog: EventStore {
     /// How long a write waits for another process's lock before the log counts as unavailable.
     public static let lockDeadlineSeconds: TimeInterval = 5
 
+    /// Group commits so far: the checkpointer skips its turn when nothing was written.
+    public var commitCount: Int { writer.commitCount }
+
     private init(path: String, database: DatabasePool, clock: any WallClock, onBatch: @escaping @Sendable (Int) -> Void)
     {
         self.path = path
@@ -88,6 +91,10 @@ public final class SQLiteEventLog: EventStore {
         }
     }
 
+    /// How a repeated IPN's event is scheduled (at start and on reload).
+    private let verificationPolicy = Mutex(VerificationPolicy.defaults)
+    public func setVerificationPolicy(_ policy: VerificationPolicy) { verificationPolicy.withLock { $0 = policy } }
+
     /// The hooks deliveries are created for from now on (at start and on reload).
     public func setHooks(_ hooks: [HookConfig]) { hookRoutes.withLock { $0 = hooks } }
     public var hooks: [HookConfig] { hookRoutes.withLock { $0 } }
@@ -140,7 +147,8 @@ public final class SQLiteEventLog: EventStore {
 
     public func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
-        return try await write { db in try Self.ingest(ipn, in: db, hooks: hooks) }
+        let policy = verificationPolicy.withLock { $0 }
+        return try await write { db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy) }
     }
 
     public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
@@ -167,7 +175,9 @@ public final class SQLiteEventLog: EventStore {
         VALUES (?, ?, ?, ?, ?, ?, ?, 'ipn', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
-    static func ingest(_ ipn: IncomingIPN, in db: Database, hooks: [HookConfig]) throws -> IngestOutcome {
+    static func ingest(_ ipn: IncomingIPN, in db: Database, hooks: [HookConfig], policy: VerificationPolicy) throws
+        -> IngestOutcome
+    {
         let n = ipn.notification
         let now = ipn.receivedAt
         let existing = try Row.fetchOne(
@@ -187,7 +197,7 @@ public final class SQLiteEventLog: EventStore {
             if existing["state"] as String == "rejected",
                 var machine = try verification(db, eventID)
             {
-                machine.ipnRepeated(now: now)
+                machine.ipnRepeated(now: now, policy: policy)
                 try persist(machine, eventID: eventID, facts: nil, now: now, in: db)
             }
         } else {

@@ -9,7 +9,7 @@ import Synchronization
 /// - A peer the source policy refuses (and that is not a trusted proxy) is answered 403 at once and
 ///   closed; past `maxLingeringRefusals` such answers at once it is closed without one.
 /// - One address holds at most `maxPerAddress` connections (trusted proxies and Payop's own
-///   addresses excepted: everything arrives through them).
+///   addresses excepted: everything arrives through them), listed addresses included.
 /// - Of `maxConnections`, the last `reserve` are kept for privileged peers: Payop's addresses, the
 ///   configured allow list and trusted proxies. With `allowed_sources: any`, anyone else shares the rest.
 public final class ConnectionGate: Sendable {
@@ -30,6 +30,14 @@ public final class ConnectionGate: Sendable {
         case drop
     }
 
+    /// What `admit` decided and counted; handed back to `release` when the connection closes, so the
+    /// counts stay right even if a reload changes who is privileged meanwhile.
+    public struct Ticket: Sendable {
+        public let decision: Decision
+        let peer: IPAddress?
+        let perAddress: Bool
+    }
+
     private struct State {
         var open = 0
         var perAddress: [IPAddress: Int] = [:]
@@ -47,38 +55,44 @@ public final class ConnectionGate: Sendable {
 
     private static let payop = SourcePolicy.payopAddresses.compactMap(IPAddress.init)
 
-    /// Decides for a connection from `peer`; an admitted one must be `release`d when it closes.
-    public func admit(_ peer: IPAddress?) -> Decision {
-        guard let peer else { return .drop }
+    /// Decides for a connection from `peer`; the ticket must be `release`d when it closes.
+    public func admit(_ peer: IPAddress?) -> Ticket {
+        guard let peer else { return Ticket(decision: .drop, peer: nil, perAddress: false) }
         let policy = sources()
         let proxy = policy.isTrustedProxy(peer)
         guard proxy || policy.allows(peer) else {
             return state.withLock { state in
-                guard state.lingering < limits.maxLingeringRefusals else { return .drop }
+                guard state.lingering < limits.maxLingeringRefusals else {
+                    return Ticket(decision: .drop, peer: peer, perAddress: false)
+                }
                 state.lingering += 1
-                return .forbid
+                return Ticket(decision: .forbid, peer: peer, perAddress: false)
             }
         }
-        let privileged = proxy || Self.payop.contains(peer) || policy.listsExplicitly(peer)
+        // Everything arrives through a trusted proxy, and Payop's own addresses are Payop: no cap there.
+        let capped = !proxy && !Self.payop.contains(peer)
+        let privileged = !capped || policy.listsExplicitly(peer)
         return state.withLock { state in
             let limit = privileged ? limits.maxConnections : limits.maxConnections - limits.reserve
-            guard state.open < limit else { return .drop }
-            if !privileged {
-                guard state.perAddress[peer, default: 0] < limits.maxPerAddress else { return .drop }
+            guard state.open < limit else { return Ticket(decision: .drop, peer: peer, perAddress: false) }
+            if capped {
+                guard state.perAddress[peer, default: 0] < limits.maxPerAddress else {
+                    return Ticket(decision: .drop, peer: peer, perAddress: false)
+                }
                 state.perAddress[peer, default: 0] += 1
             }
             state.open += 1
-            return .admit
+            return Ticket(decision: .admit, peer: peer, perAddress: capped)
         }
     }
 
-    public func release(_ peer: IPAddress?, _ decision: Decision) {
-        guard let peer else { return }
+    public func release(_ ticket: Ticket) {
+        guard let peer = ticket.peer else { return }
         state.withLock { state in
-            switch decision {
+            switch ticket.decision {
             case .admit:
                 state.open -= 1
-                if let count = state.perAddress[peer] {
+                if ticket.perAddress, let count = state.perAddress[peer] {
                     state.perAddress[peer] = count > 1 ? count - 1 : nil
                 }
             case .forbid:
@@ -100,12 +114,12 @@ public struct GatedHTTP1Channel: ServerChildChannel {
 
     public func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         let peer = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init)
-        let decision = gate.admit(peer)
+        let ticket = gate.admit(peer)
         let gate = gate
-        channel.closeFuture.whenComplete { _ in gate.release(peer, decision) }
-        if decision != .admit {
+        channel.closeFuture.whenComplete { _ in gate.release(ticket) }
+        if ticket.decision != .admit {
             do {
-                try channel.pipeline.syncOperations.addHandler(RefusingHandler(answer: decision == .forbid))
+                try channel.pipeline.syncOperations.addHandler(RefusingHandler(answer: ticket.decision == .forbid))
             } catch {
                 channel.close(promise: nil)
             }

@@ -51,6 +51,7 @@ public struct Daemon: Sendable {
         defer { lock.release() }
         let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
         log.setHooks(config.hooks)
+        log.setVerificationPolicy(VerificationPolicy(config))
         let recovered = try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
         if recovered > 0 {
             logger.notice("deliveries interrupted by the last stop will run again", metadata: ["count": "\(recovered)"])
@@ -118,6 +119,7 @@ public struct Daemon: Sendable {
             secrets.jwt.set(nextSecrets.jwt.get())
             secrets.hookSigning.withLock { $0 = nextSecrets.hookSigning.withLock { $0 } }
             log.setHooks(next.hooks)
+            log.setVerificationPolicy(VerificationPolicy(next))
             verifier.reload(VerificationPolicy(next))
             dispatcher.reload(DeliveryPolicy(next))
             await dispatcher.checkOrphans()
@@ -257,14 +259,19 @@ struct CheckpointService: Service {
 
     func run() async throws {
         var failing = false
+        var checkpointed = -1
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             try? await Task.sleep(for: interval)
+            // Nothing written since the last checkpoint: nothing to move, and an idle daemon stays idle.
+            let commits = log.commitCount
+            if commits == checkpointed && !failing { continue }
             do {
                 try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, any Error>) in
                     queue.async { done.resume(with: Result { try log.checkpoint() }) }
                 }
                 if failing { logger.notice("event log checkpoints work again") }
                 failing = false
+                checkpointed = commits
             } catch {
                 if !failing { logger.warning("event log checkpoint failed", metadata: ["error": "\(error)"]) }
                 failing = true

@@ -22,11 +22,17 @@ struct DeliveriesCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingFailures {
-                let (_, log) = try openEventLog(config)
+                let (daemonConfig, log) = try openEventLog(config)
                 defer { log.close() }
                 let deliveries = try await log.deliveries(state: state, hook: hook, limit: limit.limit)
                 if json { return try printJSON(deliveries) }
                 printDeliveries(deliveries)
+                let orphans = try await log.orphanedDeliveries(configured: daemonConfig.hooks.map(\.name))
+                for (name, count) in orphans.sorted(by: { $0.key < $1.key }) {
+                    print(
+                        "note: \(count) pending deliveries wait for hook \(name), which is not in the configuration: "
+                            + "add it back to hooks (or rename it back) and reload")
+                }
             }
         }
     }

@@ -86,6 +86,12 @@ public struct VerificationPolicy: Sendable {
 
     public static let payopRetryWindowMilliseconds: Int64 = 24 * 3_600_000
 
+    /// The configuration's defaults: retries from 1 s to 300 s, not found asked for 10 min, re-checks
+    /// every 300 s.
+    public static let defaults = VerificationPolicy(
+        backoff: Backoff(initialSeconds: 1, maxSeconds: 300), notFoundRetryMilliseconds: 600_000,
+        reconcileIntervalMilliseconds: 300_000)
+
     public init(
         backoff: Backoff, notFoundRetryMilliseconds: Int64, reconcileIntervalMilliseconds: Int64,
         watchMilliseconds: Int64 = VerificationPolicy.payopRetryWindowMilliseconds
@@ -165,11 +171,13 @@ public struct EventVerification: Sendable, Equatable {
     // MARK: - Inputs
 
     /// Another copy of the IPN arrived: a rejected event is asked about again at once (Payop may have
-    /// caught up, or this copy may be the genuine one).
-    public mutating func ipnRepeated(now: Int64) {
+    /// caught up, or this copy may be the genuine one), and this copy gets its own grace for Payop's
+    /// API to learn of it: an early forged copy does not shorten the genuine copy's.
+    public mutating func ipnRepeated(now: Int64, policy: VerificationPolicy) {
         guard !legacy, case .rejected = state else { return }
         attempts = 0
         nextCheckAt = now
+        watchUntil = max(watchUntil ?? 0, now + policy.notFoundRetryMilliseconds)
     }
 
     /// What to do after Payop answered a question about this event.
@@ -270,7 +278,7 @@ public struct EventVerification: Sendable, Equatable {
         }
         // The claim is contradicted, not forgotten: Payop's API can lag its own IPNs.
         state = .rejected(.statusMismatch)
-        let until = watchUntil ?? receivedAt + policy.watchMilliseconds
+        let until = max(watchUntil ?? 0, receivedAt + policy.watchMilliseconds)
         watchUntil = until
         attempts += 1
         let next = now + min(retryDelay(policy), max(policy.reconcileIntervalMilliseconds, 1))

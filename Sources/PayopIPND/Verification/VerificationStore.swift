@@ -17,13 +17,18 @@ public struct DueCheck: Sendable, Equatable, Hashable {
     public var entityKey: String { "\(kind.rawValue)/\(entityID)" }
 }
 
-/// An event that just became verified, with the deliveries that were created for it.
-public struct VerifiedEvent: Sendable {
-    public var event: Event
-    public var deliveries: [Delivery]
+/// An event that just became verified, with how many deliveries were created for it.
+public struct VerifiedEvent: Sendable, Equatable {
+    public var eventID: String
+    /// `checkout.accepted`, ...
+    public var type: String
+    public var receivedAt: Int64
+    public var deliveries: Int
 
-    public init(event: Event, deliveries: [Delivery]) {
-        self.event = event
+    public init(eventID: String, type: String, receivedAt: Int64, deliveries: Int) {
+        self.eventID = eventID
+        self.type = type
+        self.receivedAt = receivedAt
         self.deliveries = deliveries
     }
 }

@@ -178,15 +178,15 @@ public final class Verifier: Sendable {
         default:
             logger.notice("verification deferred", metadata: metadata)
         }
-        for verified in applied.verified where verified.event.id != check.eventID {
+        for verified in applied.verified where verified.eventID != check.eventID {
             logger.info(
                 "Payop's own status recorded as a verified event",
-                metadata: ["event.id": "\(verified.event.id)", "event.type": "\(verified.event.type)"])
+                metadata: ["event.id": "\(verified.eventID)", "event.type": "\(verified.type)"])
         }
         guard let metrics else { return }
         let now = clock.nowMilliseconds()
         for verified in applied.verified {
-            metrics.verification(outcome: "verified", latencyMilliseconds: now - verified.event.receivedAt)
+            metrics.verification(outcome: "verified", latencyMilliseconds: now - verified.receivedAt)
         }
         if applied.outcome != "verified" {
             metrics.verification(outcome: applied.state?.reason?.rawValue ?? applied.outcome, latencyMilliseconds: nil)

@@ -49,7 +49,7 @@ private func record(_ status: PaymentStatus, amount: String? = "10.00", order: S
         }
         #expect(now < VerificationPolicy.payopRetryWindowMilliseconds)
         #expect(machine.state == .rejected(.statusMismatch))
-        machine.ipnRepeated(now: now + 1)
+        machine.ipnRepeated(now: now + 1, policy: policy)
         #expect(machine.nextCheckAt == now + 1)
     }
 
@@ -60,7 +60,7 @@ private func record(_ status: PaymentStatus, amount: String? = "10.00", order: S
         _ = machine.payopAnswered(.record(payop), claims: [forged], now: 1, policy: policy)
         #expect(machine.state == .rejected(.amountMismatch))
         #expect(machine.nextCheckAt == nil)
-        machine.ipnRepeated(now: 2)
+        machine.ipnRepeated(now: 2, policy: policy)
         let genuine = IPNClaim(receiptID: 2, amount: "1.0")
         let outcome = machine.payopAnswered(.record(payop), claims: [forged, genuine], now: 2, policy: policy)
         #expect(machine.state == .verified)
@@ -82,6 +82,26 @@ private func record(_ status: PaymentStatus, amount: String? = "10.00", order: S
         #expect(machine.state == .received && machine.nextCheckAt == 1_000)
         _ = machine.payopAnswered(.notFound, claims: [], now: 600_000, policy: policy)
         #expect(machine.state == .rejected(.notFound) && machine.nextCheckAt == nil)
+    }
+
+    @Test func laterCopyGetsItsOwnNotFoundGrace() {
+        var machine = EventVerification.fresh(kind: .checkout, status: accepted, receivedAt: 0)
+        _ = machine.payopAnswered(.notFound, claims: [], now: 600_000, policy: policy)
+        #expect(machine.state == .rejected(.notFound))
+        // The genuine copy arrives half an hour after an early (forged) one; Payop's API lags it too.
+        machine.ipnRepeated(now: 1_800_000, policy: policy)
+        _ = machine.payopAnswered(.notFound, claims: [], now: 1_800_000, policy: policy)
+        #expect(machine.nextCheckAt == 1_801_000)
+        _ = machine.payopAnswered(.record(record(accepted)), claims: [], now: 1_801_000, policy: policy)
+        #expect(machine.state == .verified)
+    }
+
+    @Test func statusMismatchAfterARepeatIsStillWatchedForTheWholeRetryWindow() {
+        var machine = EventVerification.fresh(kind: .checkout, status: accepted, receivedAt: 0)
+        _ = machine.payopAnswered(.notFound, claims: [], now: 600_000, policy: policy)
+        machine.ipnRepeated(now: 700_000, policy: policy)
+        _ = machine.payopAnswered(.record(record(pending)), claims: [], now: 700_000, policy: policy)
+        #expect(machine.watchUntil == VerificationPolicy.payopRetryWindowMilliseconds)
     }
 
     @Test func unreachablePayopKeepsTheEventWaitingWithGrowingBackoff() {
@@ -116,7 +136,7 @@ private func record(_ status: PaymentStatus, amount: String? = "10.00", order: S
 
     @Test func legacyEventsAreNeverAskedAbout() {
         var machine = EventVerification.signed(kind: .checkout, status: accepted, receivedAt: 0)
-        machine.ipnRepeated(now: 1)
+        machine.ipnRepeated(now: 1, policy: policy)
         _ = machine.payopAnswered(.record(record(pending)), claims: [], now: 2, policy: policy)
         #expect(machine.state == .verified && machine.nextCheckAt == nil)
     }
@@ -139,7 +159,7 @@ private func record(_ status: PaymentStatus, amount: String? = "10.00", order: S
             let before = machine
             var verifiedNow: VerifiedFacts?
             switch Int.random(in: 0..<10, using: &random) {
-            case 0: machine.ipnRepeated(now: now)
+            case 0: machine.ipnRepeated(now: now, policy: policy)
             case 1: _ = machine.payopAnswered(.notFound, claims: [], now: now, policy: policy)
             case 2: _ = machine.payopAnswered(.unanswered(code: "unavailable", detail: ""), claims: [], now: now, policy: policy)
             case 3:
