@@ -336,7 +336,7 @@ final class Scenario {
 }
 
 @Suite struct ModelBasedTests {
-    @Test(arguments: scenarioSeeds(count: 120, base: 90_000))
+    @Test(arguments: scenarioSeeds(count: 300, base: 90_000))
     func randomScenariosKeepThePromise(seed: UInt64) async throws {
         try await ExclusiveTiming.shared.run { try await Scenario(seed: seed).run(steps: 40) }
     }
