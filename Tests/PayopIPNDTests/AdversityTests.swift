@@ -148,12 +148,7 @@ extension PayopHarness {
         log.setHooks([commandHook("fulfil", "/bin/true")])
         try await ingestSigned(log, clock: clock)
         let runner = RecordingHookRunner()
-        let dispatcher = Dispatcher(
-            store: log, runner: runner, hooks: { [log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 1),
-            clock: clock, logger: quietLogger)
+        let dispatcher = testDispatcher(log, runner: runner, clock: clock)
         // Another writer (a backup, a big prune) holds the log.
         let other = try lockingConnection(dir.file("events.sqlite3"))
         try await other.writeWithoutTransaction { db in try db.execute(sql: "BEGIN IMMEDIATE") }
@@ -183,13 +178,7 @@ extension PayopHarness {
             return HookResult(outcome: .delivered)
         }
         let pauses = Mutex(0)
-        let dispatcher = Dispatcher(
-            store: log, runner: runner, hooks: { [log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 1),
-            clock: clock, logger: quietLogger,
-            pause: { _ in
+        let dispatcher = testDispatcher(log, runner: runner, clock: clock, pause: { _ in
                 if pauses.withLock({ $0 += 1; return $0 }) == 2 {
                     try? await other.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
                 }
@@ -259,12 +248,7 @@ extension PayopHarness {
         try await ingestSigned(log, clock: clock, order: "o-1", status: "wait")
         try await ingestSigned(log, clock: clock, order: "o-1", status: "success")
         let runner = RecordingHookRunner()
-        let dispatcher = Dispatcher(
-            store: log, runner: runner, hooks: { [log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 1),
-            clock: clock, logger: quietLogger)
+        let dispatcher = testDispatcher(log, runner: runner, clock: clock)
         var claims: [DeliveryClaim] = []
         #expect(try await dispatcher.startDue { claim, _ in claims.append(claim) } == 1)
         // The first is running; the second waits behind it: nothing can start, so nothing is due.
@@ -283,12 +267,7 @@ extension PayopHarness {
         log.setHooks([commandHook("kept", "/bin/true")])
         try await ingestSigned(log, clock: clock, order: "new")
         let runner = RecordingHookRunner()
-        let dispatcher = Dispatcher(
-            store: log, runner: runner, hooks: { [log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 1),
-            clock: clock, logger: quietLogger)
+        let dispatcher = testDispatcher(log, runner: runner, clock: clock)
         #expect(try await dispatcher.dispatchDue() == 1)
         #expect(runner.all.map(\.hook) == ["kept"])
         #expect(try await dispatcher.nextDue() == nil)
@@ -303,12 +282,7 @@ extension PayopHarness {
         let hook = try script(dir, "slow", "sleep 30")
         log.setHooks([commandHook("slow", hook, attempts: 1)])
         try await ingestSigned(log, clock: clock)
-        let dispatcher = Dispatcher(
-            store: log, runner: CommandHookRunner(), hooks: { [log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 0.2),
-            clock: clock, logger: quietLogger)
+        let dispatcher = testDispatcher(log, runner: CommandHookRunner(), clock: clock)
         let service = DispatcherService(
             dispatcher: dispatcher, clock: clock, logger: quietLogger, shutdownGrace: .milliseconds(200))
         let group = ServiceGroup(services: [service], logger: quietLogger)
@@ -483,4 +457,17 @@ func lockingConnection(_ path: String) throws -> DatabaseQueue {
         #expect(try await verifier.verifyDue() == 3)
         #expect(try await log.events(.init(state: "verified")).count == 3)
     }
+}
+
+/// A dispatcher on `log` with a 2 s initial backoff and no jitter, as most delivery tests want it.
+func testDispatcher(
+    _ log: SQLiteEventLog, runner: any HookRunner, clock: TestClock,
+    pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
+) -> Dispatcher {
+    Dispatcher(
+        store: log, runner: runner, hooks: { [log] in log.hooks },
+        policy: DeliveryPolicy(
+            backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+            shutdownGraceSeconds: 0.2),
+        clock: clock, logger: quietLogger, pause: pause)
 }

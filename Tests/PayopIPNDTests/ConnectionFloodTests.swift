@@ -14,28 +14,8 @@ import Glibc
     func withListener(
         allowed: SourcePolicy.Allowed, _ body: @escaping @Sendable (Int, SQLiteEventLog) async throws -> Void
     ) async throws {
-        try await ExclusiveTiming.shared.run { try await listening(allowed: allowed, body) }
-    }
-
-    func listening(
-        allowed: SourcePolicy.Allowed, _ body: @Sendable (Int, SQLiteEventLog) async throws -> Void
-    ) async throws {
-        let dir = try TemporaryDirectory()
-        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
-        defer { log.close() }
-        let ingress = IPNIngress(settings: ingressSettings(allowed: allowed), store: log, logger: quietLogger)
-        let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
-        let server = IPNListener.makeServer(
-            host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: 30, logger: quietLogger,
-            onRunning: { continuation.yield($0) })
-        let group = ServiceGroup(services: [server], logger: quietLogger)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            var iterator = ports.makeAsyncIterator()
-            let port = try #require(await iterator.next())
-            try await body(port, log)
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
+        try await ExclusiveTiming.shared.run {
+            try await withIPNListener(settings: ingressSettings(allowed: allowed), readTimeoutSeconds: 30, body)
         }
     }
 

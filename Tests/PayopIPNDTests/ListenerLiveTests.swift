@@ -19,24 +19,12 @@ import Foundation
     func withListener(
         maxBodyBytes: Int = 1024, readTimeoutSeconds: Double = 5, _ body: @escaping @Sendable (TestClient, SQLiteEventLog, Int) async throws -> Void
     ) async throws {
-        let dir = try TemporaryDirectory()
-        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
-        defer { log.close() }
-        let ingress = IPNIngress(settings: ingressSettings(maxBodyBytes: maxBodyBytes), store: log, logger: quietLogger)
-        let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
-        let server = IPNListener.makeServer(
-            host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: readTimeoutSeconds, logger: quietLogger,
-            onRunning: { continuation.yield($0) })
-        let group = ServiceGroup(services: [server], logger: quietLogger)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            var iterator = ports.makeAsyncIterator()
-            let port = try #require(await iterator.next())
+        try await withIPNListener(
+            settings: ingressSettings(maxBodyBytes: maxBodyBytes), readTimeoutSeconds: readTimeoutSeconds
+        ) { port, log in
             try await TestClient.withClient(host: "127.0.0.1", port: port) { client in
                 try await body(client, log, port)
             }
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
         }
     }
 
@@ -152,5 +140,33 @@ func rawExchange(port: Int, send text: String, from source: String? = nil) async
             continuation.resume(returning: String(decoding: received, as: UTF8.self))
         }
         thread.start()
+    }
+}
+
+/// The real IPN listener on an ephemeral loopback port, over a real SQLite log, for `body`.
+func withIPNListener(
+    settings: IngressSettings, readTimeoutSeconds: Double, _ body: @Sendable (Int, SQLiteEventLog) async throws -> Void
+) async throws {
+    let dir = try TemporaryDirectory()
+    let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+    defer { log.close() }
+    let ingress = IPNIngress(settings: settings, store: log, logger: quietLogger)
+    let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
+    let server = IPNListener.makeServer(
+        host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: readTimeoutSeconds, logger: quietLogger,
+        onRunning: { continuation.yield($0) })
+    let group = ServiceGroup(services: [server], logger: quietLogger)
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        var iterator = ports.makeAsyncIterator()
+        let port = try #require(await iterator.next())
+        do {
+            try await body(port, log)
+        } catch {
+            await group.triggerGracefulShutdown()
+            throw error
+        }
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
     }
 }
