@@ -136,6 +136,22 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         #expect(delivery.state == .delivered)
     }
 
+    @Test func hookThatExitsLeavingAChildOnItsStdoutIsDeliveredOnceWhenItExits() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(
+            dir, "detach", "echo started; setsid sleep 20 & echo $! > '\(dir.file("child"))'; echo done; exit 0")
+        let h = try DeliveryHarness(hooks: [commandHook("detach", hook, timeout: 10)])
+        try await h.verifiedEvent()
+        let started = ContinuousClock.now
+        #expect(try await h.dispatcher().dispatchDue() == 1)
+        #expect(ContinuousClock.now - started < .seconds(5))
+        let delivery = try #require(try await h.deliveries().first)
+        #expect(delivery.state == .delivered && delivery.attempts == 1)
+        #expect(delivery.output == "started\ndone\n")
+        let child = try String(contentsOfFile: dir.file("child"), encoding: .utf8)
+        if let pid = Int32(child.trimmingCharacters(in: .whitespacesAndNewlines)) { kill(pid, SIGKILL) }
+    }
+
     @Test func hangingHookIsKilledWithItsChildrenAndRetried() async throws {
         let dir = try TemporaryDirectory()
         let hook = try script(dir, "hang", "sleep 300 & echo $! > '\(dir.file("child"))'; sleep 300")

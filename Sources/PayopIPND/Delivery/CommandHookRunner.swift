@@ -34,28 +34,30 @@ public struct CommandHookRunner: HookRunner {
         let platformOptions = options
         let timeout = Duration.milliseconds(Int64(invocation.hook.timeoutSeconds * 1000))
         let input = invocation.body
+        // Output goes to an unlinked temporary file, not a pipe: a hook that exits 0 while a child it
+        // left behind still holds its stdout is done when it exits, not when that child closes the pipe
+        // (waiting for EOF would time it out and run it again).
+        let capture: OutputFile
+        do {
+            capture = try OutputFile()
+        } catch {
+            return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "cannot capture the hook's output: \(error)")
+        }
+        defer { capture.close() }
         do {
             let outcome = try await withThrowingTaskGroup(of: RunOutcome.self) { group in
                 group.addTask {
                     let result = try await Subprocess.run(
                         .path(FilePath(program)), arguments: Arguments(Array(argv.dropFirst())),
                         environment: .custom(environment), workingDirectory: FilePath("/"), platformOptions: platformOptions,
-                        input: .inputWriter, output: .sequence, error: .combinedWithOutput
+                        input: .inputWriter, output: .fileDescriptor(capture.descriptor, closeAfterSpawningProcess: false),
+                        error: .combinedWithOutput
                     ) { execution in
-                        // Written while the output is read, so a large event cannot deadlock on a full
-                        // pipe; a hook that never reads its stdin is not an error here.
-                        async let written: Void = {
-                            _ = try? await execution.standardInputWriter.write(input)
-                            try? await execution.standardInputWriter.finish()
-                        }()
-                        var capture = BoundedCapture()
-                        for try await chunk in execution.standardOutput {
-                            chunk.withUnsafeBytes { capture.append($0) }
-                        }
-                        await written
-                        return capture.text
+                        // A hook that never reads its stdin is not an error here.
+                        _ = try? await execution.standardInputWriter.write(input)
+                        try? await execution.standardInputWriter.finish()
                     }
-                    return .finished(result.terminationStatus, result.closureResult)
+                    return .finished(result.terminationStatus)
                 }
                 group.addTask {
                     try await Task.sleep(for: timeout)
@@ -65,23 +67,20 @@ public struct CommandHookRunner: HookRunner {
                 group.cancelAll()
                 if case .timedOut = first {
                     // Cancelling the run tears the process group down; wait for that to finish.
-                    while let next = try? await group.next() {
-                        if case .finished(_, let output) = next { return RunOutcome.timedOutWith(output) }
-                    }
+                    while (try? await group.next()) != nil {}
                 }
                 return first
             }
+            let output = capture.text()
             switch outcome {
-            case .finished(.exited(let code), let output):
+            case .finished(.exited(let code)):
                 return HookResult(
                     outcome: code == 0 ? .delivered : .failed(retryAfterMilliseconds: nil), exitCode: Int(code),
                     error: code == 0 ? nil : "exited with status \(code)", output: output)
-            case .finished(.signaled(let signal), let output):
+            case .finished(.signaled(let signal)):
                 return HookResult(
                     outcome: .failed(retryAfterMilliseconds: nil), error: "killed by signal \(signal)", output: output)
-            case .timedOut, .timedOutWith:
-                var output = ""
-                if case .timedOutWith(let captured) = outcome { output = captured }
+            case .timedOut:
                 return HookResult(
                     outcome: .failed(retryAfterMilliseconds: nil),
                     error: "timed out after \(invocation.hook.timeoutSeconds) s; process group terminated", output: output)
@@ -92,8 +91,39 @@ public struct CommandHookRunner: HookRunner {
     }
 
     private enum RunOutcome: Sendable {
-        case finished(TerminationStatus, String)
+        case finished(TerminationStatus)
         case timedOut
-        case timedOutWith(String)
+    }
+}
+
+/// An unlinked temporary file for one run's output: written by the hook (and whatever it leaves
+/// behind), read once the hook has exited, at most `HookResult.maxOutputBytes` of it.
+final class OutputFile: Sendable {
+    let descriptor: FileDescriptor
+
+    init() throws {
+        var template = Array((FileManager.default.temporaryDirectory.path + "/payop-ipnd-hook-XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw Errno(rawValue: errno) }
+        // Not inherited by other hooks started meanwhile: each run's output is its own.
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        descriptor = FileDescriptor(rawValue: fd)
+    }
+
+    func text() -> String {
+        var capture = BoundedCapture()
+        var buffer = [UInt8](repeating: 0, count: HookResult.maxOutputBytes)
+        let count = buffer.withUnsafeMutableBytes { pread(descriptor.rawValue, $0.baseAddress, $0.count, 0) }
+        capture.append(buffer.prefix(max(0, count)))
+        var info = stat()
+        if fstat(descriptor.rawValue, &info) == 0, Int(info.st_size) > capture.bytes.count {
+            capture.append(repeatElement(UInt8(0), count: Int(info.st_size) - capture.bytes.count))
+        }
+        return capture.text
+    }
+
+    func close() {
+        try? descriptor.close()
     }
 }
