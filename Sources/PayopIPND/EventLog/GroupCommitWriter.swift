@@ -40,27 +40,37 @@ final class GroupCommitWriter: @unchecked Sendable {
     func write<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError) -> T {
         do {
             return try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<T, any Error>) in
-                let job = Job(
-                    perform: { db in
-                        let value = try operation(db)
-                        return { continuation.resume(returning: value) }
-                    },
-                    fail: { continuation.resume(throwing: $0) })
-                condition.lock()
-                if stopping {
-                    condition.unlock()
-                    job.fail(EventLogError(.closed, "the event log is shutting down"))
-                    return
-                }
-                queue.append(job)
-                condition.signal()
-                condition.unlock()
+                submit(operation) { continuation.resume(with: $0.mapError { $0 as any Error }) }
             }
         } catch let error as EventLogError {
             throw error
         } catch {
             throw EventLogError(.unavailable, "the event log could not commit", cause: error)
         }
+    }
+
+    /// Runs `operation` in the next group commit; `completion` is called on the writer thread once the
+    /// commit is on disk (or has failed). The listener's path: no Swift task, one hop back to its
+    /// event loop.
+    func submit<T: Sendable>(
+        _ operation: @escaping @Sendable (Database) throws -> T,
+        completion: @escaping @Sendable (Result<T, EventLogError>) -> Void
+    ) {
+        let job = Job(
+            perform: { db in
+                let value = try operation(db)
+                return { completion(.success(value)) }
+            },
+            fail: { completion(.failure($0)) })
+        condition.lock()
+        if stopping {
+            condition.unlock()
+            job.fail(EventLogError(.closed, "the event log is shutting down"))
+            return
+        }
+        queue.append(job)
+        condition.signal()
+        condition.unlock()
     }
 
     /// Commits what is queued, then stops the thread. Writes queued afterwards fail as unavailable.

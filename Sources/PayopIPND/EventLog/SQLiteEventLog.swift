@@ -145,20 +145,27 @@ public final class SQLiteEventLog: EventStore {
 
     // MARK: - Ingest
 
-    public func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
+    public func ingest(
+        _ ipn: IncomingIPN, completion: @escaping @Sendable (Result<IngestOutcome, EventLogError>) -> Void
+    ) {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
         let policy = verificationPolicy.withLock { $0 }
-        return try await write { db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy) }
+        writer.submit({ db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy) }, completion: completion)
     }
 
-    public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
-        try await write { db in
-            try db.cachedStatement(sql: Self.insertReceipt).execute(arguments: [
-                refused.receivedAt, refused.sourceIP, refused.path, refused.answer, refused.reason.rawValue,
-                refused.notification?.kind.rawValue, refused.notification?.entityID, refused.notification?.status.name,
-                nil, refused.size, Data(refused.bodyPrefix), nil, nil, nil, nil, nil,
-            ])
-        }
+    public func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void) {
+        writer.submit(
+            { db in
+                try db.cachedStatement(sql: Self.insertReceipt).execute(arguments: [
+                    refused.receivedAt, refused.sourceIP, refused.path, refused.answer, refused.reason.rawValue,
+                    refused.notification?.kind.rawValue, refused.notification?.entityID,
+                    refused.notification?.status.name, nil, refused.size, Data(refused.bodyPrefix), nil, nil, nil, nil,
+                    nil,
+                ])
+            },
+            completion: { result in
+                if case .failure(let error) = result { completion(error) } else { completion(nil) }
+            })
     }
 
     private static let insertReceipt = """

@@ -1,4 +1,3 @@
-import HummingbirdCore
 import Logging
 import NIOCore
 import Synchronization
@@ -106,35 +105,9 @@ public final class ConnectionGate: Sendable {
     public var openConnections: Int { state.withLock { $0.open } }
 }
 
-/// The IPN port's child channel: `HTTP1Channel` behind the gate.
-public struct GatedHTTP1Channel: ServerChildChannel {
-    public typealias Value = HTTP1Channel.Value
-    let inner: HTTP1Channel
-    let gate: ConnectionGate
-
-    public func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
-        let peer = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init)
-        let ticket = gate.admit(peer)
-        let gate = gate
-        channel.closeFuture.whenComplete { _ in gate.release(ticket) }
-        if ticket.decision != .admit {
-            do {
-                try channel.pipeline.syncOperations.addHandler(RefusingHandler(answer: ticket.decision == .forbid))
-            } catch {
-                channel.close(promise: nil)
-            }
-        }
-        return inner.setup(channel: channel, logger: logger)
-    }
-
-    public func handle(value: Value, logger: Logger) async {
-        await inner.handle(value: value, logger: logger)
-    }
-}
-
 /// First in a refused connection's pipeline: answers 403 (or nothing) as soon as the connection is
 /// up, reads nothing further, and closes.
-private final class RefusingHandler: ChannelInboundHandler, RemovableChannelHandler {
+final class RefusingHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     let answer: Bool
 

@@ -59,10 +59,27 @@ public struct IngestOutcome: Sendable, Equatable {
     public var duplicate: Bool
 }
 
-/// What the listener needs of the event log: a fake in tests, SQLite in production.
+/// What the listener needs of the event log: a fake in tests, SQLite in production. Completions, not
+/// `async`: the listener decides on its event loop and is called back once the commit is durable.
 public protocol EventStore: Sendable {
-    /// Records the receipt and its event (or counts a duplicate); returns only once durable.
-    func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome
+    /// Records the receipt and its event (or counts a duplicate); `completion` runs once durable.
+    func ingest(_ ipn: IncomingIPN, completion: @escaping @Sendable (Result<IngestOutcome, EventLogError>) -> Void)
     /// Records a refused request; nothing else happens.
-    func recordRefused(_ refused: RefusedIPN) async throws(EventLogError)
+    func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void)
+}
+
+extension EventStore {
+    public func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
+        let result = await withCheckedContinuation { continuation in
+            ingest(ipn) { continuation.resume(returning: $0) }
+        }
+        return try result.get()
+    }
+
+    public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
+        let error = await withCheckedContinuation { continuation in
+            recordRefused(refused) { continuation.resume(returning: $0) }
+        }
+        if let error { throw error }
+    }
 }

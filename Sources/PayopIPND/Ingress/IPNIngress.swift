@@ -127,60 +127,70 @@ public final class IPNIngress: Sendable {
 
     /// Parses, checks and records a body that was read whole; 200 only once it is durable.
     public func accept(body: [UInt8], from request: Admitted) async -> IngressAnswer {
+        await withCheckedContinuation { continuation in
+            accept(body: body, from: request) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// The same, for the listener's event loop: parsing and the signature check run on the caller's
+    /// thread, `answer` is called from the event log's writer once the receipt is durable (or not).
+    public func accept(body: [UInt8], from request: Admitted, answer: @escaping @Sendable (IngressAnswer) -> Void) {
         let now = clock.nowMilliseconds()
         let notification: Notification
         switch NotificationParser.parse(body) {
         case .failure(let reason):
-            return await refuse(reason, body: body, notification: nil, request: request, at: now)
+            return refuse(reason, body: body, notification: nil, request: request, at: now, answer: answer)
         case .success(let parsed):
             notification = parsed
         }
         if notification.legacy != nil,
             let failure = LegacySignature.verify(notification, secretKey: settings.withLock { $0.legacySecretKey })
         {
-            return await refuse(failure, body: body, notification: notification, request: request, at: now)
+            return refuse(failure, body: body, notification: notification, request: request, at: now, answer: answer)
         }
         let ipn = IncomingIPN(
             receivedAt: now, sourceIP: request.sourceIP, path: request.path, body: body, notification: notification,
             verifiedBySignature: notification.legacy != nil)
-        do {
-            let outcome = try await store.ingest(ipn)
-            onStored(outcome, ipn)
-            metrics?.ipn(kind: notification.kind.rawValue, answer: 200)
-            if !outcome.duplicate { metrics?.eventCreated(type: notification.type) }
-            if outcome.duplicate {
-                logger.debug(
-                    "ipn duplicate", metadata: ["event.id": "\(outcome.eventID)", "event.type": "\(notification.type)"])
-            } else {
-                logger.info(
-                    "ipn stored",
-                    metadata: [
-                        "event.id": "\(outcome.eventID)", "event.type": "\(notification.type)",
-                        "entity.id": "\(notification.entityID)",
-                    ])
+        store.ingest(ipn) { [self] result in
+            switch result {
+            case .success(let outcome):
+                onStored(outcome, ipn)
+                metrics?.ipn(kind: notification.kind.rawValue, answer: 200)
+                if outcome.duplicate {
+                    logger.debug(
+                        "ipn duplicate",
+                        metadata: ["event.id": "\(outcome.eventID)", "event.type": "\(notification.type)"])
+                } else {
+                    metrics?.eventCreated(type: notification.type)
+                    logger.info(
+                        "ipn stored",
+                        metadata: [
+                            "event.id": "\(outcome.eventID)", "event.type": "\(notification.type)",
+                            "entity.id": "\(notification.entityID)",
+                        ])
+                }
+                answer(.accepted)
+            case .failure(let error):
+                logger.error("ipn not stored, answered 503", metadata: ["error": "\(error)"])
+                metrics?.ipn(kind: notification.kind.rawValue, answer: 503)
+                answer(.unavailable)
             }
-            return .accepted
-        } catch {
-            logger.error("ipn not stored, answered 503", metadata: ["error": "\(error)"])
-            metrics?.ipn(kind: notification.kind.rawValue, answer: 503)
-            return .unavailable
         }
     }
 
     private func refuse(
-        _ reason: RefusalReason, body: [UInt8], notification: Notification?, request: Admitted, at now: Int64
-    ) async -> IngressAnswer {
+        _ reason: RefusalReason, body: [UInt8], notification: Notification?, request: Admitted, at now: Int64,
+        answer: @escaping @Sendable (IngressAnswer) -> Void
+    ) {
         logger.notice("ipn refused", metadata: ["reason": "\(reason.rawValue)", "source": "\(request.sourceIP)"])
         let refused = RefusedIPN(
             receivedAt: now, sourceIP: request.sourceIP, path: request.path, reason: reason, body: body,
             notification: notification)
-        do {
-            try await store.recordRefused(refused)
-        } catch {
+        store.recordRefused(refused) { [logger, metrics] error in
             // The answer does not depend on the record: the request was bad either way.
-            logger.error("refused ipn not recorded", metadata: ["error": "\(error)"])
+            if let error { logger.error("refused ipn not recorded", metadata: ["error": "\(error)"]) }
+            metrics?.ipn(kind: notification?.kind.rawValue, answer: reason.httpStatus)
+            answer(IngressAnswer(reason.httpStatus, reason.rawValue))
         }
-        metrics?.ipn(kind: notification?.kind.rawValue, answer: reason.httpStatus)
-        return IngressAnswer(reason.httpStatus, reason.rawValue)
     }
 }

@@ -1,96 +1,214 @@
-import HTTPTypes
-import HummingbirdCore
 import Logging
-import NIOConcurrencyHelpers
 import NIOCore
+import NIOExtras
+import NIOHTTP1
 import NIOPosix
+import ServiceLifecycle
 
-/// The IPN port: HummingbirdCore's HTTP/1 server with one lean responder and no router, middleware or
-/// per-request context, because the request path, not the disk, is the ingest ceiling (DESIGN.md).
+/// The IPN port: SwiftNIO's HTTP/1 pipeline and one channel handler, no router and no Swift task per
+/// request. The request is decided on its event loop (`IPNIngress`), the receipt goes to the event
+/// log's writer thread, and the writer's completion writes the 200 back through the event loop: the
+/// request path, not the disk, was the ingest ceiling. The admin port and the simulator keep
+/// Hummingbird's router.
 public enum IPNListener {
     public static func makeServer(
         host: String, port: Int, ingress: IPNIngress, readTimeoutSeconds: Double, logger: Logger,
         limits: ConnectionGate.Limits = .init(), onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
-    ) -> Server<GatedHTTP1Channel> {
-        let readTimeout = TimeAmount.milliseconds(Int64(readTimeoutSeconds * 1000))
-        let channel = HTTP1Channel(
-            responder: { request, responseWriter, channel in
-                let answer = await respond(to: request, on: channel, ingress: ingress, readTimeout: readTimeout)
-                try await write(answer, to: responseWriter)
-                if answer.close {
-                    try? await channel.close()
-                }
-            },
-            // Headers must arrive within the read timeout (HeaderDeadlineHandler, which also ends kept-alive
-            // connections that send nothing more), and a started body too (below, answered 408). The idle
-            // timeout is only a backstop.
-            configuration: .init(
-                additionalChannelHandlers: [HeaderDeadlineHandler(timeout: readTimeout)],
-                idleTimeout: readTimeout * 4))
-        // Connections are admitted or refused as they are accepted (ConnectionGate), never left waiting
-        // in the backlog behind someone else's: memory stays bounded whatever is sent.
-        let gate = ConnectionGate(limits: limits) { ingress.sources }
-        return Server(
-            childChannelSetup: GatedHTTP1Channel(inner: channel, gate: gate),
-            configuration: .init(address: .hostname(host, port: port), serverName: nil, backlog: 4096),
-            onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) },
-            eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
-            logger: logger)
-    }
-
-    private static func respond(
-        to request: Request, on channel: any Channel, ingress: IPNIngress, readTimeout: TimeAmount
-    ) async -> IngressAnswer {
-        let peer = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init)
-        let preflight = ingress.preflight(
-            method: request.method.rawValue, path: request.uri.path, peer: peer,
-            forwardedFor: request.headers[values: .xForwardedFor],
-            contentLength: request.headers[.contentLength].flatMap { Int($0) })
-        switch preflight {
-        case .answer(let answer):
-            return answer
-        case .readBody(let admitted):
-            // The whole body must arrive within the read timeout: a client that trickles has its input
-            // closed, is answered 408 and disconnected.
-            let timedOut = NIOLockedValueBox(false)
-            let deadline = channel.eventLoop.scheduleTask(in: readTimeout) {
-                timedOut.withLockedValue { $0 = true }
-                channel.close(mode: .input, promise: nil)
-            }
-            defer { deadline.cancel() }
-            var body: [UInt8] = []
-            var failed = false
-            do {
-                for try await part in request.body {
-                    guard body.count + part.readableBytes <= admitted.maxBodyBytes else {
-                        return ingress.answerWithoutBody(.tooLarge(admitted.maxBodyBytes))
-                    }
-                    body.append(contentsOf: part.readableBytesView)
-                }
-            } catch {
-                failed = true
-            }
-            deadline.cancel()
-            if timedOut.withLockedValue({ $0 }) || failed {
-                return ingress.answerWithoutBody(IngressAnswer(408, "request body not received in time", close: true))
-            }
-            return await ingress.accept(body: body, from: admitted)
-        }
-    }
-
-    private static func write(_ answer: IngressAnswer, to writer: consuming ResponseWriter) async throws {
-        var fields: HTTPFields = [
-            .contentType: "text/plain; charset=utf-8",
-            .contentLength: String(answer.body.utf8.count),
-        ]
-        if let allow = answer.allow { fields[.allow] = allow }
-        if answer.close { fields[.connection] = "close" }
-        try await writer.write(
-            response: HTTPResponse(status: .init(code: answer.status), headerFields: fields),
-            body: ResponseBody(byteBuffer: ByteBuffer(string: answer.body)))
+    ) -> IPNServer {
+        IPNServer(
+            host: host, port: port, ingress: ingress, readTimeout: .milliseconds(Int64(readTimeoutSeconds * 1000)),
+            gate: ConnectionGate(limits: limits) { ingress.sources }, logger: logger, onRunning: onRunning)
     }
 }
 
-extension HTTPField.Name {
-    static let xForwardedFor = HTTPField.Name("X-Forwarded-For")!
+/// The listener as a service: bound at start; on shutdown it stops accepting, lets the requests in
+/// progress be answered, then closes every connection.
+public struct IPNServer: Service {
+    let host: String
+    let port: Int
+    let ingress: IPNIngress
+    let readTimeout: TimeAmount
+    let gate: ConnectionGate
+    let logger: Logger
+    let onRunning: @Sendable (Int) async -> Void
+
+    public func run() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let quiesce = ServerQuiescingHelper(group: group)
+        let (ingress, gate, readTimeout) = (ingress, gate, readTimeout)
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 4096)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(quiesce.makeServerChannelHandler(channel: channel))
+                }
+            }
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let peer = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init)
+                    let ticket = gate.admit(peer)
+                    channel.closeFuture.whenComplete { _ in gate.release(ticket) }
+                    guard ticket.decision == .admit else {
+                        try channel.pipeline.syncOperations.addHandler(RefusingHandler(answer: ticket.decision == .forbid))
+                        return
+                    }
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(
+                        withPipeliningAssistance: true, withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(
+                        IPNRequestHandler(ingress: ingress, peer: peer, readTimeout: readTimeout))
+                }
+            }
+        let server = try await bootstrap.bind(host: host, port: port).get()
+        logger.info("IPN listener bound", metadata: ["address": "\(server.localAddress.map { "\($0)" } ?? "?")"])
+        await onRunning(server.localAddress?.port ?? port)
+        let stopped = group.next().makePromise(of: Void.self)
+        await withTaskCancellationHandler {
+            await withGracefulShutdownHandler {
+                try? await stopped.futureResult.get()
+            } onGracefulShutdown: {
+                quiesce.initiateShutdown(promise: stopped)
+            }
+        } onCancel: {
+            quiesce.initiateShutdown(promise: stopped)
+        }
+    }
+}
+
+/// One connection's requests, one at a time (the pipeline handler before it holds back pipelined
+/// ones). Headers must arrive within the read timeout of the connection's start or of the previous
+/// answer, and a started body within the read timeout of its head: a trickling client is answered 408
+/// or simply closed.
+final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private enum State {
+        /// Waiting for a request head.
+        case idle
+        /// An answer decided before the body: the body is read and dropped, the answer sent at its end.
+        case discarding(IngressAnswer)
+        case reading(IPNIngress.Admitted, [UInt8])
+        /// The body is with the event log; its answer comes back through the event loop.
+        case waiting
+        /// Answered with `Connection: close`; nothing more is read.
+        case closing
+    }
+
+    private let ingress: IPNIngress
+    private let peer: IPAddress?
+    private let readTimeout: TimeAmount
+    private var state = State.idle
+    private var keepAlive = true
+    private var deadline: Scheduled<Void>?
+
+    init(ingress: IPNIngress, peer: IPAddress?, readTimeout: TimeAmount) {
+        self.ingress = ingress
+        self.peer = peer
+        self.readTimeout = readTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        armDeadline(context) { context in context.close(promise: nil) }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        disarmDeadline()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        disarmDeadline()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch (unwrapInboundIn(data), state) {
+        case (.head(let head), .idle):
+            disarmDeadline()
+            keepAlive = head.isKeepAlive
+            let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first
+            let preflight = ingress.preflight(
+                method: head.method.rawValue, path: path.map(String.init) ?? head.uri, peer: peer,
+                forwardedFor: head.headers["X-Forwarded-For"],
+                contentLength: head.headers.first(name: "Content-Length").flatMap { Int($0) })
+            switch preflight {
+            case .answer(let answer) where answer.close:
+                respond(context, answer)
+            case .answer(let answer):
+                state = .discarding(answer)
+            case .readBody(let admitted):
+                var body: [UInt8] = []
+                body.reserveCapacity(min(admitted.maxBodyBytes, head.headers.first(name: "Content-Length").flatMap { Int($0) } ?? 1024))
+                state = .reading(admitted, body)
+                // The whole body must arrive within the read timeout: a trickling client is answered 408.
+                armDeadline(context) { [ingress] context in
+                    self.respond(context, ingress.answerWithoutBody(IngressAnswer(408, "request body not received in time", close: true)))
+                }
+            }
+        case (.body(let part), .reading(let admitted, var body)):
+            state = .waiting  // the buffer is moved out of `state` while it grows (no copy)
+            guard body.count + part.readableBytes <= admitted.maxBodyBytes else {
+                respond(context, ingress.answerWithoutBody(.tooLarge(admitted.maxBodyBytes)))
+                return
+            }
+            body.append(contentsOf: part.readableBytesView)
+            state = .reading(admitted, body)
+        case (.end, .reading(let admitted, let body)):
+            disarmDeadline()
+            state = .waiting
+            let loop = context.eventLoop
+            let bound = NIOLoopBound((self, context), eventLoop: loop)
+            ingress.accept(body: body, from: admitted) { answer in
+                loop.execute {
+                    let (handler, context) = bound.value
+                    handler.respond(context, answer)
+                }
+            }
+        case (.end, .discarding(let answer)):
+            respond(context, answer)
+        case (.body, .discarding), (_, .closing), (_, .waiting):
+            break
+        default:
+            // A part out of order: the decoder's own errors answer 400 before we see it.
+            context.close(promise: nil)
+        }
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ answer: IngressAnswer) {
+        guard context.channel.isActive else { return }
+        let close = answer.close || !keepAlive
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
+        headers.add(name: "Content-Length", value: String(answer.body.utf8.count))
+        if let allow = answer.allow { headers.add(name: "Allow", value: allow) }
+        if close { headers.add(name: "Connection", value: "close") }
+        let head = HTTPResponseHead(
+            version: .http1_1, status: HTTPResponseStatus(statusCode: answer.status), headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: answer.body)))), promise: nil)
+        if close {
+            state = .closing
+            disarmDeadline()
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
+        } else {
+            state = .idle
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            armDeadline(context) { context in context.close(promise: nil) }
+        }
+    }
+
+    private func armDeadline(_ context: ChannelHandlerContext, _ expire: @escaping (ChannelHandlerContext) -> Void) {
+        disarmDeadline()
+        let bound = NIOLoopBound((context, expire), eventLoop: context.eventLoop)
+        deadline = context.eventLoop.scheduleTask(in: readTimeout) {
+            let (context, expire) = bound.value
+            expire(context)
+        }
+    }
+
+    private func disarmDeadline() {
+        deadline?.cancel()
+        deadline = nil
+    }
 }

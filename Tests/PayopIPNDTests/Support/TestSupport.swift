@@ -23,20 +23,22 @@ final class FakeEventStore: EventStore {
 
     let state = Mutex(State())
 
-    func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
-        try state.withLock { state throws(EventLogError) in
-            if state.failing { throw EventLogError(.unavailable, "disk full (fake)") }
+    func ingest(_ ipn: IncomingIPN, completion: @escaping @Sendable (Result<IngestOutcome, EventLogError>) -> Void) {
+        let result = state.withLock { state -> Result<IngestOutcome, EventLogError> in
+            if state.failing { return .failure(EventLogError(.unavailable, "disk full (fake)")) }
             let duplicate = state.ingested.contains {
                 $0.notification.kind == ipn.notification.kind && $0.notification.entityID == ipn.notification.entityID
                     && $0.notification.status == ipn.notification.status
             }
             state.ingested.append(ipn)
-            return IngestOutcome(receiptID: Int64(state.ingested.count), eventID: "evt_fake", duplicate: duplicate)
+            return .success(IngestOutcome(receiptID: Int64(state.ingested.count), eventID: "evt_fake", duplicate: duplicate))
         }
+        completion(result)
     }
 
-    func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
+    func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void) {
         state.withLock { $0.refused.append(refused) }
+        completion(nil)
     }
 
     func setFailing(_ failing: Bool) { state.withLock { $0.failing = failing } }
