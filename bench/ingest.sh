@@ -67,18 +67,22 @@ run() { # name port path
 
 echo "wrk -t2 -c$CONNECTIONS -d${DURATION}s, unique IPN bodies; $(nproc) cores"
 R_NGINX=$(run nginx $((BASE + 1)) /payop/ipn)
+cpu_ticks() { awk '{print $14 + $15}' /proc/$DAEMON/stat; }
+T0=$(cpu_ticks)
 R_DAEMON=$(run payop-ipnd $BASE /payop/ipn)
+T1=$(cpu_ticks)
 R_WEBHOOK=$(run webhook $((BASE + 2)) /hooks/payop)
 RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$DAEMON/status)
 EVENTS=$("$BIN" events list --config "$WORK/config.yaml" --limit 100000000 --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 
-python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" <<'PY'
+python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" "$((T1 - T0))" "$(getconf CLK_TCK)" <<'PY'
 import sys
 def parse(line):
     name, _, rest = line.partition(" RESULT ")
     return name, dict(kv.split("=") for kv in rest.split())
 rows = [parse(l) for l in sys.argv[1:4]]
 events, rss = int(sys.argv[4]), int(sys.argv[5])
+cpu_seconds = int(sys.argv[6]) / int(sys.argv[7])
 base = {n: float(r["rps"]) for n, r in rows}
 print(f"{'server':<12}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
 for n, r in rows:
@@ -88,4 +92,6 @@ print(f"payop-ipnd / nginx:   {d / base['nginx']:.2f}x  (target >= 0.33x)")
 print(f"payop-ipnd / webhook: {d / base['webhook']:.2f}x  (target >= 3x)")
 p99 = int(dict(rows)["payop-ipnd"]["p99_us"]) / 1000
 print(f"payop-ipnd p99: {p99:.2f} ms (target < 10 ms); events in the log: {events}; RSS after the run: {rss / 1024:.1f} MB")
+answered = int(dict(rows)["payop-ipnd"]["requests"])
+print(f"payop-ipnd CPU per durable IPN: {cpu_seconds / answered * 1e6:.0f} us (user + system over the run; target <= 40 us)")
 PY
