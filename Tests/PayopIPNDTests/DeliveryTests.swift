@@ -382,3 +382,26 @@ struct DeliveryHarnessView {
         #expect(URLHookRunner.retryAfterMilliseconds("soon", now: now) == nil)
     }
 }
+
+@Suite struct HookResourceTests {
+    @Test func runningHooksLeaksNoFileDescriptors() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "ok", "echo out; echo err >&2; exit 0")
+        let runner = CommandHookRunner(path: "/usr/bin:/bin")
+        let event = Event(
+            id: "evt_fd", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
+            receivedAt: 0, duplicates: 0)
+        func openDescriptors() throws -> Int { try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count }
+        let invocation = HookInvocation(
+            deliveryID: 1, hook: commandHook("ok", hook), event: event, body: Array("{}".utf8), attempt: 1,
+            killGraceSeconds: 0.1)
+        _ = await runner.run(invocation)
+        let before = try openDescriptors()
+        for _ in 0..<200 {
+            let result = await runner.run(invocation)
+            #expect(result.outcome == .delivered && result.output == "out\nerr\n")
+        }
+        // Other tests open and close files meanwhile; a leak of one per run would be 200.
+        #expect(try openDescriptors() - before < 60)
+    }
+}

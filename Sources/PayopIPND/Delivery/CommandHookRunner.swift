@@ -51,7 +51,8 @@ public struct CommandHookRunner: HookRunner {
                         .path(FilePath(program)), arguments: Arguments(Array(argv.dropFirst())),
                         environment: .custom(environment), workingDirectory: FilePath("/"), platformOptions: platformOptions,
                         input: .inputWriter, output: .fileDescriptor(capture.descriptor, closeAfterSpawningProcess: false),
-                        error: .combinedWithOutput
+                        // The same file, not `.combinedWithOutput`: that leaked a descriptor per run.
+                        error: .fileDescriptor(capture.descriptor, closeAfterSpawningProcess: false)
                     ) { execution in
                         // A hook that never reads its stdin is not an error here.
                         _ = try? await execution.standardInputWriter.write(input)

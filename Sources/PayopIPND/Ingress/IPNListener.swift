@@ -141,6 +141,11 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 var body: [UInt8] = []
                 body.reserveCapacity(min(admitted.maxBodyBytes, head.headers.first(name: "Content-Length").flatMap { Int($0) } ?? 1024))
                 state = .reading(admitted, body)
+                if head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
+                    // Clients that ask (curl does above 1 KiB) would otherwise wait a second for it.
+                    context.writeAndFlush(
+                        wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+                }
                 // The whole body must arrive within the read timeout: a trickling client is answered 408.
                 armDeadline(context) { [ingress] context in
                     self.respond(context, ingress.answerWithoutBody(IngressAnswer(408, "request body not received in time", close: true)))
