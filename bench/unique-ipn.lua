@@ -12,16 +12,7 @@ end
 function init(args)
   prefix = string.format("bench-%d-%d-%d-", os.time(), math.random(1, 1000000), tid)
   counter = 0
-  answered = 0
   path = os.getenv("BENCH_PATH") or "/payop/ipn"
-  -- BENCH_TOTAL: stop once this many requests (shared by BENCH_THREADS threads) were answered.
-  local total = tonumber(os.getenv("BENCH_TOTAL") or "0")
-  share = total > 0 and math.ceil(total / tonumber(os.getenv("BENCH_THREADS") or "2")) or nil
-end
-
-function response(status, headers, body)
-  answered = answered + 1
-  if share and answered >= share then wrk.thread:stop() end
 end
 
 function request()

@@ -166,8 +166,15 @@ public struct Daemon: Sendable {
                     }))
         }
         services.append(.init(service: StoppingNotifierService(notifier: notifier, logger: logger)))
-        let group = ServiceGroup(
-            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        // A stop always ends: past the hooks' grace (and their kill grace) the stop turns into
+        // cancellation, and a part that ignores cancellation ends the process (what was answered is on
+        // disk; a run still marked running runs again at the next start).
+        groupConfiguration.maximumGracefulShutdownDuration = .milliseconds(
+            Int64((config.delivery.shutdownGraceSeconds + config.delivery.killGraceSeconds) * 1000) + 10_000)
+        groupConfiguration.maximumCancellationDuration = .seconds(5)
+        let group = ServiceGroup(configuration: groupConfiguration)
         try await group.run()
         logger.info("payop-ipnd stopped")
     }
