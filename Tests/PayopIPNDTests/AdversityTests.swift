@@ -328,9 +328,12 @@ extension PayopHarness {
     @Test func lockIsFreedWhenItsHolderGoes() throws {
         let dir = try TemporaryDirectory()
         let path = dir.file("events.sqlite3")
+        #expect(EventLogLock.holder(logPath: path) == nil)
         let first = try EventLogLock.acquire(logPath: path)
         #expect(throws: EventLogError.self) { _ = try EventLogLock.acquire(logPath: path) }
+        #expect(EventLogLock.holder(logPath: path) == Int(getpid()))
         first.release()
+        #expect(EventLogLock.holder(logPath: path) == nil)
         let second = try EventLogLock.acquire(logPath: path)
         second.release()
     }

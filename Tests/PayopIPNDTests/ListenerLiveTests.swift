@@ -88,6 +88,29 @@ import Foundation
         }
     }
 
+    @Test func unwantedBodyTricklingToAnotherPathIsCutOffAfterTheReadTimeout() async throws {
+        try await withListener(readTimeoutSeconds: 0.3) { _, _, port in
+            let started = ContinuousClock.now
+            // A 404 is decided at the head; the body never ends: the connection must not stay open.
+            _ = try await rawExchange(
+                port: port,
+                send: "POST /elsewhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            #expect(ContinuousClock.now - started < .milliseconds(2000))
+        }
+    }
+
+    @Test func http10KeepAliveIsAnsweredInHTTP10AndHeadGetsNoBody() async throws {
+        try await withListener(readTimeoutSeconds: 0.3) { _, _, port in
+            let old = try await rawExchange(
+                port: port, send: "GET /payop/ipn HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            #expect(old.hasPrefix("HTTP/1.0 405"))
+            #expect(old.lowercased().contains("connection: keep-alive"))
+            let head = try await rawExchange(port: port, send: "HEAD /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(head.hasPrefix("HTTP/1.1 405"))
+            #expect(head.hasSuffix("\r\n\r\n"))  // headers only
+        }
+    }
+
     @Test func metricsAreNotServedOnTheIPNPort() async throws {
         try await withListener { client, _, _ in
             let response = try await client.get("/metrics")

@@ -48,6 +48,19 @@ public final class EventLogLock: Sendable {
         return EventLogLock(path: path, descriptor: fd)
     }
 
+    /// The pid of the daemon serving the log at `logPath`, if one is; touches nothing (no file or folder
+    /// is created): for `doctor`.
+    public static func holder(logPath: String) -> Int? {
+        let fd = open(lockPath(forLog: logPath), O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        if flock(fd, LOCK_SH | LOCK_NB) == 0 {
+            flock(fd, LOCK_UN)
+            return nil
+        }
+        return readPID(fd) ?? 0
+    }
+
     private static func readPID(_ fd: Int32) -> Int? {
         var buffer = [UInt8](repeating: 0, count: 32)
         let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }

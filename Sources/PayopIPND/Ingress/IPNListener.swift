@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOExtras
 import NIOHTTP1
@@ -64,14 +65,22 @@ public struct IPNServer: Service {
         logger.info("IPN listener bound", metadata: ["address": "\(server.localAddress.map { "\($0)" } ?? "?")"])
         await onRunning(server.localAddress?.port ?? port)
         let stopped = group.next().makePromise(of: Void.self)
+        let finished = NIOLockedValueBox(false)
+        let finish: @Sendable () -> Void = {
+            if finished.withLockedValue({ done in defer { done = true }; return !done }) { stopped.succeed(()) }
+        }
         await withTaskCancellationHandler {
             await withGracefulShutdownHandler {
                 try? await stopped.futureResult.get()
             } onGracefulShutdown: {
-                quiesce.initiateShutdown(promise: stopped)
+                let quiesced = group.next().makePromise(of: Void.self)
+                quiesced.futureResult.whenComplete { _ in finish() }
+                quiesce.initiateShutdown(promise: quiesced)
             }
         } onCancel: {
-            quiesce.initiateShutdown(promise: stopped)
+            // Cancelled (a stop past its grace): close what is left and return without waiting.
+            quiesce.initiateShutdown(promise: nil)
+            finish()
         }
     }
 }
@@ -101,6 +110,8 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let readTimeout: TimeAmount
     private var state = State.idle
     private var keepAlive = true
+    private var version = HTTPVersion.http1_1
+    private var isHead = false
     private var deadline: Scheduled<Void>?
 
     init(ingress: IPNIngress, peer: IPAddress?, readTimeout: TimeAmount) {
@@ -127,6 +138,8 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.head(let head), .idle):
             disarmDeadline()
             keepAlive = head.isKeepAlive
+            version = head.version
+            isHead = head.method == .HEAD
             let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first
             let preflight = ingress.preflight(
                 method: head.method.rawValue, path: path.map(String.init) ?? head.uri, peer: peer,
@@ -137,6 +150,8 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 respond(context, answer)
             case .answer(let answer):
                 state = .discarding(answer)
+                // A body we do not want must still end within the read timeout, or the connection goes.
+                armDeadline(context) { context in context.close(promise: nil) }
             case .readBody(let admitted):
                 var body: [UInt8] = []
                 body.reserveCapacity(min(admitted.maxBodyBytes, head.headers.first(name: "Content-Length").flatMap { Int($0) } ?? 1024))
@@ -187,19 +202,28 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
         headers.add(name: "Content-Length", value: String(answer.body.utf8.count))
         if let allow = answer.allow { headers.add(name: "Allow", value: allow) }
-        if close { headers.add(name: "Connection", value: "close") }
+        if close {
+            headers.add(name: "Connection", value: "close")
+        } else if version == .http1_0 {
+            headers.add(name: "Connection", value: "keep-alive")
+        }
         let head = HTTPResponseHead(
-            version: .http1_1, status: HTTPResponseStatus(statusCode: answer.status), headers: headers)
+            version: version, status: HTTPResponseStatus(statusCode: answer.status), headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: answer.body)))), promise: nil)
+        if !isHead {
+            context.write(
+                wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: answer.body)))), promise: nil)
+        }
         if close {
             state = .closing
             disarmDeadline()
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
         } else {
+            // Before the end is written: the pipeline handler may hand over a pipelined request while we
+            // write it, and that request's own deadline must not be replaced by this one.
             state = .idle
-            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
             armDeadline(context) { context in context.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         }
     }
 

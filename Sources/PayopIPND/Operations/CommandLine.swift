@@ -9,7 +9,7 @@ public struct PayopIPNDCommand: AsyncParsableCommand {
         abstract: "Turns Payop's payment notifications (IPNs) into verified, deduplicated events for local hooks.",
         subcommands: [
             ServeCommand.self, CheckConfigCommand.self, EventsCommand.self, ReceiptsCommand.self, PruneCommand.self,
-            DeliveriesCommand.self, ReplayCommand.self, SimulateCommand.self,
+            DeliveriesCommand.self, ReplayCommand.self, SimulateCommand.self, DoctorCommand.self,
         ])
 
     public init() {}

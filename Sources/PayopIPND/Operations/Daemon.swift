@@ -171,9 +171,12 @@ public struct Daemon: Sendable {
         // A stop always ends: past the hooks' grace (and their kill grace) the stop turns into
         // cancellation, and a part that ignores cancellation ends the process (what was answered is on
         // disk; a run still marked running runs again at the next start).
-        groupConfiguration.maximumGracefulShutdownDuration = .milliseconds(
-            Int64((config.delivery.shutdownGraceSeconds + config.delivery.killGraceSeconds) * 1000) + 10_000)
-        groupConfiguration.maximumCancellationDuration = .seconds(5)
+        let stopBudget =
+            config.server.readTimeoutSeconds + config.payop.timeoutSeconds + config.delivery.shutdownGraceSeconds
+            + config.delivery.killGraceSeconds + 10
+        groupConfiguration.maximumGracefulShutdownDuration = .milliseconds(Int64(stopBudget * 1000))
+        groupConfiguration.maximumCancellationDuration = .milliseconds(
+            Int64((config.delivery.killGraceSeconds + 5) * 1000))
         let group = ServiceGroup(configuration: groupConfiguration)
         try await group.run()
         logger.info("payop-ipnd stopped")
