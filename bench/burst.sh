@@ -23,23 +23,7 @@ trap cleanup EXIT
 echo "bench-jwt" >"$WORK/jwt"; chmod 600 "$WORK/jwt"
 "$BINDIR/payop-simulator" --port $((BASE + 1)) --jwt-file "$WORK/jwt" --accept-unknown >/dev/null &
 PIDS+=($!)
-cat >"$WORK/config.yaml" <<YAML
-log_level: warning
-server:
-  listen: 127.0.0.1:$BASE
-  allowed_sources: any
-admin:
-  listen: 127.0.0.1:$((BASE + 2))
-storage:
-  path: $WORK/events.sqlite3
-payop:
-  api_base_url: http://127.0.0.1:$((BASE + 1))
-  jwt_file: $WORK/jwt
-hooks:
-  - name: bench
-    command: [/bin/true]
-    events: ["checkout.*"]
-YAML
+verifying_config "$WORK/config.yaml" $BASE "$WORK/events.sqlite3" $((BASE + 1)) "$WORK/jwt" /bin/true
 "$BINDIR/payop-ipnd" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
 DAEMON=$!
 PIDS+=($DAEMON)

@@ -26,3 +26,26 @@ wait_port() {
     echo "nothing listens on port $1"
     return 1
 }
+
+# verifying_config FILE PORT STORAGE PAYOP_PORT JWT_FILE HOOK_COMMAND writes a daemon config that
+# verifies against a simulator on PAYOP_PORT and runs HOOK_COMMAND for every checkout event; its admin
+# listener is on PORT + 2.
+verifying_config() {
+    cat >"$1" <<YAML
+log_level: warning
+server:
+  listen: 127.0.0.1:$2
+  allowed_sources: any
+admin:
+  listen: 127.0.0.1:$(($2 + 2))
+storage:
+  path: $3
+payop:
+  api_base_url: http://127.0.0.1:$4
+  jwt_file: $5
+hooks:
+  - name: bench
+    command: [$6]
+    events: ["checkout.*"]
+YAML
+}

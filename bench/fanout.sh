@@ -28,23 +28,7 @@ PIDS+=($!)
 wait_port $((BASE + 1))
 
 start_daemon() { # hook-command db-name
-    cat >"$WORK/config.yaml" <<YAML
-log_level: warning
-server:
-  listen: 127.0.0.1:$BASE
-  allowed_sources: any
-admin:
-  listen: 127.0.0.1:$((BASE + 2))
-storage:
-  path: $WORK/$2
-payop:
-  api_base_url: http://127.0.0.1:$((BASE + 1))
-  jwt_file: $WORK/jwt
-hooks:
-  - name: bench
-    command: [$1]
-    events: ["checkout.*"]
-YAML
+    verifying_config "$WORK/config.yaml" $BASE "$WORK/$2" $((BASE + 1)) "$WORK/jwt" "$1"
     "$BINDIR/payop-ipnd" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
     DAEMON=$!
     PIDS+=($DAEMON)
