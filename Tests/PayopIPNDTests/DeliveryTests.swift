@@ -404,4 +404,19 @@ struct DeliveryHarnessView {
         // Other tests open and close files meanwhile; a leak of one per run would be 200.
         #expect(try openDescriptors() - before < 60)
     }
+
+    @Test func hugeOutputIsReadAndDroppedNotStored() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "loud", "head -c 5000000 /dev/zero | tr '\\0' a; exit 0")
+        let event = Event(
+            id: "evt_loud", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
+            receivedAt: 0, duplicates: 0)
+        let result = await CommandHookRunner(path: "/usr/bin:/bin").run(
+            HookInvocation(
+                deliveryID: 1, hook: commandHook("loud", hook), event: event, body: [], attempt: 1,
+                killGraceSeconds: 0.1))
+        #expect(result.outcome == .delivered)
+        #expect(result.output.utf8.count < HookResult.maxOutputBytes + 100)
+        #expect(result.output.hasSuffix("[... \(5_000_000 - HookResult.maxOutputBytes) more bytes not kept]"))
+    }
 }

@@ -1,4 +1,7 @@
 import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
 import Subprocess
 import SystemPackage
 
@@ -34,25 +37,25 @@ public struct CommandHookRunner: HookRunner {
         let platformOptions = options
         let timeout = Duration.milliseconds(Int64(invocation.hook.timeoutSeconds * 1000))
         let input = invocation.body
-        // Output goes to an unlinked temporary file, not a pipe: a hook that exits 0 while a child it
-        // left behind still holds its stdout is done when it exits, not when that child closes the pipe
-        // (waiting for EOF would time it out and run it again).
-        let capture: OutputFile
+        // Output goes to a pipe read on an event loop as it comes (bounded, the rest counted and dropped),
+        // and the run ends when the hook exits, not when the pipe does: a child it left behind holding
+        // its stdout neither keeps it running (waiting for EOF would time it out and run it again) nor
+        // fills a disk.
+        let capture: OutputPipe
         do {
-            capture = try OutputFile()
+            capture = try await OutputPipe.open()
         } catch {
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "cannot capture the hook's output: \(error)")
         }
-        defer { capture.close() }
         do {
             let outcome = try await withThrowingTaskGroup(of: RunOutcome.self) { group in
                 group.addTask {
                     let result = try await Subprocess.run(
                         .path(FilePath(program)), arguments: Arguments(Array(argv.dropFirst())),
                         environment: .custom(environment), workingDirectory: FilePath("/"), platformOptions: platformOptions,
-                        input: .inputWriter, output: .fileDescriptor(capture.descriptor, closeAfterSpawningProcess: false),
-                        // The same file, not `.combinedWithOutput`: that leaked a descriptor per run.
-                        error: .fileDescriptor(capture.descriptor, closeAfterSpawningProcess: false)
+                        input: .inputWriter, output: .fileDescriptor(capture.writeEnd, closeAfterSpawningProcess: false),
+                        // The same pipe, not `.combinedWithOutput`: that leaked a descriptor per run.
+                        error: .fileDescriptor(capture.writeEnd, closeAfterSpawningProcess: false)
                     ) { execution in
                         // A hook that never reads its stdin is not an error here.
                         _ = try? await execution.standardInputWriter.write(input)
@@ -72,7 +75,7 @@ public struct CommandHookRunner: HookRunner {
                 }
                 return first
             }
-            let output = capture.text()
+            let output = await capture.finish()
             switch outcome {
             case .finished(.exited(let code)):
                 return HookResult(
@@ -87,6 +90,7 @@ public struct CommandHookRunner: HookRunner {
                     error: "timed out after \(invocation.hook.timeoutSeconds) s; process group terminated", output: output)
             }
         } catch {
+            _ = await capture.finish()
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
         }
     }
@@ -97,34 +101,93 @@ public struct CommandHookRunner: HookRunner {
     }
 }
 
-/// An unlinked temporary file for one run's output: written by the hook (and whatever it leaves
-/// behind), read once the hook has exited, at most `HookResult.maxOutputBytes` of it.
-final class OutputFile: Sendable {
-    let descriptor: FileDescriptor
+/// One run's output: a pipe whose write end the hook gets and whose read end an event loop drains into
+/// a `BoundedCapture` as data comes.
+final class OutputPipe: Sendable {
+    let writeEnd: SystemPackage.FileDescriptor
+    private let channel: any Channel
+    private let captured: NIOLockedValueBox<BoundedCapture>
+    private let ended: EventLoopPromise<Void>
 
-    init() throws {
-        var template = Array((FileManager.default.temporaryDirectory.path + "/payop-ipnd-hook-XXXXXX").utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw Errno(rawValue: errno) }
-        // Not inherited by other hooks started meanwhile: each run's output is its own.
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        descriptor = FileDescriptor(rawValue: fd)
+    private init(writeEnd: SystemPackage.FileDescriptor, channel: any Channel, captured: NIOLockedValueBox<BoundedCapture>,
+                 ended: EventLoopPromise<Void>) {
+        self.writeEnd = writeEnd
+        self.channel = channel
+        self.captured = captured
+        self.ended = ended
     }
 
-    func text() -> String {
-        var capture = BoundedCapture()
-        var buffer = [UInt8](repeating: 0, count: HookResult.maxOutputBytes)
-        let count = buffer.withUnsafeMutableBytes { pread(descriptor.rawValue, $0.baseAddress, $0.count, 0) }
-        capture.append(buffer.prefix(max(0, count)))
-        var info = stat()
-        if fstat(descriptor.rawValue, &info) == 0, Int(info.st_size) > capture.bytes.count {
-            capture.append(repeatElement(UInt8(0), count: Int(info.st_size) - capture.bytes.count))
+    static func open() async throws -> OutputPipe {
+        var fds: [Int32] = [0, 0]
+        // Close-on-exec from the start (pipe2, atomically): a process another thread starts meanwhile
+        // must not inherit the write end, or the pipe would not end when the hook does.
+        guard systemPipe2(&fds, O_CLOEXEC) == 0 else { throw Errno(rawValue: errno) }
+        let group = MultiThreadedEventLoopGroup.singleton
+        let captured = NIOLockedValueBox(BoundedCapture())
+        let ended = group.next().makePromise(of: Void.self)
+        do {
+            let channel = try await NIOPipeBootstrap(group: group)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(CaptureHandler(captured: captured, ended: ended))
+                    }
+                }
+                .takingOwnershipOfDescriptor(input: fds[0]).get()
+            return OutputPipe(
+                writeEnd: SystemPackage.FileDescriptor(rawValue: fds[1]), channel: channel, captured: captured, ended: ended)
+        } catch {
+            close(fds[0])
+            close(fds[1])
+            throw error
         }
-        return capture.text
     }
 
-    func close() {
-        try? descriptor.close()
+    /// Once the hook has exited: what it wrote, read until the pipe ends or, when something it left
+    /// behind still holds it, for a second longer; then the read end is closed.
+    func finish() async -> String {
+        try? writeEnd.close()
+        let loop = channel.eventLoop
+        let channel = channel
+        let late = loop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
+        try? await ended.futureResult.get()
+        late.cancel()
+        try? await channel.close().get()
+        return captured.withLockedValue { $0.text }
+    }
+
+    private final class CaptureHandler: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        let captured: NIOLockedValueBox<BoundedCapture>
+        let ended: EventLoopPromise<Void>
+
+        init(captured: NIOLockedValueBox<BoundedCapture>, ended: EventLoopPromise<Void>) {
+            self.captured = captured
+            self.ended = ended
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let buffer = unwrapInboundIn(data)
+            captured.withLockedValue { $0.append(buffer.readableBytesView) }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            ended.succeed(())
+            context.fireChannelInactive()
+        }
+
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if event is ChannelEvent, case .inputClosed = event as! ChannelEvent {
+                context.close(promise: nil)
+            }
+            context.fireUserInboundEventTriggered(event)
+        }
+
+        func errorCaught(context: ChannelHandlerContext, error: any Error) {
+            context.close(promise: nil)
+        }
     }
 }
+
+/// glibc's pipe2, which the Glibc module does not export.
+@_silgen_name("pipe2")
+private func systemPipe2(_ fds: UnsafeMutablePointer<Int32>, _ flags: Int32) -> Int32
