@@ -140,13 +140,8 @@ extension PayopHarness {
     }
 
     @Test func hookIsNotStartedWhileTheLogCannotRecordItAndRunsOnceAfter() async throws {
-        let dir = try TemporaryDirectory()
-        let clock = TestClock()
-        let log = try SQLiteEventLog.open(
-            path: dir.file("events.sqlite3"), mode: .daemon, clock: clock, lockDeadlineSeconds: 0.05)
+        let (dir, clock, log) = try await logWithOneDueDelivery()
         defer { log.close() }
-        log.setHooks([commandHook("fulfil", "/bin/true")])
-        try await ingestSigned(log, clock: clock)
         let runner = RecordingHookRunner()
         let dispatcher = testDispatcher(log, runner: runner, clock: clock)
         // Another writer (a backup, a big prune) holds the log.
@@ -163,13 +158,8 @@ extension PayopHarness {
     }
 
     @Test func outcomeThatCannotBeWrittenIsRetriedNotDroppedAndTheHookRunsOnce() async throws {
-        let dir = try TemporaryDirectory()
-        let clock = TestClock()
-        let log = try SQLiteEventLog.open(
-            path: dir.file("events.sqlite3"), mode: .daemon, clock: clock, lockDeadlineSeconds: 0.05)
+        let (dir, clock, log) = try await logWithOneDueDelivery()
         defer { log.close() }
-        log.setHooks([commandHook("fulfil", "/bin/true")])
-        try await ingestSigned(log, clock: clock)
         let other = try lockingConnection(dir.file("events.sqlite3"))
         // The hook locks the log while it runs; the dispatcher's pause (instead of a real sleep) frees it
         // after the second failed try to record the outcome.
@@ -473,4 +463,16 @@ func testDispatcher(
             backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
             shutdownGraceSeconds: 0.2),
         clock: clock, logger: quietLogger, pause: pause)
+}
+
+/// A log that gives up on another writer's lock after 50 ms, with one signed event whose delivery to
+/// hook `fulfil` is due.
+func logWithOneDueDelivery() async throws -> (TemporaryDirectory, TestClock, SQLiteEventLog) {
+    let dir = try TemporaryDirectory()
+    let clock = TestClock()
+    let log = try SQLiteEventLog.open(
+        path: dir.file("events.sqlite3"), mode: .daemon, clock: clock, lockDeadlineSeconds: 0.05)
+    log.setHooks([commandHook("fulfil", "/bin/true")])
+    try await ingestSigned(log, clock: clock)
+    return (dir, clock, log)
 }

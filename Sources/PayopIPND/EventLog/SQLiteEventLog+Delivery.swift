@@ -113,17 +113,13 @@ extension SQLiteEventLog: DeliveryStore {
     public func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
         try await write { db in
             guard var delivery = try Self.delivery(db, id) else { return nil }
-            let blocked =
+            // Still first in line (the same rule the runnable list uses), checked where it is claimed.
+            let firstInLine =
                 try Bool.fetchOne(
-                    db.cachedStatement(
-                        sql: """
-                            SELECT EXISTS (SELECT 1 FROM deliveries AS e, deliveries AS d
-                                           WHERE d.id = ? AND e.hook = d.hook AND e.kind = d.kind
-                                           AND e.entity_id = d.entity_id AND e.id < d.id
-                                           AND e.state IN ('pending', 'running'))
-                            """), arguments: [id]) ?? true
+                    db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 \(Self.headOfLine) AND d.id = ?)"),
+                    arguments: [Self.hookList([delivery.hook]), id]) ?? false
             var progress = delivery.progress
-            guard !blocked, let attempt = progress.start(now: now),
+            guard firstInLine, let attempt = progress.start(now: now),
                 let row = try Row.fetchOne(
                     db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [delivery.eventID])
             else { return nil }
