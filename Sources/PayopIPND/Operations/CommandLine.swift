@@ -7,6 +7,7 @@ public struct PayopIPNDCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "payop-ipnd",
         abstract: "Turns Payop's payment notifications (IPNs) into verified, deduplicated events for local hooks.",
+        version: PayopIPNDVersion.current,
         subcommands: [
             ServeCommand.self, CheckConfigCommand.self, EventsCommand.self, ReceiptsCommand.self, PruneCommand.self,
             DeliveriesCommand.self, ReplayCommand.self, SimulateCommand.self, DoctorCommand.self,
