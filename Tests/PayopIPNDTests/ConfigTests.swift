@@ -57,6 +57,28 @@ import Testing
         #expect(Set(found.map(\.key)) == ["server.listen", "server.allowed_sources[1]", "storage.retention_days", "colour"])
     }
 
+    @Test func consoleReachableFromOtherMachinesNeedsATokenFile() throws {
+        let found = problems(
+            """
+            admin:
+              listen: 0.0.0.0:9181
+            """
+        ).filter { $0.severity == .error }
+        #expect(found.map(\.key) == ["admin.listen"])
+        #expect(found.first?.message.contains("set admin.token_file") == true)
+        #expect(problems("admin:\n  listen: '[::1]:9181'").filter { $0.severity == .error }.isEmpty)
+
+        let dir = try TemporaryDirectory()
+        let tokenFile = dir.file("admin-token")
+        try "short\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        chmod(tokenFile, 0o600)
+        let config = try ConfigLoader.parse("admin:\n  listen: 0.0.0.0:9181\n  token_file: \(tokenFile)\n", environment: [:]).config
+        #expect(config.admin.tokenFile == tokenFile)
+        #expect(throws: ConfigError.self) { try Secrets.load(config) }
+        try "a-token-long-enough-to-resist\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        #expect(try Secrets.load(config).adminToken.get() == "a-token-long-enough-to-resist")
+    }
+
     @Test func ipv6ListenAndCIDRsAreAccepted() throws {
         let config = try ConfigLoader.parse(
             """

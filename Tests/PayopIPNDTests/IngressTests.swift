@@ -2,7 +2,7 @@ import Testing
 
 @testable import PayopIPND
 
-/// DESIGN.md's status table, row by row, against the fake event store.
+/// the README's status table (The IPN listener), row by row, against the fake event store.
 @Suite struct IngressTests {
     let store = FakeEventStore()
     let clock = TestClock()

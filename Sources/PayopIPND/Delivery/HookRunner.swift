@@ -12,7 +12,7 @@ public struct HookInvocation: Sendable {
     /// SIGTERM to SIGKILL, for a command past its timeout or stopped by shutdown.
     public var killGraceSeconds: Double
 
-    /// The command's whole environment: `PATH` and the `PAYOP_*` variables of DESIGN.md, every one set
+    /// The command's whole environment: `PATH` and the documented `PAYOP_*` variables, every one set
     /// (empty when unknown), and nothing else of the daemon's.
     public func environment(path: String) -> [String: String] {
         [

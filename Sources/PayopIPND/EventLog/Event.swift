@@ -48,6 +48,8 @@ public struct Receipt: Sendable, Equatable, Encodable {
     public var entityID: String?
     public var eventID: String?
     public var size: Int
+    /// The request body as received (refused ones cut to their prefix); read only for one event's page.
+    public var body: [UInt8]?
 
     static let columns = "id, received_at, source_ip, path, answer, reason, kind, entity_id, event_id, size"
 
@@ -62,6 +64,7 @@ public struct Receipt: Sendable, Equatable, Encodable {
         entityID = row["entity_id"]
         eventID = row["event_id"]
         size = row["size"]
+        body = row.hasColumn("body") ? (row["body"] as Data?).map { Array($0) } : nil
     }
 
     enum CodingKeys: String, CodingKey {
@@ -84,15 +87,69 @@ public struct Receipt: Sendable, Equatable, Encodable {
     }
 }
 
+/// One finished run of a hook: the history behind a delivery's `last_*` fields.
+public struct DeliveryAttempt: Sendable, Equatable, Encodable {
+    public var deliveryID: Int64
+    public var attempt: Int
+    public var finishedAt: Int64
+    /// delivered | failed | gone
+    public var outcome: String
+    public var exitCode: Int?
+    public var httpStatus: Int?
+    public var error: String?
+    public var output: String?
+
+    static let columns = "delivery_id, attempt, finished_at, outcome, exit_code, http_status, error, output"
+
+    init(row: Row) {
+        deliveryID = row["delivery_id"]
+        attempt = row["attempt"]
+        finishedAt = row["finished_at"]
+        outcome = row["outcome"]
+        exitCode = row["exit_code"]
+        httpStatus = row["http_status"]
+        error = row["error"]
+        output = row["output"]
+    }
+
+    static func outcomeName(_ outcome: HookResult.Outcome) -> String {
+        switch outcome {
+        case .delivered: "delivered"
+        case .failed: "failed"
+        case .gone: "gone"
+        }
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case deliveryID = "delivery_id", attempt, finishedAt = "finished_at", outcome, exitCode = "exit_code"
+        case httpStatus = "http_status", error, output
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(deliveryID, forKey: .deliveryID)
+        try c.encode(attempt, forKey: .attempt)
+        try c.encode(Timestamp.format(milliseconds: finishedAt), forKey: .finishedAt)
+        try c.encode(outcome, forKey: .outcome)
+        try c.encode(exitCode, forKey: .exitCode)
+        try c.encode(httpStatus, forKey: .httpStatus)
+        try c.encode(error, forKey: .error)
+        try c.encode(output, forKey: .output)
+    }
+}
+
 /// `events show`: the event with everything that happened to it.
 public struct EventDetail: Sendable, Encodable {
     public var event: Event
     public var receipts: [Receipt]
     public var verificationAttempts: [VerificationAttempt] = []
     public var deliveries: [Delivery] = []
+    /// Every finished run of the deliveries above, oldest first.
+    public var deliveryAttempts: [DeliveryAttempt] = []
 
     enum CodingKeys: String, CodingKey {
         case receipts, verificationAttempts = "verification_attempts", deliveries
+        case deliveryAttempts = "delivery_attempts"
     }
 
     private struct ReceiptLine: Encodable {
@@ -113,6 +170,7 @@ public struct EventDetail: Sendable, Encodable {
         try c.encode(receipts.map(ReceiptLine.init), forKey: .receipts)
         try c.encode(verificationAttempts, forKey: .verificationAttempts)
         try c.encode(deliveries, forKey: .deliveries)
+        try c.encode(deliveryAttempts, forKey: .deliveryAttempts)
     }
 }
 

@@ -12,6 +12,12 @@ struct SQLFilter {
         arguments += [value]
     }
 
+    /// Adds `condition` with all the arguments its `?`s take.
+    mutating func add(_ condition: String, arguments values: StatementArguments) {
+        conditions.append(condition)
+        arguments += values
+    }
+
     mutating func add(_ condition: String, when enabled: Bool) {
         if enabled { conditions.append(condition) }
     }

@@ -149,6 +149,16 @@ extension SQLiteEventLog: DeliveryStore {
                 progress.state.rawValue, progress.attempts, progress.nextAttemptAt, result.exitCode, result.httpStatus,
                 result.error, result.output, now, progress.state.rawValue, now, id,
             ])
+            try db.cachedStatement(
+                sql: """
+                    INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, http_status,
+                                                   error, output)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                    """
+            ).execute(arguments: [
+                id, attempt, now, DeliveryAttempt.outcomeName(result.outcome), result.exitCode, result.httpStatus,
+                result.error, result.output,
+            ])
             return end
         }
     }
@@ -210,19 +220,24 @@ extension SQLiteEventLog: DeliveryStore {
                 db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [eventID]
             ).map(Delivery.init(row:))
             for delivery in deliveries where hook == nil || delivery.hook == hook {
-                var progress = delivery.progress
-                progress.replay(now: now)
-                try Self.saveProgress(progress, id: delivery.id, in: db)
-                if progress.state == .pending {
-                    try db.execute(sql: "UPDATE deliveries SET last_error = NULL WHERE id = ?", arguments: [delivery.id])
-                    pending += 1
-                }
+                if try Self.replay(delivery, now: now, in: db) { pending += 1 }
             }
             return pending
         }
     }
 
-    public func deliveries(state: String?, hook: String?, eventID: String? = nil, limit: Int)
+    /// One delivery due again now (a running one keeps running); true when it is pending.
+    static func replay(_ delivery: Delivery, now: Int64, in db: Database) throws -> Bool {
+        var progress = delivery.progress
+        progress.replay(now: now)
+        try saveProgress(progress, id: delivery.id, in: db)
+        guard progress.state == .pending else { return false }
+        try db.execute(sql: "UPDATE deliveries SET last_error = NULL WHERE id = ?", arguments: [delivery.id])
+        return true
+    }
+
+    /// Newest first; `deadFirst` puts the dead ones (what needs a person) before the rest.
+    public func deliveries(state: String?, hook: String?, eventID: String? = nil, deadFirst: Bool = false, limit: Int)
         async throws(EventLogError)
         -> [Delivery]
     {
@@ -233,7 +248,7 @@ extension SQLiteEventLog: DeliveryStore {
             conditions.add("event_id = ?", eventID)
             return try Row.fetchAll(
                 db,
-                sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY id DESC LIMIT ?",
+                sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY \(deadFirst ? "state = 'dead' DESC, " : "")id DESC LIMIT ?",
                 arguments: conditions.arguments + [limit]
             ).map(Delivery.init(row:))
         }

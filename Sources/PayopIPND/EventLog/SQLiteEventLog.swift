@@ -231,17 +231,43 @@ public final class SQLiteEventLog: EventStore {
         public var status: String?
         public var state: String?
         public var since: Int64?
+        /// An id to find: the event's own, or its order, transaction, invoice, refund or withdrawal id.
+        public var query: String?
+        /// Events older than this one only (the next page after it).
+        public var before: EventCursor?
         public var limit: Int
 
         public init(
-            type: String? = nil, status: String? = nil, state: String? = nil, since: Int64? = nil, limit: Int = 50
+            type: String? = nil, status: String? = nil, state: String? = nil, since: Int64? = nil,
+            query: String? = nil, before: EventCursor? = nil, limit: Int = 50
         ) {
             self.type = type
             self.status = status
             self.state = state
             self.since = since
+            self.query = query
+            self.before = before
             self.limit = limit
         }
+    }
+
+    /// A place in the newest-first list of events: `received_at` and id of the last event shown.
+    public struct EventCursor: Sendable, Equatable {
+        public var receivedAt: Int64
+        public var id: String
+
+        public init(receivedAt: Int64, id: String) {
+            self.receivedAt = receivedAt
+            self.id = id
+        }
+
+        /// `1764400000000.evt_...`, as it travels in a page link.
+        public init?(_ text: String) {
+            guard let dot = text.firstIndex(of: "."), let at = Int64(text[..<dot]) else { return nil }
+            self.init(receivedAt: at, id: String(text[text.index(after: dot)...]))
+        }
+
+        public var text: String { "\(receivedAt).\(id)" }
     }
 
     /// Newest first.
@@ -252,6 +278,18 @@ public final class SQLiteEventLog: EventStore {
             conditions.add("events.status = ?", filter.status)
             conditions.add("events.state = ?", filter.state)
             conditions.add("events.received_at >= ?", filter.since)
+            if let query = filter.query {
+                // No index on these ids (each would cost every ingest a write): a search scans, which a
+                // person at the console can afford and the hot path cannot.
+                conditions.add(
+                    """
+                    (events.id = ? OR events.order_id = ? OR events.transaction_id = ? OR events.invoice_id = ?
+                     OR events.refund_id = ? OR events.withdrawal_id = ? OR events.entity_id = ?)
+                    """, arguments: StatementArguments(Array(repeating: query, count: 7)))
+            }
+            if let before = filter.before {
+                conditions.add("(events.received_at, events.id) < (?, ?)", arguments: [before.receivedAt, before.id])
+            }
             return try Row.fetchAll(
                 db,
                 sql:
@@ -266,7 +304,7 @@ public final class SQLiteEventLog: EventStore {
             guard let row = try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id])
             else { return nil }
             let receipts = try Row.fetchAll(
-                db, sql: "SELECT \(Receipt.columns) FROM receipts WHERE event_id = ? ORDER BY received_at, id",
+                db, sql: "SELECT \(Receipt.columns), body FROM receipts WHERE event_id = ? ORDER BY received_at, id",
                 arguments: [id]
             ).map(Receipt.init(row:))
             let attempts = try Row.fetchAll(
@@ -281,8 +319,16 @@ public final class SQLiteEventLog: EventStore {
             let deliveries = try Row.fetchAll(
                 db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [id]
             ).map(Delivery.init(row:))
+            let deliveryAttempts = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT \(DeliveryAttempt.columns) FROM delivery_attempts
+                    WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = ?) ORDER BY id
+                    """, arguments: [id]
+            ).map(DeliveryAttempt.init(row:))
             return EventDetail(
-                event: Event(row: row), receipts: receipts, verificationAttempts: attempts, deliveries: deliveries)
+                event: Event(row: row), receipts: receipts, verificationAttempts: attempts, deliveries: deliveries,
+                deliveryAttempts: deliveryAttempts)
         }
     }
 
@@ -325,6 +371,11 @@ public final class SQLiteEventLog: EventStore {
                     AND id NOT IN (SELECT first_receipt FROM events WHERE first_receipt IS NOT NULL)
                     """, arguments: [cutoff])
             let receipts = db.changesCount
+            try db.execute(
+                sql: """
+                    DELETE FROM delivery_attempts WHERE delivery_id IN
+                        (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ?)
+                    """, arguments: [cutoff])
             try db.execute(
                 sql: "DELETE FROM deliveries WHERE state = 'delivered' AND finished_at < ?", arguments: [cutoff])
             return PruneResult(receipts: receipts, deliveries: db.changesCount)

@@ -137,6 +137,25 @@ enum Schema {
                     WHERE answer = 200 AND event_id IS NOT NULL;
                     """)
         }
+        migrator.registerMigration("0005-delivery-attempts") { db in
+            try db.execute(
+                sql: """
+                    -- every finished run of a hook, for the console's history (deliveries keep the last)
+                    CREATE TABLE delivery_attempts (
+                        id INTEGER PRIMARY KEY,
+                        delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+                        attempt INTEGER NOT NULL,
+                        finished_at INTEGER NOT NULL,
+                        -- delivered | failed | gone
+                        outcome TEXT NOT NULL,
+                        exit_code INTEGER,
+                        http_status INTEGER,
+                        error TEXT,
+                        output TEXT
+                    );
+                    CREATE INDEX delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
+                    """)
+        }
         return migrator
     }
 }

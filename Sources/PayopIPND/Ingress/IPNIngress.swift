@@ -49,7 +49,7 @@ public protocol IngressMetrics: Sendable {
     func eventCreated(type: String)
 }
 
-/// The IPN listener's decisions, with no HTTP server in them: the status table of DESIGN.md.
+/// The IPN listener's decisions, with no HTTP server in them: the README's status table.
 public final class IPNIngress: Sendable {
     /// A request that passed the checks that need no body; the body may now be read.
     public struct Admitted: Sendable {

@@ -1,7 +1,7 @@
 import Foundation
 
 /// Payop's legacy V1 signature: lowercase hex SHA-256 of `amount:currency:orderId:status:secretKey`,
-/// the amount written with exactly four decimals (PROTOCOL.md).
+/// the amount written with exactly four decimals (README, Payop's side).
 public enum LegacySignature {
     public static func expected(amount: String, currency: String, orderID: String, status: String, secretKey: String)
         -> String?

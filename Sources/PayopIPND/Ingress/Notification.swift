@@ -29,7 +29,7 @@ public struct PaymentStatus: Sendable, Hashable {
 
     public static let securityRejectionMessage = "We are unable to process your payment due to security reasons."
 
-    /// Checkout `transaction.state` (PROTOCOL.md): state 5 means three different things by its message.
+    /// Checkout `transaction.state` (README, Payop's side): state 5 means three different things by its message.
     public static func checkout(state: Int, errorMessage: String?) -> PaymentStatus {
         let name: String
         switch state {

@@ -18,7 +18,7 @@ public enum RefusalReason: String, Sendable, Error, Codable {
     }
 }
 
-/// Turns an IPN body into a typed `Notification` (PROTOCOL.md), or names why it cannot.
+/// Turns an IPN body into a typed `Notification` (README, Payop's side), or names why it cannot.
 public enum NotificationParser {
     public static func parse(_ body: some Collection<UInt8>) -> Result<Notification, RefusalReason> {
         guard let json = StrictJSON.value(body) else { return .failure(.invalidJSON) }

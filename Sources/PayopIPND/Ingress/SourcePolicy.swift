@@ -78,7 +78,7 @@ public struct SourcePolicy: Sendable, Equatable {
         case only([CIDR])
     }
 
-    /// PROTOCOL.md's decision: the union of Payop's two current IPN pages.
+    /// The union of Payop's two current IPN pages.
     public static let payopAddresses = [
         "18.199.249.46", "35.158.36.143", "3.125.109.58", "3.127.103.117", "18.143.40.196", "54.179.10.165",
     ]

@@ -2,13 +2,15 @@ import Hummingbird
 import Logging
 import NIOCore
 
-/// The admin port (loopback by default): `/healthz`, `/readyz`, `/metrics`. Never served on the IPN port.
+/// The admin port (loopback by default): `/healthz`, `/readyz`, `/metrics`, open to monitoring, and
+/// the merchant's console at `/` (behind `admin.token_file` when set). Never served on the IPN port.
 enum AdminListener {
     static func makeApplication(
-        address: ListenAddress, log: SQLiteEventLog, access: PayopAccess, metrics: DaemonMetrics, logger: Logger,
-        onRunning: @escaping @Sendable (Int) async -> Void
+        address: ListenAddress, log: SQLiteEventLog, access: PayopAccess, metrics: DaemonMetrics, console: Console,
+        logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void
     ) -> some ApplicationProtocol {
         let router = Router()
+        console.register(on: router)
         router.get("/healthz") { _, _ in "ok\n" }
         router.get("/readyz") { _, _ -> Response in
             let problems = await readinessProblems(log: log, access: access)

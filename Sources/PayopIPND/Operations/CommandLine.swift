@@ -2,7 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 
-/// `payop-ipnd`: the daemon and the tools that read its event log (DESIGN.md, Command line).
+/// `payop-ipnd`: the daemon and the tools that read its event log (README, Command line).
 public struct PayopIPNDCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "payop-ipnd",
@@ -24,7 +24,7 @@ struct ConfigOption: ParsableArguments {
     var path: String { config ?? ConfigLoader.defaultPath() }
 }
 
-/// A failure a person can act on, with the exit code of DESIGN.md.
+/// A failure a person can act on, with the exit code the README documents.
 struct CommandFailure: Error, CustomStringConvertible {
     var message: String
     var exitCode: Int32
@@ -36,7 +36,7 @@ struct CommandFailure: Error, CustomStringConvertible {
 }
 
 extension AsyncParsableCommand {
-    /// Runs `body`, turning our errors into one clear message on stderr and DESIGN.md's exit codes.
+    /// Runs `body`, turning our errors into one clear message on stderr and the documented exit codes.
     func reportingFailures(_ body: () async throws -> Void) async throws {
         do {
             try await body()
@@ -222,6 +222,18 @@ struct EventsCommand: AsyncParsableCommand {
                     })
                 print("\ndeliveries:")
                 printDeliveries(detail.deliveries)
+                if !detail.deliveryAttempts.isEmpty {
+                    print("\nhook runs:")
+                    printTable(
+                        ["DELIVERY", "ATTEMPT", "FINISHED", "OUTCOME", "EXIT", "HTTP", "ERROR"],
+                        detail.deliveryAttempts.map {
+                            [
+                                String($0.deliveryID), String($0.attempt), Timestamp.format(milliseconds: $0.finishedAt),
+                                $0.outcome, $0.exitCode.map(String.init) ?? "-", $0.httpStatus.map(String.init) ?? "-",
+                                $0.error ?? "-",
+                            ]
+                        })
+                }
             }
         }
     }

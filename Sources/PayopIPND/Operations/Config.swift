@@ -32,6 +32,11 @@ public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    /// Only this machine can connect: 127.0.0.0/8, ::1 or localhost.
+    public var isLoopback: Bool {
+        host == "localhost" || host == "::1" || host.hasPrefix("127.")
+    }
 }
 
 /// The daemon's configuration: every documented key, with its default.
@@ -47,6 +52,8 @@ public struct DaemonConfig: Sendable {
 
     public struct Admin: Sendable {
         public var listen = ListenAddress(host: "127.0.0.1", port: 9181)
+        /// The console's bearer token; required when `listen` is not loopback.
+        public var tokenFile: String?
     }
 
     public struct Storage: Sendable {

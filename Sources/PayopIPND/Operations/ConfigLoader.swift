@@ -27,7 +27,7 @@ public struct ConfigError: Error, CustomStringConvertible, Sendable {
     }
 }
 
-/// Reads the YAML of DESIGN.md with Yams into `DaemonConfig`, collecting every problem (unknown keys,
+/// Reads the configuration YAML (README, Configuration) with Yams into `DaemonConfig`, collecting every problem (unknown keys,
 /// wrong types, bad addresses, missing or exposed secret files) instead of stopping at the first.
 public enum ConfigLoader {
     /// Where `serve` and the tools look when `--config` is not given.
@@ -230,8 +230,15 @@ private final class Reader {
             }
         }
         if let node = top["server"] { readServer(node, into: &config.server) }
-        if let node = top["admin"], let admin = mapping(node, "admin", known: ["listen"]) {
+        if let node = top["admin"], let admin = mapping(node, "admin", known: ["listen", "token_file"]) {
             if let listen = listenAddress(admin["listen"], "admin.listen") { config.admin.listen = listen }
+            if let file = secretFile(admin["token_file"], "admin.token_file") { config.admin.tokenFile = file }
+            if !config.admin.listen.isLoopback, config.admin.tokenFile == nil {
+                error(
+                    "admin.listen", admin["listen"],
+                    "\(config.admin.listen) is reachable from other machines: set admin.token_file (a secret file "
+                        + "holding the console's token), or listen on 127.0.0.1")
+            }
         }
         if let node = top["storage"], let storage = mapping(node, "storage", known: ["path", "retention_days"]) {
             if let path = string(storage["path"], "storage.path") {

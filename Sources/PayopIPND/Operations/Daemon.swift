@@ -90,8 +90,13 @@ public struct Daemon: Sendable {
                 ports.withLock { $0.ipn = port }
                 await readiness.listenerBound()
             })
+        let console = Console(
+            log: log, access: verifier.access,
+            security: ConsoleGuard(token: secrets.adminToken, loopbackOnly: config.admin.listen.isLoopback, clock: clock),
+            hooks: { log.hooks }, wakeDispatcher: { dispatcher.signal.signal() }, clock: clock)
         let admin = AdminListener.makeApplication(
-            address: config.admin.listen, log: log, access: verifier.access, metrics: metrics, logger: logger,
+            address: config.admin.listen, log: log, access: verifier.access, metrics: metrics, console: console,
+            logger: logger,
             onRunning: { port in
                 ports.withLock { $0.admin = port }
                 await readiness.listenerBound()
@@ -117,6 +122,7 @@ public struct Daemon: Sendable {
             }
             ingress.reload(Self.ingressSettings(next, legacySecretKey: nextSecrets.legacyKey))
             secrets.jwt.set(nextSecrets.jwt.get())
+            secrets.adminToken.set(nextSecrets.adminToken.get())
             secrets.hookSigning.withLock { $0 = nextSecrets.hookSigning.withLock { $0 } }
             log.setHooks(next.hooks)
             log.setVerificationPolicy(VerificationPolicy(next))
@@ -196,18 +202,35 @@ final class Secrets: Sendable {
     let legacyKey: String?
     /// `signing_secret_file` of each url hook, by hook name.
     let hookSigning: Mutex<[String: String]>
+    /// `admin.token_file`: the console's token.
+    let adminToken: SecretBox
 
-    init(jwt: SecretBox, legacyKey: String?, hookSigning: [String: String]) {
+    /// Shorter tokens could be guessed by anyone who can reach a non-loopback console.
+    static let minimumAdminTokenLength = 16
+
+    init(jwt: SecretBox, legacyKey: String?, hookSigning: [String: String], adminToken: String? = nil) {
         self.jwt = jwt
         self.legacyKey = legacyKey
         self.hookSigning = Mutex(hookSigning)
+        self.adminToken = SecretBox(adminToken)
     }
 
     static func load(_ config: DaemonConfig) throws(ConfigError) -> Secrets {
-        Secrets(
+        let token = try read(config.admin.tokenFile, key: "admin.token_file")
+        if let token, token.count < minimumAdminTokenLength, let path = config.admin.tokenFile {
+            throw ConfigError(
+                path: path,
+                problems: [
+                    .init(
+                        severity: .error, key: "admin.token_file", line: nil,
+                        message: "the token in \(path) is \(token.count) characters: use at least "
+                            + "\(minimumAdminTokenLength), e.g. openssl rand -hex 24 > \(path)")
+                ])
+        }
+        return Secrets(
             jwt: SecretBox(try read(config.payop.jwtFile, key: "payop.jwt_file")),
             legacyKey: try read(config.payop.secretKeyFile, key: "payop.secret_key_file"),
-            hookSigning: try hookSecrets(config))
+            hookSigning: try hookSecrets(config), adminToken: token)
     }
 
     static func hookSecrets(_ config: DaemonConfig) throws(ConfigError) -> [String: String] {

@@ -37,7 +37,7 @@ struct ServeCommand: AsyncParsableCommand {
                 simulator: sandboxSetup.map { ($0.payop, Sandbox.simulatorPort) }
             ) { ports in
                 if let sandboxSetup {
-                    print(sandboxSetup.instructions(port: ports.ipn))
+                    print(sandboxSetup.instructions(port: ports.ipn, adminPort: ports.admin))
                     fflush(nil)
                 }
             }
@@ -68,7 +68,7 @@ enum Sandbox {
         var configPath: String
         var payop: SimulatedPayop
 
-        func instructions(port: Int) -> String {
+        func instructions(port: Int, adminPort: Int) -> String {
             // A paid checkout the built-in Payop knows, so the curl below verifies like a real payment.
             let paid = payop.create(.checkout, state: 2, amount: "25.00", currency: "EUR", orderID: "ORDER-1")
             let body = String(decoding: SimulatedPayop.ipnBody(for: paid), as: UTF8.self)
@@ -84,6 +84,7 @@ enum Sandbox {
 
                 payop-ipnd sandbox is running
                   IPN listener  http://127.0.0.1:\(port)/payop/ipn
+                  console       http://127.0.0.1:\(adminPort)/
                   Payop API     http://127.0.0.1:\(Sandbox.simulatorPort) (simulated)
                   event log     \(directory)/events.sqlite3
                   config        \(configPath)
@@ -99,7 +100,8 @@ enum Sandbox {
                   curl -i -X POST http://127.0.0.1:\(port)/payop/ipn -H 'Content-Type: application/json' \\
                     -d '\(legacy)'
 
-                Then look at the event log, and at what the demo hook did:
+                Then look at the console, http://127.0.0.1:\(adminPort)/ (events, deliveries, replay), or the CLI,
+                and at what the demo hook did:
                   swift run payop-ipnd events list --config \(configPath)
                   swift run payop-ipnd deliveries list --config \(configPath)
                   cat \(directory)/fulfilled.log

@@ -70,7 +70,7 @@ extension PayopAPI {
     public var unusableReason: String? { nil }
 }
 
-/// Reads Payop's JSON answers (PROTOCOL.md) into records, leniently: numbers or strings alike.
+/// Reads Payop's JSON answers (README, Payop's side) into records, leniently: numbers or strings alike.
 enum PayopAnswers {
     private struct Envelope<T: Decodable>: Decodable {
         var data: T

@@ -14,7 +14,7 @@ public final class SecretBox: Sendable, CustomStringConvertible {
     public var description: String { "<secret>" }
 }
 
-/// Payop's API over HTTPS with the merchant's JWT (PROTOCOL.md). TLS verification is always on; only
+/// Payop's API over HTTPS with the merchant's JWT (README, Payop's side). TLS verification is always on; only
 /// a loopback `http://` base URL (a simulator) goes without TLS.
 public final class PayopHTTPClient: PayopAPI {
     private let http: HTTPClient

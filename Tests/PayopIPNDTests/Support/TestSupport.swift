@@ -86,7 +86,7 @@ let quietLogger: Logger = {
     return logger
 }()
 
-/// The legacy V1 secret of PROTOCOL.md's test vectors.
+/// The legacy V1 secret of the signature test vectors (README, Payop's side).
 let vectorSecret = "s3cr3t"
 
 func ingressSettings(
