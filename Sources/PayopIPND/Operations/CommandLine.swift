@@ -7,6 +7,14 @@ public struct PayopIPNDCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "payop-ipnd",
         abstract: "Turns Payop's payment notifications (IPNs) into verified, deduplicated events for local hooks.",
+        discussion: """
+            Start with 'payop-ipnd serve --sandbox' (no Payop account needed), then write a configuration: \
+            every key is in the example config (installed as /etc/payop-ipnd/payop-ipnd.yaml by the Debian \
+            package), checked by 'payop-ipnd check-config' and, before going live, 'payop-ipnd doctor'. \
+            The running daemon's console is at http://127.0.0.1:9181/ (admin.listen). The README (in \
+            /usr/share/doc/payop-ipnd/ when installed from the package) covers hooks, Payop's side, \
+            systemd, upgrades, backups and what to do when something goes wrong.
+            """,
         version: PayopIPNDVersion.current,
         subcommands: [
             ServeCommand.self, CheckConfigCommand.self, EventsCommand.self, ReceiptsCommand.self, PruneCommand.self,

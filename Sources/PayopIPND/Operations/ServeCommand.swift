@@ -6,7 +6,14 @@ import PayopSimulator
 
 struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "serve", abstract: "Run the daemon.")
+        commandName: "serve", abstract: "Run the daemon.",
+        discussion: """
+            Takes Payop's IPNs on server.listen, answers 200 once each is on disk, verifies it against Payop's \
+            API (legacy V1 by signature) and runs the configured hooks for every verified event. The console \
+            and /healthz, /readyz, /metrics are on admin.listen. Under systemd (Type=notify): SIGHUP reloads \
+            hooks, sources, log_level and secrets; SIGTERM stops taking IPNs, gives running hooks \
+            delivery.shutdown_grace_seconds, and exits 0. A second 'serve' on the same event log exits 1.
+            """)
 
     @OptionGroup var config: ConfigOption
     @Flag(help: "Run with no Payop account: state in ./.payop-ipnd-sandbox/, IPNs on 127.0.0.1:8080.")

@@ -206,6 +206,7 @@ struct Console: Sendable {
         let now = clock.nowMilliseconds()
         let o = try await log.overview(now: now)
         var values = visit.base(title: "Overview")
+        values["refresh"] = 30  // the overview keeps itself current without JavaScript
         values["ipnsHour"] = o.ipnsLastHour
         values["ipnsDay"] = o.ipnsLastDay
         values["refusedDay"] = o.refusedLastDay
