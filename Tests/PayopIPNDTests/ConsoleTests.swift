@@ -24,7 +24,7 @@ import Testing
             return Console(
                 log: log, access: PayopAccess(),
                 security: ConsoleGuard(token: SecretBox(token), loopbackOnly: loopback, clock: clock),
-                hooks: { [log] in log.hooks }, wakeDispatcher: { woken.wake() }, clock: clock)
+                hooks: { [log] in log.hooks }, wakeDispatcher: { woken.wake() }, clock: clock, logger: quietLogger)
         }
 
         func app(token: String? = nil, loopback: Bool = true) -> some ApplicationProtocol {
@@ -112,7 +112,7 @@ import Testing
         let router = Router()
         Console(
             log: log, access: PayopAccess(), security: ConsoleGuard(token: SecretBox(nil), loopbackOnly: true, clock: clock),
-            hooks: { [] }, wakeDispatcher: {}, clock: clock
+            hooks: { [] }, wakeDispatcher: {}, clock: clock, logger: quietLogger
         ).register(on: router)
         try await Application(router: router).test(.router) { client in
             var seen: [String] = []
@@ -137,6 +137,11 @@ import Testing
                 let html = Self.text(try await client.execute(uri: page, method: .get))
                 #expect(!html.contains("<script>alert(1)</script>"), "\(page) carries the script as markup")
                 #expect(!html.contains("<b>left</b>"))
+            }
+            for page in ["/", "/events", "/events/\(setup.deadEvent)", "/deliveries", "/receipts", "/receipts?refused=1"] {
+                let html = Self.text(try await client.execute(uri: page, method: .get))
+                // An absent value is left out, never printed as Swift's "nil".
+                #expect(!html.contains(">nil<") && !html.contains("(nil)") && !html.contains("\"nil\"") && !html.contains("/nil"), "\(page)")
             }
             let event = Self.text(
                 try await client.execute(uri: "/events/\(setup.deadEvent)", method: .get))
@@ -346,5 +351,74 @@ import Testing
         #expect(try await setup.log.event(id: setup.otherEvent)?.deliveryAttempts.isEmpty == true)
         // The dead one is kept for replay, with its history.
         #expect(try await setup.log.event(id: setup.deadEvent)?.deliveryAttempts.count == 1)
+    }
+
+    @Test func aTokenTakenAwayByAReloadLeavesANonLoopbackConsoleClosed() async throws {
+        let setup = try await Self.setup()
+        let console = setup.console(token: "a-token-long-enough-to-resist", loopback: false)
+        let session = try #require(console.security.login(given: "a-token-long-enough-to-resist"))
+        // The listener keeps its 0.0.0.0 address until a restart; the reload's config has no token.
+        console.security.replaceToken(nil)
+        #expect(console.security.access(authorization: nil, sessionCookie: session) == .refused)
+        #expect(console.security.access(authorization: nil, sessionCookie: nil) == .refused)
+        let router = Router()
+        console.register(on: router)
+        try await Application(router: router).test(.router) { client in
+            let page = try await client.execute(uri: "/events", method: .get)
+            #expect(page.status == .unauthorized)
+            #expect(Self.text(page).contains("set admin.token_file"))
+            #expect(!Self.text(page).contains(setup.deadEvent))
+        }
+    }
+
+    @Test func rotatingTheTokenEndsEverySession() {
+        let security = ConsoleGuard(token: SecretBox("the-first-token-long-enough"), loopbackOnly: false, clock: TestClock())
+        let session = try? #require(security.login(given: "the-first-token-long-enough"))
+        security.replaceToken("the-second-token-long-enough")
+        #expect(security.access(authorization: nil, sessionCookie: session) == .refused)
+        #expect(security.access(authorization: "Bearer the-first-token-long-enough", sessionCookie: nil) == .refused)
+        #expect(security.access(authorization: "Bearer the-second-token-long-enough", sessionCookie: nil) == .bearer)
+    }
+
+    @Test func aProxiedRequestToATokenlessConsoleIsRefused() async throws {
+        let setup = try await Self.setup()
+        try await setup.app().test(.router) { client in
+            for header in ["X-Forwarded-For", "Forwarded", "X-Real-IP"] {
+                let response = try await client.execute(
+                    uri: "/events", method: .get, headers: [HTTPField.Name(header)!: "203.0.113.9"])
+                #expect(response.status == .forbidden, "\(header)")
+                #expect(!Self.text(response).contains(setup.deadEvent))
+            }
+        }
+        // With a token, a proxy in front is fine: the token decides.
+        try await setup.app(token: "a-token-long-enough-to-resist").test(.router) { client in
+            let response = try await client.execute(
+                uri: "/events", method: .get,
+                headers: [HTTPField.Name("X-Forwarded-For")!: "203.0.113.9", .authorization: "Bearer a-token-long-enough-to-resist"])
+            #expect(response.status == .ok)
+        }
+    }
+
+    @Test func aFloodOfCopiesKeepsTheEventPageSmall() async throws {
+        let setup = try await Self.setup()
+        for _ in 0..<(Console.receiptsShown + 20) {
+            _ = try await ingestSigned(setup.log, clock: setup.clock, order: "1042")
+        }
+        try await setup.app().test(.router) { client in
+            let html = Self.text(try await client.execute(uri: "/events/\(setup.deadEvent)", method: .get))
+            #expect(html.components(separatedBy: "<tr class=\"receipt\">").count - 1 == Console.receiptsShown)
+            #expect(html.contains("21 later copies are not shown here"))
+        }
+    }
+
+    @Test func replayingAnEventLeavesDeliveriesOfRemovedHooksAlone() async throws {
+        let setup = try await Self.setup()
+        // fulfil is removed from the configuration; crm is added.
+        let hooks = [commandHook("crm", "/bin/true")]
+        let queued = try await setup.log.replay(
+            eventID: setup.deadEvent, hook: nil, hooks: hooks, now: setup.clock.nowMilliseconds())
+        #expect(queued == 1)
+        #expect(try await setup.log.deliveries(state: "dead", hook: "fulfil", limit: 5).count == 1)
+        #expect(try await setup.log.deliveries(state: "pending", hook: "crm", limit: 5).count == 1)
     }
 }

@@ -219,7 +219,10 @@ extension SQLiteEventLog: DeliveryStore {
             let deliveries = try Row.fetchAll(
                 db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [eventID]
             ).map(Delivery.init(row:))
-            for delivery in deliveries where hook == nil || delivery.hook == hook {
+            // Only configured hooks: a removed hook's delivery would wait forever, and the person was told
+            // it runs now.
+            let configured = Set(hooks.map(\.name))
+            for delivery in deliveries where (hook == nil || delivery.hook == hook) && configured.contains(delivery.hook) {
                 if try Self.replay(delivery, now: now, in: db) { pending += 1 }
             }
             return pending

@@ -299,13 +299,19 @@ public final class SQLiteEventLog: EventStore {
         }
     }
 
-    public func event(id: String) async throws(EventLogError) -> EventDetail? {
+    /// The event with its history. `receiptBodies`: each copy's body too, cut to that many bytes;
+    /// `receiptLimit`: the first copies only (a flood of copies stays cheap to show).
+    public func event(id: String, receiptBodies: Int? = nil, receiptLimit: Int? = nil) async throws(EventLogError)
+        -> EventDetail?
+    {
         try await read { db in
             guard let row = try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id])
             else { return nil }
+            let body = receiptBodies.map { ", substr(body, 1, \(max($0, 0))) AS body" } ?? ""
             let receipts = try Row.fetchAll(
-                db, sql: "SELECT \(Receipt.columns), body FROM receipts WHERE event_id = ? ORDER BY received_at, id",
-                arguments: [id]
+                db,
+                sql: "SELECT \(Receipt.columns)\(body) FROM receipts WHERE event_id = ? ORDER BY received_at, id LIMIT ?",
+                arguments: [id, receiptLimit ?? -1]
             ).map(Receipt.init(row:))
             let attempts = try Row.fetchAll(
                 db,

@@ -93,7 +93,7 @@ public struct Daemon: Sendable {
         let console = Console(
             log: log, access: verifier.access,
             security: ConsoleGuard(token: secrets.adminToken, loopbackOnly: config.admin.listen.isLoopback, clock: clock),
-            hooks: { log.hooks }, wakeDispatcher: { dispatcher.signal.signal() }, clock: clock)
+            hooks: { log.hooks }, wakeDispatcher: { dispatcher.signal.signal() }, clock: clock, logger: logger)
         let admin = AdminListener.makeApplication(
             address: config.admin.listen, log: log, access: verifier.access, metrics: metrics, console: console,
             logger: logger,
@@ -122,7 +122,7 @@ public struct Daemon: Sendable {
             }
             ingress.reload(Self.ingressSettings(next, legacySecretKey: nextSecrets.legacyKey))
             secrets.jwt.set(nextSecrets.jwt.get())
-            secrets.adminToken.set(nextSecrets.adminToken.get())
+            console.security.replaceToken(nextSecrets.adminToken.get())
             secrets.hookSigning.withLock { $0 = nextSecrets.hookSigning.withLock { $0 } }
             log.setHooks(next.hooks)
             log.setVerificationPolicy(VerificationPolicy(next))

@@ -1,6 +1,7 @@
 import Foundation
 import HTTPTypes
 import Hummingbird
+import Logging
 import NIOCore
 
 /// The merchant's console on the admin listener: read-only pages, and replays as POSTs with a CSRF
@@ -13,9 +14,27 @@ struct Console: Sendable {
     /// A replay is picked up at once rather than at the dispatcher's next recheck.
     let wakeDispatcher: @Sendable () -> Void
     let clock: any WallClock
+    let logger: Logger
+
+    init(
+        log: SQLiteEventLog, access: PayopAccess, security: ConsoleGuard, hooks: @escaping @Sendable () -> [HookConfig],
+        wakeDispatcher: @escaping @Sendable () -> Void, clock: any WallClock, logger: Logger
+    ) {
+        self.log = log
+        self.access = access
+        self.security = security
+        self.hooks = hooks
+        self.wakeDispatcher = wakeDispatcher
+        self.clock = clock
+        self.logger = logger
+    }
 
     static let pageSize = 50
     static let maxFormBytes = 16 * 1024
+    /// An event's page shows this many copies of its IPN, each body cut here: a flood of copies must
+    /// not make a page (and the admin listener) heavy.
+    static let receiptsShown = 100
+    static let bodyBytesShown = 16 * 1024
     static let eventTypes: [String] =
         ["new", "accepted", "failed", "pending", "timeout", "rejected", "pre_approved"].map { "checkout.\($0)" }
         + ["new", "accepted", "rejected"].map { "refund.\($0)" }
@@ -44,7 +63,7 @@ struct Console: Sendable {
         router.post("/logout") { request, _ in
             try await post(request) { visit, _ in
                 if case .session(let id) = visit.access { security.logout(session: id) }
-                var response = Self.redirect(to: security.token.get() == nil ? "/" : "/login")
+                var response = Self.redirect(to: security.hasToken ? "/login" : "/")
                 response.setCookie(.init(name: ConsoleGuard.sessionCookie, value: "", maxAge: 0, path: "/", sameSite: .strict))
                 return response
             }
@@ -63,7 +82,9 @@ struct Console: Sendable {
 
         /// What every page's layout needs.
         func base(title: String) -> [String: Any] {
-            var values: [String: Any] = ["title": title, "csrf": csrf, "notice": notice as Any]
+            // Absent keys, never nil optionals: Mustache would print an Optional's "nil".
+            var values: [String: Any] = ["title": title, "csrf": csrf]
+            if let notice { values["notice"] = notice }
             if case .session = access { values["session"] = true }
             return values
         }
@@ -71,6 +92,8 @@ struct Console: Sendable {
 
     struct Refusal: Error {
         var response: Response
+        /// A wrong token: slowed down and counted.
+        var wrongToken = false
     }
 
     private func visit(_ request: Request) throws(Refusal) -> Visit {
@@ -80,6 +103,13 @@ struct Console: Sendable {
                 response: Self.message(
                     status: .misdirectedRequest, heading: "Wrong host name",
                     text: "This console answers to loopback names only (127.0.0.1, localhost, [::1]).", visit: nil))
+        }
+        if security.forwardedWithoutToken(request.headers) {
+            throw Refusal(
+                response: Self.message(
+                    status: .forbidden, heading: "Set a token first",
+                    text: "This request came through a proxy, and the console has no token: anyone the proxy serves "
+                        + "would be let in. Set admin.token_file (a secret file) and reload.", visit: nil))
         }
         let cookies = request.cookies
         let access = security.access(
@@ -95,8 +125,17 @@ struct Console: Sendable {
                     : "Replay queued: \($0) deliver\($0 == 1 ? "y" : "ies"); the daemon runs \($0 == 1 ? "it" : "them") now."
             })
         if access == .refused {
+            guard security.hasToken else {
+                throw Refusal(
+                    response: Self.message(
+                        status: .unauthorized, heading: "No token set",
+                        text: "The console listens beyond this machine but has no token: set admin.token_file "
+                            + "(a secret file) and reload.", visit: nil))
+            }
             let failedBearer = request.headers[.authorization] != nil
-            throw Refusal(response: finish(render(status: .unauthorized, "login", ["title": "Sign in", "failed": failedBearer]), visit))
+            throw Refusal(
+                response: finish(render(status: .unauthorized, "login", ["title": "Sign in", "failed": failedBearer]), visit),
+                wrongToken: failedBearer)
         }
         return visit
     }
@@ -105,10 +144,22 @@ struct Console: Sendable {
     private func page(_ request: Request, _ body: (Visit) async throws -> Response) async throws -> Response {
         do {
             let visit = try visit(request)
-            return finish(try await body(visit), visit)
+            return finish(try await body(visit), visit, request)
         } catch let refusal as Refusal {
-            return Self.secured(refusal.response)
+            return await refused(refusal)
         }
+    }
+
+    /// A refusal; a wrong token is counted, logged at most every 10 s, and answered after a pause
+    /// that makes guessing slow.
+    private func refused(_ refusal: Refusal) async -> Response {
+        if refusal.wrongToken {
+            if let toLog = security.countWrongToken() {
+                logger.warning("console refused a wrong token", metadata: ["count": "\(toLog)"])
+            }
+            try? await Task.sleep(for: .milliseconds(250))
+        }
+        return Self.secured(refusal.response)
     }
 
     struct Form: Decodable {
@@ -130,19 +181,19 @@ struct Console: Sendable {
                         Self.message(
                             status: .forbidden, heading: "Refused",
                             text: "This request came from another site's page (Origin \(request.headers[.origin] ?? "")): "
-                                + "nothing was changed.", visit: visit), visit)
+                                + "nothing was changed.", visit: visit), visit, request)
                 }
                 guard !visit.newBrowser, security.csrfValid(browser: visit.browser, token: form.csrf) else {
                     return finish(
                         Self.message(
                             status: .forbidden, heading: "Refused",
                             text: "The CSRF token is missing or wrong: nothing was changed. Reload the page and try again.",
-                            visit: visit), visit)
+                            visit: visit), visit, request)
                 }
             }
-            return finish(try await body(visit, form), visit)
+            return finish(try await body(visit, form), visit, request)
         } catch let refusal as Refusal {
-            return Self.secured(refusal.response)
+            return await refused(refusal)
         }
     }
 
@@ -162,12 +213,20 @@ struct Console: Sendable {
     }
 
     /// Headers every console answer carries, and the CSRF cookie for a browser seen the first time.
-    private func finish(_ response: Response, _ visit: Visit) -> Response {
+    private func finish(_ response: Response, _ visit: Visit, _ request: Request? = nil) -> Response {
         var response = Self.secured(response)
         if visit.newBrowser {
-            response.setCookie(.init(name: ConsoleGuard.csrfCookie, value: visit.browser, path: "/", sameSite: .strict))
+            response.setCookie(
+                .init(
+                    name: ConsoleGuard.csrfCookie, value: visit.browser, path: "/", secure: request.map(Self.overTLS) ?? false,
+                    sameSite: .strict))
         }
         return response
+    }
+
+    /// Behind a TLS-terminating proxy (which needs a token anyway), cookies are sent over TLS only.
+    static func overTLS(_ request: Request) -> Bool {
+        HTTPField.Name("X-Forwarded-Proto").flatMap { request.headers[$0] }?.lowercased() == "https"
     }
 
     static func secured(_ response: Response) -> Response {
@@ -278,7 +337,8 @@ struct Console: Sendable {
     }
 
     private func event(id: String, _ visit: Visit) async throws -> Response {
-        guard let detail = try await log.event(id: id) else {
+        guard let detail = try await log.event(id: id, receiptBodies: Self.bodyBytesShown, receiptLimit: Self.receiptsShown)
+        else {
             return Self.message(status: .notFound, heading: "No such event", text: "There is no event \(id).", visit: visit)
         }
         let e = detail.event
@@ -286,7 +346,7 @@ struct Console: Sendable {
         values["id"] = e.id
         values["type"] = e.type
         values["state"] = e.state
-        values["reason"] = e.rejectionReason as Any
+        if let reason = e.rejectionReason { values["reason"] = reason }
         values["signed"] = e.verification == "signature"
         let verified = e.state == VerificationState.verified.name
         values["replayable"] = verified
@@ -299,8 +359,10 @@ struct Console: Sendable {
             ("Verified", e.verifiedAt.map(Self.time), nil), ("Copies received", String(e.duplicates + 1), nil),
         ]
         values["fields"] = fields.compactMap { name, value, elementID -> [String: Any]? in
-            guard let value, !value.isEmpty else { return elementID == nil ? nil : ["name": name, "value": "-", "elementID": elementID!] }
-            return ["name": name, "value": value, "elementID": elementID as Any]
+            let shown = value.flatMap { $0.isEmpty ? nil : $0 }
+            // Fields the page's tests and readers look for by id are shown even when empty.
+            guard let elementID else { return shown.map { ["name": name, "value": $0] } }
+            return ["name": name, "value": shown ?? "-", "elementID": elementID]
         }
         values["receipts"] = detail.receipts.map { r -> [String: Any] in
             [
@@ -308,6 +370,8 @@ struct Console: Sendable {
                 "body": r.body.map { String(decoding: $0, as: UTF8.self) } ?? "",
             ]
         }
+        let hidden = e.duplicates + 1 - detail.receipts.count
+        if hidden > 0 { values["receiptsHidden"] = hidden }
         values["attempts"] = detail.verificationAttempts.map { a -> [String: Any] in
             [
                 "at": Self.time(a.at), "outcome": a.outcome, "payopState": a.payopState.map(String.init) ?? "",
@@ -372,7 +436,7 @@ struct Console: Sendable {
         values["receipts"] = found.map { r -> [String: Any] in
             [
                 "receivedAt": Self.time(r.receivedAt), "source": r.sourceIP, "answer": r.answer, "reason": r.reason ?? "",
-                "kind": r.kind ?? "", "entity": r.entityID ?? "", "eventID": r.eventID as Any,
+                "kind": r.kind ?? "", "entity": r.entityID ?? "", "eventID": r.eventID ?? "", "hasEvent": r.eventID != nil,
             ]
         }
         return render("receipts", values)
@@ -412,7 +476,7 @@ struct Console: Sendable {
     }
 
     private func loginPage(_ request: Request) async throws -> Response {
-        guard security.token.get() != nil else { return Self.redirect(to: "/") }
+        guard security.hasToken else { return Self.redirect(to: "/") }
         return Self.secured(render("login", ["title": "Sign in"]))
     }
 
@@ -429,13 +493,15 @@ struct Console: Sendable {
             return Self.secured(error.response)
         }
         guard let session = security.login(given: form.token ?? "") else {
-            return Self.secured(render(status: .unauthorized, "login", ["title": "Sign in", "failed": true]))
+            return await refused(
+                Refusal(response: render(status: .unauthorized, "login", ["title": "Sign in", "failed": true]), wrongToken: true))
         }
         var response = Self.redirect(to: "/")
         response.setCookie(
             .init(
                 name: ConsoleGuard.sessionCookie, value: session,
-                maxAge: Int(ConsoleGuard.sessionLifetimeMilliseconds / 1000), path: "/", sameSite: .strict))
+                maxAge: Int(ConsoleGuard.sessionLifetimeMilliseconds / 1000), path: "/", secure: Self.overTLS(request),
+                sameSite: .strict))
         return Self.secured(response)
     }
 

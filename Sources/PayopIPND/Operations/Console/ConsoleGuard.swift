@@ -5,9 +5,10 @@ import Synchronization
 /// Who may use the console and which POSTs are the merchant's own: the token (bearer or a login
 /// session), the CSRF token bound to a browser cookie, and the Host and Origin checks.
 final class ConsoleGuard: Sendable {
-    /// The `admin.token_file` secret; nil: no token asked (loopback only, enforced by the config).
-    let token: SecretBox
+    /// The `admin.token_file` secret; nil: no token asked, which only a loopback listener allows.
+    private let token: SecretBox
     /// Whether the listener is loopback: then only loopback Host names are served (DNS rebinding).
+    /// Fixed at start, as the bound address is: a reload cannot move the listener.
     let loopbackOnly: Bool
     private let csrfKey: [UInt8]
     /// Login sessions: id -> expiry (ms). In memory: a restart asks for the token again.
@@ -24,6 +25,18 @@ final class ConsoleGuard: Sendable {
         self.loopbackOnly = loopbackOnly
         self.clock = clock
         self.csrfKey = Self.randomBytes(32)
+    }
+
+    var requiresToken: Bool { token.get() != nil || !loopbackOnly }
+    var hasToken: Bool { token.get() != nil }
+
+    /// A reload's token. Sessions signed in with the old one end: rotating a leaked token must lock
+    /// its holder out.
+    func replaceToken(_ newToken: String?) {
+        sessions.withLock { table in
+            if token.get() != newToken { table.removeAll() }
+            token.set(newToken)
+        }
     }
 
     static func randomBytes(_ count: Int) -> [UInt8] {
@@ -69,10 +82,14 @@ final class ConsoleGuard: Sendable {
     }
 
     func access(authorization: String?, sessionCookie: String?) -> Access {
-        guard let expected = token.get() else { return .open }
+        guard let expected = token.get() else {
+            // Fail closed: a listener bound beyond loopback is never open, even when a reload took the
+            // token away (the listener keeps its address until a restart).
+            return loopbackOnly ? .open : .refused
+        }
         if let authorization, authorization.lowercased().hasPrefix("bearer ") {
             let given = authorization.dropFirst("bearer ".count).trimmingCharacters(in: .whitespaces)
-            return OpenSSL.constantTimeEquals(Array(given.utf8), Array(expected.utf8)) ? .bearer : .refused
+            return Self.sameToken(given, expected) ? .bearer : .refused
         }
         if let sessionCookie {
             let now = clock.nowMilliseconds()
@@ -86,10 +103,23 @@ final class ConsoleGuard: Sendable {
         return .refused
     }
 
+    /// Wrong tokens since the last log line about them: logged at most every 10 s, never the token.
+    private let wrongTokens = Mutex<(count: Int, loggedAt: Int64)>((0, 0))
+
+    /// Counts a wrong token; returns how many to log now, or nil while the last line is recent.
+    func countWrongToken() -> Int? {
+        let now = clock.nowMilliseconds()
+        return wrongTokens.withLock { state -> Int? in
+            state.count += 1
+            guard now - state.loggedAt >= 10_000 else { return nil }
+            defer { state = (0, now) }
+            return state.count
+        }
+    }
+
     /// A new session when `given` is the token; nil when it is not.
     func login(given: String) -> String? {
-        guard let expected = token.get(),
-            OpenSSL.constantTimeEquals(Array(given.trimmingCharacters(in: .whitespacesAndNewlines).utf8), Array(expected.utf8))
+        guard let expected = token.get(), Self.sameToken(given.trimmingCharacters(in: .whitespacesAndNewlines), expected)
         else { return nil }
         let id = Self.hex(Self.randomBytes(32))
         let now = clock.nowMilliseconds()
@@ -105,6 +135,20 @@ final class ConsoleGuard: Sendable {
 
     func logout(session: String) {
         _ = sessions.withLock { $0.removeValue(forKey: session) }
+    }
+
+    /// Compares digests, not the tokens: equal lengths always, so the time taken tells nothing, not
+    /// even the token's length.
+    static func sameToken(_ given: String, _ expected: String) -> Bool {
+        OpenSSL.constantTimeEquals(OpenSSL.sha256(Array(given.utf8)), OpenSSL.sha256(Array(expected.utf8)))
+    }
+
+    /// A request relayed by a proxy to a console without a token: the loopback address it arrives
+    /// from proves nothing about who sent it, so it is refused (set admin.token_file behind a proxy).
+    func forwardedWithoutToken(_ fields: HTTPFields) -> Bool {
+        guard token.get() == nil else { return false }
+        return [HTTPField.Name("Forwarded"), HTTPField.Name("X-Forwarded-For"), HTTPField.Name("X-Real-IP"),
+                HTTPField.Name("X-Forwarded-Host")].contains { name in name.map { fields[$0] != nil } ?? false }
     }
 
     // MARK: - CSRF

@@ -111,7 +111,7 @@ enum ConsoleTemplates {
         <section id="receipts"><h2>IPN copies received</h2>
         <table><thead><tr><th>Received</th><th>Source</th><th>Answer</th><th>Size</th><th>IPN body</th></tr></thead><tbody>
         {{#receipts}}<tr class="receipt"><td>{{receivedAt}}</td><td>{{source}}</td><td>{{answer}}</td><td>{{size}}</td><td><pre class="ipn-body">{{body}}</pre></td></tr>{{/receipts}}
-        </tbody></table></section>
+        </tbody></table>{{#receiptsHidden}}<p>{{receiptsHidden}} later copies are not shown here: <code>payop-ipnd receipts list</code> has them all.</p>{{/receiptsHidden}}</section>
         <section id="verification-attempts"><h2>Questions to Payop</h2>
         <table><thead><tr><th>At</th><th>Outcome</th><th>Payop state</th><th>Detail</th></tr></thead><tbody>
         {{#attempts}}<tr class="verification-attempt"><td>{{at}}</td><td>{{outcome}}</td><td>{{payopState}}</td><td>{{detail}}</td></tr>{{/attempts}}
@@ -152,7 +152,7 @@ enum ConsoleTemplates {
         <h1>{{#refusedOnly}}Refused IPNs{{/refusedOnly}}{{^refusedOnly}}Every IPN{{/refusedOnly}}</h1>
         <p>{{#refusedOnly}}Requests answered 400 or 401 (nothing was verified or delivered for them). <a href="/receipts">Show every IPN</a>{{/refusedOnly}}{{^refusedOnly}}<a href="/receipts?refused=1">Only refused ones</a>{{/refusedOnly}}</p>
         <table id="receipts"><thead><tr><th>Received</th><th>Source</th><th>Answer</th><th>Reason</th><th>Kind</th><th>Entity</th><th>Event</th></tr></thead><tbody>
-        {{#receipts}}<tr class="receipt"><td>{{receivedAt}}</td><td>{{source}}</td><td>{{answer}}</td><td>{{reason}}</td><td>{{kind}}</td><td>{{entity}}</td><td>{{#eventID}}<a href="/events/{{eventID}}">{{eventID}}</a>{{/eventID}}</td></tr>{{/receipts}}
+        {{#receipts}}<tr class="receipt"><td>{{receivedAt}}</td><td>{{source}}</td><td>{{answer}}</td><td>{{reason}}</td><td>{{kind}}</td><td>{{entity}}</td><td>{{#hasEvent}}<a href="/events/{{eventID}}">{{eventID}}</a>{{/hasEvent}}</td></tr>{{/receipts}}
         {{^receipts}}<tr><td colspan="7">None.</td></tr>{{/receipts}}</tbody></table>
         {{/content}}{{/layout}}
         """
