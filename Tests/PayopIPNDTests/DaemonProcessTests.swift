@@ -95,6 +95,39 @@ import Glibc
         return ""
     }
 
+    /// A daemon answering on its IPN port. Ports are picked free but released before the daemon binds
+    /// them, and tests in parallel may take one meanwhile: a daemon that exits at start (port taken)
+    /// is started again on new ports.
+    static func startServing(hookScript: String, in dir: TemporaryDirectory) async throws -> Running {
+        for _ in 0..<3 {
+            let daemon = try start(hookScript: hookScript, in: dir)
+            for _ in 0..<200 where daemon.process.isRunning {
+                if let answer = try? await rawExchange(port: daemon.ipnPort, send: "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                    !answer.isEmpty
+                {
+                    return daemon
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            daemon.process.terminate()
+            daemon.process.waitUntilExit()
+        }
+        throw DaemonDidNotStart()
+    }
+
+    struct DaemonDidNotStart: Error {}
+
+    /// Waits for `process` to exit, at most `seconds`; kills it past that (a test never hangs on it).
+    static func waitForExit(_ process: Process, seconds: Double) async throws -> Bool {
+        for _ in 0..<Int(seconds * 20) where process.isRunning {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        guard process.isRunning else { return true }
+        process.terminate()
+        process.waitUntilExit()
+        return false
+    }
+
     @Test func daemonIdlesWhileALaterStatusWaitsBehindASlowHook() async throws {
         try await ExclusiveTiming.shared.run { try await idleWhileWaiting() }
     }
@@ -102,7 +135,7 @@ import Glibc
     func idleWhileWaiting() async throws {
         let dir = try TemporaryDirectory()
         let started = dir.file("started")
-        let daemon = try Self.start(
+        let daemon = try await Self.startServing(
             hookScript: "echo \"$PAYOP_STATUS\" >> '\(started)'; [ \"$PAYOP_STATUS\" = pending ] && sleep 8; exit 0",
             in: dir)
         defer {
@@ -124,15 +157,16 @@ import Glibc
 
     @Test func secondServeOnTheSameLogExitsOneNamingTheFirst() async throws {
         let dir = try TemporaryDirectory()
-        let first = try Self.start(hookScript: "exit 0", in: dir)
+        let first = try await Self.startServing(hookScript: "exit 0", in: dir)
         defer {
             first.process.terminate()
             first.process.waitUntilExit()
         }
         #expect(try await Self.postLegacy(port: first.ipnPort, order: "o-2", status: "success").hasPrefix("HTTP/1.1 200"))
+        try #require(first.process.isRunning)
         let other = try TemporaryDirectory()
         let second = try Self.start(hookScript: "exit 0", in: other, storage: dir.file("events.sqlite3"))
-        second.process.waitUntilExit()
+        #expect(try await Self.waitForExit(second.process, seconds: 10), "the second daemon kept running")
         let message = String(decoding: second.stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(second.process.terminationStatus == 1)
         #expect(message.contains("pid \(first.process.processIdentifier)"), "\(message)")
