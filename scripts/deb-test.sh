@@ -248,4 +248,4 @@ expect_gone /etc/payop-ipnd
 expect_gone /var/lib/payop-ipnd
 say "reinstall, then PAYOP_IPND_PURGE_DATA=yes dpkg --purge: configuration and event log gone"
 
-say "ok: $(basename "$DEB"), $SIZE bytes ($(numfmt --to=iec-i --suffix=B "$SIZE")), installed $(dpkg-deb -f "$DEB" Installed-Size) KiB; tested in $([ "$MODE" = chroot ] && echo "a clean Debian 12 chroot" || echo "this machine"); $(since "$START") in all, $BUILD_TIME of it building"
+say "ok: $(basename "$DEB"), $SIZE bytes ($(numfmt --to=iec-i --suffix=B "$SIZE")), installed $(dpkg-deb -f "$DEB" Installed-Size) KiB; tested $([ "$MODE" = chroot ] && echo "in a clean Debian 12 chroot" || echo "on this machine"); $(since "$START") in all, $BUILD_TIME of it building"
