@@ -47,6 +47,7 @@ enum ConsoleTemplates {
         form.inline{display:inline}form.filters{display:flex;gap:.5em;flex-wrap:wrap;align-items:end;margin:.5em 0}
         dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;background:#fff;padding:.7em 1em}dt{color:#5b6475}dd{margin:0}
         svg{background:#fff;border:1px solid #e3e6eb;width:100%;height:140px}
+        .axis{display:flex;justify-content:space-between;color:#5b6475;font-size:.85em}
         </style></head>
         <body><header><span class="brand">payop-ipnd</span><a href="/">Overview</a><a href="/events">Events</a>
         <a href="/deliveries">Deliveries</a><a href="/receipts?refused=1">Refused IPNs</a>
@@ -78,6 +79,7 @@ enum ConsoleTemplates {
         <svg id="ipn-chart" viewBox="0 0 1440 120" preserveAspectRatio="none" role="img" aria-label="IPNs per minute over the last day">
         <polyline fill="none" stroke="#2a5bd7" stroke-width="2" vector-effect="non-scaling-stroke" points="{{chartPoints}}"/>
         </svg>
+        <div class="axis"><span>24 h ago</span><span>12 h ago</span><span>now</span></div>
         {{/content}}{{/layout}}
         """
 
