@@ -86,6 +86,7 @@ let package = Package(
                 "PayopIPND",
                 "PayopSimulator",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             resources: [.copy("Samples")]
         ),
