@@ -90,6 +90,47 @@ struct PostgresEventLogTests {
         }
     }
 
+    @Test func ingestAndAnswersOnTwoDaemonsAtOnceMakeEachStatusOnceAndVerifyItOnce() async throws {
+        // Each entity's pending and accepted IPNs go to both daemons while both answer what is due with
+        // Payop's "accepted": rows of one entity are written by ingests, answers and reported statuses
+        // at once (deadlocks between them are retried, never reported).
+        let entities = 60
+        try await withTwoDaemons { a, b in
+            for log in [a, b] { log.setHooks([storeHook("fulfil", events: ["checkout.accepted"])]) }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for n in 0..<entities {
+                    group.addTask {
+                        for (offset, state) in [4, 2].enumerated() {
+                            let ipn = try storeIPN(
+                                checkoutBody(transaction: "tx-\(n)", state: state), at: storeStart + Int64(offset))
+                            async let first = a.ingest(ipn)
+                            async let second = b.ingest(ipn)
+                            _ = try await (first, second)
+                        }
+                    }
+                }
+                for log in [a, b] {
+                    group.addTask {
+                        for _ in 0..<30 { try await answerDue(log) }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            // What is still due once every IPN is in.
+            while try await answerDue(a) > 0 {}
+            #expect(try await a.counts().events == 2 * entities)
+            let verified = try await a.deliveries(state: nil, hook: "fulfil", eventID: nil, deadFirst: false, limit: 1000)
+            #expect(verified.count == entities)
+            let events = try await a.read("test") { connection, logger in
+                try await connection.query(
+                    "SELECT status, state, count(*) FROM events GROUP BY status, state ORDER BY status, state",
+                    logger: logger
+                ).collect().map { try $0.decode((String, String, Int64).self) }
+            }
+            #expect(events.map { "\($0.0)/\($0.1)/\($0.2)" } == ["accepted/verified/\(entities)", "pending/rejected/\(entities)"])
+        }
+    }
+
     @Test func aDeliveryWhoseClaimerDiedIsTakenOverWhenItsLeaseEnds() async throws {
         try await withTwoDaemons(deliveryLease: 30_000) { a, b in
             a.setHooks([storeHook("fulfil")])
@@ -216,4 +257,15 @@ struct PostgresEventLogTests {
             #expect(!error.message.contains("hunter2"))
         }
     }
+}
+
+/// Claims what is due on `log` and answers each with Payop's "accepted"; returns how many.
+@discardableResult
+func answerDue(_ log: PostgresEventLog) async throws -> Int {
+    let due = try await log.dueChecks(now: storeStart + 10, limit: 50)
+    for check in due {
+        _ = try await log.applyAnswer(
+            .record(acceptedRecord(check.entityID)), to: check, now: storeStart + 10, policy: storePolicy)
+    }
+    return due.count
 }
