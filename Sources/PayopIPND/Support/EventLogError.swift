@@ -12,6 +12,9 @@ public struct EventLogError: Error, CustomStringConvertible, Sendable {
         case notEventLog
         /// A referenced event or delivery does not exist.
         case noSuchRecord
+        /// The storage settings, or the database server's own, must be changed before the log can be
+        /// used (a malformed `storage.url`, a server that does not make commits durable).
+        case misconfigured
     }
 
     public var code: Code

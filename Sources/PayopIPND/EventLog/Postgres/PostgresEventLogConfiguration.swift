@@ -1,0 +1,133 @@
+import Foundation
+import PostgresNIO
+
+/// Where the shared event log lives and how this daemon takes part in it (config `storage.*` with
+/// `backend: postgresql`).
+public struct PostgresEventLogConfiguration: Sendable {
+    /// How the connection is protected; the names are libpq's `sslmode` values.
+    public enum TLSMode: String, Sendable, CaseIterable {
+        /// Plain TCP: only for a server on this machine or a private network the merchant trusts.
+        case disable
+        /// Encrypted, but the server's certificate is not checked (libpq's meaning of `require`).
+        case require
+        /// Encrypted, the certificate checked against the system's CAs, the host name not.
+        case verifyCA = "verify-ca"
+        /// Encrypted, the certificate and the host name checked: the default.
+        case verifyFull = "verify-full"
+    }
+
+    public var host: String
+    public var port: Int
+    public var username: String
+    public var password: String?
+    public var database: String
+    /// The schema the log's tables live in (the connections' `search_path`); nil: the role's default.
+    public var schema: String?
+    public var tls: TLSMode
+    /// Connections this daemon keeps at most.
+    public var poolSize: Int
+    /// This daemon's name among those sharing the log (`storage.node_id`): recorded with what it
+    /// receives, asks and runs, and the owner of its claims. Must differ between daemons.
+    public var nodeID: String
+    /// How long a claimed delivery stays this daemon's without a renewal; after it, another daemon may
+    /// take the delivery over (at least once: the hook may have run).
+    public var deliveryLeaseMilliseconds: Int64
+    /// How long a claimed question to Payop stays this daemon's; after it, another daemon may ask.
+    public var checkLeaseMilliseconds: Int64
+    /// How long opening the log may take (connecting, checking, migrating) before it is reported unreachable.
+    public var openTimeout: Duration
+
+    public init(
+        host: String, port: Int = 5432, username: String, password: String? = nil, database: String,
+        schema: String? = nil, tls: TLSMode = .verifyFull, poolSize: Int = 10, nodeID: String,
+        deliveryLeaseMilliseconds: Int64 = 60_000, checkLeaseMilliseconds: Int64 = 120_000,
+        openTimeout: Duration = .seconds(15)
+    ) {
+        self.host = host
+        self.port = port
+        self.username = username
+        self.password = password
+        self.database = database
+        self.schema = schema
+        self.tls = tls
+        self.poolSize = poolSize
+        self.nodeID = nodeID
+        self.deliveryLeaseMilliseconds = deliveryLeaseMilliseconds
+        self.checkLeaseMilliseconds = checkLeaseMilliseconds
+        self.openTimeout = openTimeout
+    }
+
+    /// From `storage.url` (`postgres://user@host:5432/db?sslmode=verify-full`) and the password read from
+    /// `storage.password_file`. A password inside the URL is refused: it would sit in the config file,
+    /// which is not a secret file.
+    public init(url text: String, password: String?, nodeID: String) throws(EventLogError) {
+        guard let url = URLComponents(string: text), let scheme = url.scheme,
+            ["postgres", "postgresql"].contains(scheme.lowercased())
+        else {
+            throw EventLogError(
+                .misconfigured, "storage.url must look like postgres://USER@HOST:5432/DATABASE?sslmode=verify-full")
+        }
+        guard url.password == nil else {
+            throw EventLogError(
+                .misconfigured, "storage.url must not contain the password: put it in the file storage.password_file names")
+        }
+        guard let host = url.host, !host.isEmpty else {
+            throw EventLogError(.misconfigured, "storage.url names no host: postgres://USER@HOST:5432/DATABASE")
+        }
+        guard let user = url.user, !user.isEmpty else {
+            throw EventLogError(.misconfigured, "storage.url names no user: postgres://USER@HOST:5432/DATABASE")
+        }
+        let database = String(url.path.drop(while: { $0 == "/" }))
+        guard !database.isEmpty, !database.contains("/") else {
+            throw EventLogError(.misconfigured, "storage.url names no database: postgres://USER@HOST:5432/DATABASE")
+        }
+        var tls = TLSMode.verifyFull
+        for item in url.queryItems ?? [] {
+            switch item.name {
+            case "sslmode":
+                guard let mode = item.value.flatMap(TLSMode.init(rawValue:)) else {
+                    throw EventLogError(
+                        .misconfigured,
+                        "storage.url: sslmode \(item.value ?? "") is not one of "
+                            + TLSMode.allCases.map(\.rawValue).joined(separator: ", "))
+                }
+                tls = mode
+            default:
+                throw EventLogError(.misconfigured, "storage.url: unknown parameter \(item.name) (only sslmode is read)")
+            }
+        }
+        self.init(
+            host: host, port: url.port ?? 5432, username: user, password: password, database: database, tls: tls,
+            nodeID: nodeID)
+    }
+
+    /// postgres-nio's view of it.
+    var clientConfiguration: PostgresClient.Configuration {
+        let tlsConfiguration: PostgresClient.Configuration.TLS
+        switch tls {
+        case .disable:
+            tlsConfiguration = .disable
+        case .require:
+            var context = TLSConfiguration.makeClientConfiguration()
+            context.certificateVerification = .none
+            tlsConfiguration = .require(context)
+        case .verifyCA:
+            var context = TLSConfiguration.makeClientConfiguration()
+            context.certificateVerification = .noHostnameVerification
+            tlsConfiguration = .require(context)
+        case .verifyFull:
+            tlsConfiguration = .require(TLSConfiguration.makeClientConfiguration())
+        }
+        var configuration = PostgresClient.Configuration(
+            host: host, port: port, username: username, password: password, database: database, tls: tlsConfiguration)
+        configuration.options.maximumConnections = max(poolSize, 1)
+        configuration.options.connectTimeout = .seconds(10)
+        var startup = [("application_name", "payop-ipnd \(nodeID)")]
+        if let schema { startup.append(("search_path", schema)) }
+        configuration.options.additionalStartupParameters = startup
+        return configuration
+    }
+
+    /// `host:port/database`, for messages (never the password).
+    var displayName: String { "\(host):\(port)/\(database)" }
+}
