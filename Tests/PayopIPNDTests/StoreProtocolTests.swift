@@ -8,12 +8,18 @@ import Testing
 protocol LogUnderTest: EventStore, VerificationStore, DeliveryStore {
     func setHooks(_ hooks: [HookConfig])
     func setVerificationPolicy(_ policy: VerificationPolicy)
-    func event(id: String) async throws(EventLogError) -> EventDetail?
+    func event(id: String, receiptBodies: Int?, receiptLimit: Int?) async throws(EventLogError) -> EventDetail?
     func counts() async throws(EventLogError) -> (events: Int, receipts: Int)
     func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt]
     func deliveries(state: String?, hook: String?, eventID: String?, deadFirst: Bool, limit: Int)
         async throws(EventLogError) -> [Delivery]
     func replay(eventID: String, hook: String?, hooks: [HookConfig], now: Int64) async throws(EventLogError) -> Int
+}
+
+extension LogUnderTest {
+    func event(id: String) async throws(EventLogError) -> EventDetail? {
+        try await event(id: id, receiptBodies: nil, receiptLimit: nil)
+    }
 }
 
 extension SQLiteEventLog: LogUnderTest {}
@@ -100,6 +106,24 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
             #expect(detail.receipts.map(\.id) == [first.receiptID, again.receiptID])
             #expect(detail.event.ipn == checkoutBody(transaction: "tx-1", state: 4))
             #expect(detail.event.orderID == "order-tx-1" && detail.event.invoiceID == "inv-tx-1")
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
+    func anEventsCopiesCanBeReadFirstOnesOnlyWithTheirBodiesCut(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            let body = checkoutBody(transaction: "tx-copies", state: 2)
+            var first: IngestOutcome?
+            for copy in 0..<5 {
+                let outcome = try await log.ingest(try storeIPN(body, at: storeStart + Int64(copy)))
+                if first == nil { first = outcome }
+            }
+            let id = try #require(first?.eventID)
+            let plain = try #require(try await log.event(id: id))
+            #expect(plain.receipts.count == 5 && plain.receipts.allSatisfy { $0.body == nil })
+            let shown = try #require(try await log.event(id: id, receiptBodies: 10, receiptLimit: 3))
+            #expect(shown.receipts.map(\.id) == Array(plain.receipts.map(\.id).prefix(3)))
+            #expect(shown.receipts.allSatisfy { $0.body == Array(body.prefix(10)) })
         }
     }
 

@@ -375,15 +375,21 @@ public final class PostgresEventLog: EventStore, Service {
 
     // MARK: - Queries (the subset the stores' tests and the next steps need)
 
-    public func event(id: String) async throws(EventLogError) -> EventDetail? {
+    /// As `SQLiteEventLog.event(id:receiptBodies:receiptLimit:)`.
+    public func event(id: String, receiptBodies: Int? = nil, receiptLimit: Int? = nil) async throws(EventLogError)
+        -> EventDetail?
+    {
         try await read("cannot read the event log") { connection, logger in
             guard
                 let row = try await connection.query("\(unescaped: Event.select) WHERE events.id = \(id)", logger: logger)
                     .collect().first
             else { return nil }
+            let body = receiptBodies.map { ", substr(body, 1, \(max($0, 0))) AS body" } ?? ""
+            let limit = receiptLimit.map { " LIMIT \(max($0, 0))" } ?? ""
             let receipts = try await connection.query(
                 """
-                SELECT \(unescaped: Receipt.columns), body FROM receipts WHERE event_id = \(id) ORDER BY received_at, id
+                SELECT \(unescaped: Receipt.columns)\(unescaped: body) FROM receipts WHERE event_id = \(id)
+                ORDER BY received_at, id\(unescaped: limit)
                 """, logger: logger
             ).collect().map { try Receipt(postgres: $0.makeRandomAccess()) }
             let attempts = try await connection.query(
