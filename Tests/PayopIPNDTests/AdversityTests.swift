@@ -476,3 +476,99 @@ func logWithOneDueDelivery() async throws -> (TemporaryDirectory, TestClock, SQL
     try await ingestSigned(log, clock: clock)
     return (dir, clock, log)
 }
+
+/// A shared log's claims: the SQLite log's deliveries, with leases that must be renewed while a hook runs.
+final class LeasingStore: DeliveryStore {
+    let base: SQLiteEventLog
+    let renewals = Mutex<[Int]>([])  // the attempt each renewal was for
+    let keep: Bool
+
+    init(_ base: SQLiteEventLog, keep: Bool = true) {
+        self.base = base
+        self.keep = keep
+    }
+
+    var leaseRenewal: Duration? { .seconds(20) }
+    func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
+        renewals.withLock { $0.append(attempt) }
+        return keep
+    }
+    var count: Int { renewals.withLock { $0.count } }
+
+    func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+        try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
+    }
+    func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
+        try await base.nextRunnableDelivery(hooks: hooks)
+    }
+    func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+        try await base.claimDelivery(id: id, now: now)
+    }
+    func finishDelivery(
+        id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+    ) async throws(EventLogError) -> DeliveryProgress.End? {
+        try await base.finishDelivery(
+            id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
+    }
+    func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
+        try await base.interruptDelivery(id: id, attempt: attempt, now: now)
+    }
+    func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
+        try await base.orphanedDeliveries(configured: configured)
+    }
+}
+
+@Suite struct LeaseRenewalTests {
+    /// Runs one due delivery through a dispatcher on `store`; the hook returns once `until` holds.
+    static func runOnce(store: LeasingStore, log: SQLiteEventLog, clock: TestClock, until: @escaping @Sendable () -> Bool)
+        async throws -> [Duration]
+    {
+        let pauses = Mutex<[Duration]>([])
+        let runner = RecordingHookRunner { _ in
+            for _ in 0..<100_000 where !until() { await Task.yield() }
+            return HookResult(outcome: .delivered, exitCode: 0)
+        }
+        let dispatcher = Dispatcher(
+            store: store, runner: runner, hooks: { [log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 0.2),
+            clock: clock, logger: quietLogger,
+            pause: { duration in
+                pauses.withLock { $0.append(duration) }
+                await Task.yield()
+            })
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(runner.all.count == 1)
+        return pauses.withLock { $0 }
+    }
+
+    @Test func aLongRunningHookKeepsItsClaimOnASharedLog() async throws {
+        let (dir, clock, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        let store = LeasingStore(log)
+        let pauses = try await Self.runOnce(store: store, log: log, clock: clock) { store.count >= 3 }
+        #expect(store.count >= 3)
+        #expect(store.renewals.withLock { $0 }.allSatisfy { $0 == 1 })  // the attempt that runs
+        #expect(pauses.allSatisfy { $0 == .seconds(20) })
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
+        // The run is over: no renewal outlives it.
+        let after = store.count
+        for _ in 0..<1000 { await Task.yield() }
+        #expect(store.count == after)
+    }
+
+    @Test func aLostClaimIsToleratedAndTheOutcomeStillRecorded() async throws {
+        let (dir, clock, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        let store = LeasingStore(log, keep: false)
+        _ = try await Self.runOnce(store: store, log: log, clock: clock) { store.count >= 2 }
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
+    }
+
+    @Test func theSQLiteLogNeverAsksForRenewals() async throws {
+        let (dir, _, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        #expect(log.leaseRenewal == nil)
+    }
+}

@@ -79,4 +79,15 @@ public protocol DeliveryStore: Sendable {
     func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError)
     /// Pending deliveries per hook that is not in `configured` (removed or renamed hooks).
     func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int]
+    /// How often a running attempt's claim must be renewed while its hook runs, when claims are leases
+    /// that another daemon takes over once they lapse (a shared log); nil when they never lapse.
+    var leaseRenewal: Duration? { get }
+    /// Keeps attempt `attempt`'s claim alive; false when it is no longer this daemon's.
+    func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool
+}
+
+extension DeliveryStore {
+    /// One daemon per log (SQLite): a claim holds until the daemon records the outcome or restarts.
+    public var leaseRenewal: Duration? { nil }
+    public func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool { true }
 }

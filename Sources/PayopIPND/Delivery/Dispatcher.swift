@@ -131,11 +131,24 @@ public final class Dispatcher: Sendable {
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let result: HookResult
         do {
-            let body = Array(try encoder.encode(claim.event))
-            result = await runner.run(
-                HookInvocation(
-                    deliveryID: claim.delivery.id, hook: hook, event: claim.event, body: body, attempt: claim.attempt,
-                    killGraceSeconds: policy.killGraceSeconds))
+            let invocation = HookInvocation(
+                deliveryID: claim.delivery.id, hook: hook, event: claim.event, body: Array(try encoder.encode(claim.event)),
+                attempt: claim.attempt, killGraceSeconds: policy.killGraceSeconds)
+            result = await withTaskGroup(of: HookResult?.self) { group in
+                group.addTask { [runner] in await runner.run(invocation) }
+                if let every = store.leaseRenewal {
+                    group.addTask {
+                        await self.renewWhileRunning(claim, every: every)
+                        return nil
+                    }
+                }
+                var finished: HookResult?
+                for await outcome in group where outcome != nil {
+                    finished = outcome
+                    group.cancelAll()  // the renewals; the run is over
+                }
+                return finished ?? HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "the run ended unseen")
+            }
         } catch {
             result = HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not encode the event: \(error)")
         }
@@ -171,6 +184,30 @@ public final class Dispatcher: Sendable {
         case .dead:
             metrics?.delivery(hook: hook.name, outcome: "dead", milliseconds: now - started)
             logger.error("delivery dead: replay it when the hook is fixed", metadata: metadata)
+        }
+    }
+
+    /// While a hook runs on a shared log: renews the claim so no other daemon takes the delivery over
+    /// as abandoned. A lost claim is logged; the run goes on (at least once), and its outcome is
+    /// recorded only if the attempt is still ours.
+    private func renewWhileRunning(_ claim: DeliveryClaim, every interval: Duration) async {
+        var lost = false
+        while !Task.isCancelled {
+            await pause(interval)
+            if Task.isCancelled { return }
+            do {
+                let kept = try await store.renewLease(
+                    id: claim.delivery.id, attempt: claim.attempt, now: clock.nowMilliseconds())
+                if !kept, !lost {
+                    lost = true
+                    logger.warning(
+                        "delivery claim lost while its hook runs: another daemon may run it too",
+                        metadata: ["delivery.id": "\(claim.delivery.id)", "attempt": "\(claim.attempt)"])
+                }
+            } catch {
+                logger.warning(
+                    "cannot renew the delivery's claim; retrying", metadata: ["delivery.id": "\(claim.delivery.id)", "error": "\(error)"])
+            }
         }
     }
 

@@ -158,6 +158,9 @@ extension PostgresEventLog: DeliveryStore {
 
     /// Keeps attempt `attempt` this daemon's while its hook runs; false when it is no longer (the lease
     /// ended and another daemon took the delivery over, or it was finished or replayed).
+    /// A third of the lease: two renewals may fail before another daemon takes the delivery over.
+    public var leaseRenewal: Duration? { .milliseconds(max(configuration.deliveryLeaseMilliseconds / 3, 1)) }
+
     public func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
         let node = nodeID
         let leaseEnd = now + configuration.deliveryLeaseMilliseconds
