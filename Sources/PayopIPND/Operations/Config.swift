@@ -34,8 +34,15 @@ public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 
     /// Only this machine can connect: 127.0.0.0/8, ::1 or localhost.
-    public var isLoopback: Bool {
-        host == "localhost" || host == "::1" || host.hasPrefix("127.")
+    public var isLoopback: Bool { Self.isLoopback(host) }
+
+    private static let loopback = [CIDR("127.0.0.0/8"), CIDR("::1/128")].compactMap { $0 }
+
+    /// `localhost` or a literal loopback address; `127.0.0.1.attacker.example` is neither.
+    static func isLoopback(_ name: String) -> Bool {
+        if name == "localhost" { return true }
+        guard let address = IPAddress(name) else { return false }
+        return loopback.contains { $0.contains(address) }
     }
 }
 

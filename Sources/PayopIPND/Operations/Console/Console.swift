@@ -134,7 +134,8 @@ struct Console: Sendable {
             }
             let failedBearer = request.headers[.authorization] != nil
             throw Refusal(
-                response: finish(render(status: .unauthorized, "login", ["title": "Sign in", "failed": failedBearer]), visit),
+                response: finish(
+                    Self.render(status: .unauthorized, "login", ["title": "Sign in", "failed": failedBearer]), visit, request),
                 wrongToken: failedBearer)
         }
         return visit
@@ -213,12 +214,12 @@ struct Console: Sendable {
     }
 
     /// Headers every console answer carries, and the CSRF cookie for a browser seen the first time.
-    private func finish(_ response: Response, _ visit: Visit, _ request: Request? = nil) -> Response {
+    private func finish(_ response: Response, _ visit: Visit, _ request: Request) -> Response {
         var response = Self.secured(response)
         if visit.newBrowser {
             response.setCookie(
                 .init(
-                    name: ConsoleGuard.csrfCookie, value: visit.browser, path: "/", secure: request.map(Self.overTLS) ?? false,
+                    name: ConsoleGuard.csrfCookie, value: visit.browser, path: "/", secure: Self.overTLS(request),
                     sameSite: .strict))
         }
         return response
@@ -240,7 +241,7 @@ struct Console: Sendable {
         return response
     }
 
-    func render(status: HTTPResponse.Status = .ok, _ template: String, _ values: [String: Any]) -> Response {
+    static func render(status: HTTPResponse.Status = .ok, _ template: String, _ values: [String: Any]) -> Response {
         Response(
             status: status, headers: [.contentType: "text/html; charset=utf-8"],
             body: .init(byteBuffer: ByteBuffer(string: ConsoleTemplates.render(template, values))))
@@ -250,9 +251,7 @@ struct Console: Sendable {
         var values = visit?.base(title: heading) ?? ["title": heading]
         values["heading"] = heading
         values["text"] = text
-        return Response(
-            status: status, headers: [.contentType: "text/html; charset=utf-8"],
-            body: .init(byteBuffer: ByteBuffer(string: ConsoleTemplates.render("message", values))))
+        return render(status: status, "message", values)
     }
 
     static func redirect(to location: String) -> Response {
@@ -281,7 +280,7 @@ struct Console: Sendable {
         values["chartPoints"] = o.ipnsPerMinute.enumerated().map { minute, count in
             "\(minute),\(118 - (count * 112) / peak)"
         }.joined(separator: " ")
-        return render("overview", values)
+        return Self.render("overview", values)
     }
 
     private func payopState(_ o: SQLiteEventLog.Overview, now: Int64) -> String {
@@ -333,7 +332,7 @@ struct Console: Sendable {
                 + [URLQueryItem(name: "before", value: SQLiteEventLog.EventCursor(receivedAt: last.receivedAt, id: last.id).text)]
             values["next"] = components.string ?? ""
         }
-        return render("events", values)
+        return Self.render("events", values)
     }
 
     private func event(id: String, _ visit: Visit) async throws -> Response {
@@ -391,7 +390,7 @@ struct Console: Sendable {
             }
             return row
         }
-        return render("event", values)
+        return Self.render("event", values)
     }
 
     static func deliveryRow(_ d: Delivery) -> [String: Any] {
@@ -425,7 +424,7 @@ struct Console: Sendable {
             row["csrf"] = visit.csrf
             return row
         }
-        return render("deliveries", values)
+        return Self.render("deliveries", values)
     }
 
     private func receipts(_ request: Request, _ visit: Visit) async throws -> Response {
@@ -439,7 +438,7 @@ struct Console: Sendable {
                 "kind": r.kind ?? "", "entity": r.entityID ?? "", "eventID": r.eventID ?? "", "hasEvent": r.eventID != nil,
             ]
         }
-        return render("receipts", values)
+        return Self.render("receipts", values)
     }
 
     // MARK: - Actions
@@ -477,7 +476,7 @@ struct Console: Sendable {
 
     private func loginPage(_ request: Request) async throws -> Response {
         guard security.hasToken else { return Self.redirect(to: "/") }
-        return Self.secured(render("login", ["title": "Sign in"]))
+        return Self.secured(Self.render("login", ["title": "Sign in"]))
     }
 
     private func login(_ request: Request) async throws -> Response {
@@ -494,7 +493,7 @@ struct Console: Sendable {
         }
         guard let session = security.login(given: form.token ?? "") else {
             return await refused(
-                Refusal(response: render(status: .unauthorized, "login", ["title": "Sign in", "failed": true]), wrongToken: true))
+                Refusal(response: Self.render(status: .unauthorized, "login", ["title": "Sign in", "failed": true]), wrongToken: true))
         }
         var response = Self.redirect(to: "/")
         response.setCookie(

@@ -27,7 +27,6 @@ final class ConsoleGuard: Sendable {
         self.csrfKey = Self.randomBytes(32)
     }
 
-    var requiresToken: Bool { token.get() != nil || !loopbackOnly }
     var hasToken: Bool { token.get() != nil }
 
     /// A reload's token. Sessions signed in with the old one end: rotating a leaked token must lock
@@ -53,16 +52,7 @@ final class ConsoleGuard: Sendable {
     func hostRefused(_ host: String?) -> Bool {
         guard loopbackOnly else { return false }
         guard let host, let name = Self.hostName(host) else { return true }
-        return !Self.isLoopbackName(name)
-    }
-
-    private static let loopback = [CIDR("127.0.0.0/8"), CIDR("::1/128")].compactMap { $0 }
-
-    /// `localhost` or a literal loopback address; `127.0.0.1.attacker.example` is neither.
-    static func isLoopbackName(_ name: String) -> Bool {
-        if name == "localhost" { return true }
-        guard let address = IPAddress(name) else { return false }
-        return loopback.contains { $0.contains(address) }
+        return !ListenAddress.isLoopback(name)
     }
 
     /// `127.0.0.1:9181` -> `127.0.0.1`, `[::1]:9181` -> `::1`.
