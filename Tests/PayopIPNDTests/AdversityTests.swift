@@ -454,11 +454,11 @@ func lockingConnection(_ path: String) throws -> DatabaseQueue {
 
 /// A dispatcher on `log` with a 2 s initial backoff and no jitter, as most delivery tests want it.
 func testDispatcher(
-    _ log: SQLiteEventLog, runner: any HookRunner, clock: TestClock,
+    _ log: SQLiteEventLog, store: (any DeliveryStore)? = nil, runner: any HookRunner, clock: TestClock,
     pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
 ) -> Dispatcher {
     Dispatcher(
-        store: log, runner: runner, hooks: { [log] in log.hooks },
+        store: store ?? log, runner: runner, hooks: { [log] in log.hooks },
         policy: DeliveryPolicy(
             backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
             shutdownGraceSeconds: 0.2),
@@ -528,16 +528,10 @@ final class LeasingStore: DeliveryStore {
             for _ in 0..<100_000 where !until() { await Task.yield() }
             return HookResult(outcome: .delivered, exitCode: 0)
         }
-        let dispatcher = Dispatcher(
-            store: store, runner: runner, hooks: { [log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 0.2),
-            clock: clock, logger: quietLogger,
-            pause: { duration in
-                pauses.withLock { $0.append(duration) }
-                await Task.yield()
-            })
+        let dispatcher = testDispatcher(log, store: store, runner: runner, clock: clock) { duration in
+            pauses.withLock { $0.append(duration) }
+            await Task.yield()
+        }
         #expect(try await dispatcher.dispatchDue() == 1)
         #expect(runner.all.count == 1)
         return pauses.withLock { $0 }
