@@ -11,6 +11,8 @@ public struct Delivery: Sendable, Equatable, Encodable {
     public var lastError: String?
     public var output: String?
     public var deliveredAt: Int64?
+    /// The daemon that claimed it last (`storage.node_id`); only a PostgreSQL log, shared by several, keeps it.
+    public var nodeID: String?
 
     public init(
         id: Int64, eventID: String, hook: String, state: DeliveryState, attempts: Int, nextAttemptAt: Int64?,
@@ -33,7 +35,7 @@ public struct Delivery: Sendable, Equatable, Encodable {
     enum CodingKeys: String, CodingKey {
         case id, eventID = "event_id", hook, state, attempts, nextAttemptAt = "next_attempt_at"
         case lastExitCode = "last_exit_code", lastHTTPStatus = "last_http_status", lastError = "last_error", output
-        case deliveredAt = "delivered_at"
+        case deliveredAt = "delivered_at", nodeID = "node_id"
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -49,6 +51,7 @@ public struct Delivery: Sendable, Equatable, Encodable {
         try c.encode(lastError, forKey: .lastError)
         try c.encode(output, forKey: .output)
         try c.encode(deliveredAt.map { Timestamp.format(milliseconds: $0) }, forKey: .deliveredAt)
+        try c.encodeIfPresent(nodeID, forKey: .nodeID)
     }
 }
 

@@ -42,7 +42,8 @@ public final class Dispatcher: Sendable {
     private let metrics: (any DeliveryMetrics)?
     /// Waits between tries to record an outcome while the log cannot be written; injected in tests.
     private let pause: @Sendable (Duration) async -> Void
-    public let signal = WorkSignal()
+    /// Wakes the dispatcher: new work in the log, or a run ended.
+    public let signal: WorkSignal
     /// Runs in progress: delivery id -> hook name.
     private let inFlight = Mutex<[Int64: String]>([:])
     private let orphans = Mutex<[String: Int]>([:])
@@ -52,9 +53,10 @@ public final class Dispatcher: Sendable {
     public init(
         store: any DeliveryStore, runner: any HookRunner, hooks: @escaping @Sendable () -> [HookConfig],
         policy: DeliveryPolicy, clock: any WallClock = SystemWallClock(), logger: Logger,
-        metrics: (any DeliveryMetrics)? = nil,
+        metrics: (any DeliveryMetrics)? = nil, signal: WorkSignal = WorkSignal(),
         pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
     ) {
+        self.signal = signal
         self.store = store
         self.runner = runner
         self.hooks = hooks

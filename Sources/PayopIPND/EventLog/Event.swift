@@ -50,6 +50,8 @@ public struct Receipt: Sendable, Equatable, Encodable {
     public var size: Int
     /// The request body as received (refused ones cut to their prefix); read only for one event's page.
     public var body: [UInt8]?
+    /// The daemon that answered it (`storage.node_id`); only a PostgreSQL log, shared by several, keeps it.
+    public var nodeID: String?
 
     static let columns = "id, received_at, source_ip, path, answer, reason, kind, entity_id, event_id, size"
 
@@ -154,13 +156,16 @@ public struct EventDetail: Sendable, Encodable {
 
     private struct ReceiptLine: Encodable {
         var receipt: Receipt
-        enum CodingKeys: String, CodingKey { case receivedAt = "received_at", sourceIP = "source_ip", answer, reason }
+        enum CodingKeys: String, CodingKey {
+            case receivedAt = "received_at", sourceIP = "source_ip", answer, reason, nodeID = "node_id"
+        }
         func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(Timestamp.format(milliseconds: receipt.receivedAt), forKey: .receivedAt)
             try c.encode(receipt.sourceIP, forKey: .sourceIP)
             try c.encode(receipt.answer, forKey: .answer)
             try c.encode(receipt.reason, forKey: .reason)
+            try c.encodeIfPresent(receipt.nodeID, forKey: .nodeID)
         }
     }
 

@@ -2,30 +2,12 @@ import GRDB
 
 /// What the merchant's console reads at a glance, and its one bulk action.
 extension SQLiteEventLog {
-    public struct Overview: Sendable, Equatable {
-        public var ipnsLastHour = 0
-        public var ipnsLastDay = 0
-        public var refusedLastDay = 0
-        public var eventsLastHour = 0
-        public var eventsLastDay = 0
-        /// Events still waiting for Payop's word.
-        public var awaitingVerification = 0
-        public var deliveries = DeliveryCounts(pending: 0, running: 0, dead: 0)
-        /// The last IPN answered 200.
-        public var lastIPNAt: Int64?
-        /// The last question to Payop and how it went (verified, not_found, unavailable, unauthorized, ...).
-        public var lastVerificationAt: Int64?
-        public var lastVerificationOutcome: String?
-        /// IPNs per minute over the day up to `now`, oldest minute first (1440 values, `now` in the last).
-        public var ipnsPerMinute: [Int] = []
-    }
-
-    public func overview(now: Int64) async throws(EventLogError) -> Overview {
+    public func overview(now: Int64) async throws(EventLogError) -> EventLogOverview {
         let counts = try await deliveryCounts()
         return try await read { db in
             let hour = now - 3_600_000
             let day = now - 86_400_000
-            var overview = Overview(deliveries: counts)
+            var overview = EventLogOverview(deliveries: counts)
             if let row = try Row.fetchOne(
                 db,
                 sql: """

@@ -21,7 +21,7 @@ extension Delivery {
     }
 }
 
-extension SQLiteEventLog: DeliveryStore {
+extension SQLiteEventLog {
     /// The outbox: one pending delivery per matching hook for an event that just became verified, in the
     /// same transaction that verified it. A delivery that exists already is left as it is. Returns the
     /// deliveries created.
@@ -259,12 +259,6 @@ extension SQLiteEventLog: DeliveryStore {
 }
 
 extension SQLiteEventLog {
-    public struct DeliveryCounts: Sendable, Equatable {
-        public var pending: Int
-        public var running: Int
-        public var dead: Int
-    }
-
     public func deliveryCounts() async throws(EventLogError) -> DeliveryCounts {
         try await read { db in
             let rows = try Row.fetchAll(

@@ -1,7 +1,7 @@
 import Foundation
 import GRDB
 
-extension SQLiteEventLog: VerificationStore {
+extension SQLiteEventLog {
     public func dueChecks(now: Int64, limit: Int) async throws(EventLogError) -> [DueCheck] {
         try await read { db in
             try Row.fetchAll(

@@ -4,7 +4,7 @@ import Synchronization
 
 /// The durable event log: one SQLite file in WAL mode with `synchronous=FULL`, written only through
 /// the group-commit writer, read by any number of readers and other processes (the CLI) at once.
-public final class SQLiteEventLog: EventStore {
+public final class SQLiteEventLog: EventLog {
     public enum Mode: Sendable {
         /// The daemon: checkpoints run off the commit path (see `checkpoint()`), from another connection.
         case daemon
@@ -13,6 +13,7 @@ public final class SQLiteEventLog: EventStore {
     }
 
     public let path: String
+    public var location: String { path }
     let database: DatabasePool
     private let writer: GroupCommitWriter
     private let clock: any WallClock
@@ -98,6 +99,11 @@ public final class SQLiteEventLog: EventStore {
     /// The hooks deliveries are created for from now on (at start and on reload).
     public func setHooks(_ hooks: [HookConfig]) { hookRoutes.withLock { $0 = hooks } }
     public var hooks: [HookConfig] { hookRoutes.withLock { $0 } }
+
+    /// An empty write through the group commit: proves the writer runs and the file takes a lock.
+    public func checkWritable() async throws(EventLogError) {
+        try await write { _ in }
+    }
 
     /// Commits what is queued and stops the writer; later writes fail as unavailable.
     public func close() {
@@ -226,50 +232,6 @@ public final class SQLiteEventLog: EventStore {
 
     // MARK: - Queries
 
-    public struct EventFilter: Sendable {
-        public var type: String?
-        public var status: String?
-        public var state: String?
-        public var since: Int64?
-        /// An id to find: the event's own, or its order, transaction, invoice, refund or withdrawal id.
-        public var query: String?
-        /// Events older than this one only (the next page after it).
-        public var before: EventCursor?
-        public var limit: Int
-
-        public init(
-            type: String? = nil, status: String? = nil, state: String? = nil, since: Int64? = nil,
-            query: String? = nil, before: EventCursor? = nil, limit: Int = 50
-        ) {
-            self.type = type
-            self.status = status
-            self.state = state
-            self.since = since
-            self.query = query
-            self.before = before
-            self.limit = limit
-        }
-    }
-
-    /// A place in the newest-first list of events: `received_at` and id of the last event shown.
-    public struct EventCursor: Sendable, Equatable {
-        public var receivedAt: Int64
-        public var id: String
-
-        public init(receivedAt: Int64, id: String) {
-            self.receivedAt = receivedAt
-            self.id = id
-        }
-
-        /// `1764400000000.evt_...`, as it travels in a page link.
-        public init?(_ text: String) {
-            guard let dot = text.firstIndex(of: "."), let at = Int64(text[..<dot]) else { return nil }
-            self.init(receivedAt: at, id: String(text[text.index(after: dot)...]))
-        }
-
-        public var text: String { "\(receivedAt).\(id)" }
-    }
-
     /// Newest first.
     public func events(_ filter: EventFilter) async throws(EventLogError) -> [Event] {
         try await read { db in
@@ -359,11 +321,6 @@ public final class SQLiteEventLog: EventStore {
                 arguments: conditions.arguments + [limit]
             ).map(Receipt.init(row:))
         }
-    }
-
-    public struct PruneResult: Sendable, Equatable {
-        public var receipts: Int
-        public var deliveries: Int
     }
 
     /// Deletes receipts received before `cutoff` and deliveries delivered before it. Events are kept,

@@ -6,7 +6,7 @@ import NIOCore
 /// the merchant's console at `/` (behind `admin.token_file` when set). Never served on the IPN port.
 enum AdminListener {
     static func makeApplication(
-        address: ListenAddress, log: SQLiteEventLog, access: PayopAccess, metrics: DaemonMetrics, console: Console,
+        address: ListenAddress, log: any EventLog, access: PayopAccess, metrics: DaemonMetrics, console: Console,
         logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void
     ) -> some ApplicationProtocol {
         let router = Router()
@@ -33,11 +33,10 @@ enum AdminListener {
     }
 
     /// Why the daemon cannot do its job now; empty when it can.
-    static func readinessProblems(log: SQLiteEventLog, access: PayopAccess) async -> [String] {
+    static func readinessProblems(log: any EventLog, access: PayopAccess) async -> [String] {
         var problems: [String] = []
         do {
-            // An empty write through the group commit: proves the writer runs and the file takes a lock.
-            try await log.write { _ in }
+            try await log.checkWritable()
         } catch {
             problems.append("event log not writable (\(error))")
         }

@@ -65,11 +65,21 @@ func printError(_ message: String) {
     FileHandle.standardError.write(Data(("payop-ipnd: " + message + "\n").utf8))
 }
 
-/// Loads the configuration and opens its event log for a tool (never creating it).
-func openEventLog(_ option: ConfigOption) throws -> (DaemonConfig, SQLiteEventLog) {
+/// Loads the configuration and opens its event log for a tool (never creating an SQLite file).
+func openEventLog(_ option: ConfigOption) async throws -> (DaemonConfig, any EventLog) {
     let (config, _) = try ConfigLoader.load(path: option.path)
-    let log = try SQLiteEventLog.open(path: config.storage.path, mode: .tool, create: false)
-    return (config, log)
+    return (config, try await openEventLog(config))
+}
+
+/// The configured event log, for a tool: `close()` it when done.
+func openEventLog(_ config: DaemonConfig) async throws -> any EventLog {
+    switch config.storage.backend {
+    case .sqlite:
+        return try SQLiteEventLog.open(path: config.storage.path, mode: .tool, create: false)
+    case .postgresql:
+        let password = try Secrets.read(config.storage.passwordFile, key: "storage.password_file")
+        return try await PostgresEventLog.start(configuration: try config.storage.postgres(password: password))
+    }
 }
 
 func printJSON(_ value: some Encodable) throws {
@@ -168,7 +178,7 @@ struct EventsCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingFailures {
-                let (_, log) = try openEventLog(config)
+                let (_, log) = try await openEventLog(config)
                 defer { log.close() }
                 let events = try await log.events(
                     .init(type: type, status: status, state: state, since: since?.milliseconds, limit: limit.limit))
@@ -196,9 +206,9 @@ struct EventsCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingFailures {
-                let (_, log) = try openEventLog(config)
+                let (_, log) = try await openEventLog(config)
                 defer { log.close() }
-                guard let detail = try await log.event(id: id) else {
+                guard let detail = try await log.event(id: id, receiptBodies: nil, receiptLimit: nil) else {
                     throw CommandFailure.user("no event \(id): list them with 'payop-ipnd events list'")
                 }
                 if json { return try printJSON(detail) }
@@ -216,9 +226,13 @@ struct EventsCommand: AsyncParsableCommand {
                 ]
                 for (name, value) in fields { print("\(name.padding(toLength: 17, withPad: " ", startingAt: 0))\(value ?? "-")") }
                 print("\nreceipts:")
+                let nodes = detail.receipts.contains { $0.nodeID != nil }
                 printTable(
-                    ["RECEIVED", "SOURCE", "ANSWER"],
-                    detail.receipts.map { [Timestamp.format(milliseconds: $0.receivedAt), $0.sourceIP, String($0.answer)] })
+                    ["RECEIVED", "SOURCE", "ANSWER"] + (nodes ? ["NODE"] : []),
+                    detail.receipts.map {
+                        [Timestamp.format(milliseconds: $0.receivedAt), $0.sourceIP, String($0.answer)]
+                            + (nodes ? [$0.nodeID ?? "-"] : [])
+                    })
                 print("\nverification attempts:")
                 printTable(
                     ["AT", "OUTCOME", "PAYOP STATE", "DETAIL"],
@@ -262,7 +276,7 @@ struct ReceiptsCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingFailures {
-                let (_, log) = try openEventLog(config)
+                let (_, log) = try await openEventLog(config)
                 defer { log.close() }
                 let receipts = try await log.receipts(refusedOnly: refused, since: since?.milliseconds, limit: limit.limit)
                 if json { return try printJSON(receipts) }
@@ -294,7 +308,7 @@ struct PruneCommand: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingFailures {
-            let (config, log) = try openEventLog(config)
+            let (config, log) = try await openEventLog(config)
             defer { log.close() }
             let days = olderThan ?? config.storage.retentionDays
             let cutoff = SystemWallClock().nowMilliseconds() - Int64(days) * 86_400_000

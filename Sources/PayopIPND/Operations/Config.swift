@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 
 /// `host:port` for a listener; `[::1]:9181` for IPv6.
@@ -64,8 +65,46 @@ public struct DaemonConfig: Sendable {
     }
 
     public struct Storage: Sendable {
+        public enum Backend: String, Sendable, CaseIterable {
+            /// One SQLite file on this machine, one daemon: the default.
+            case sqlite
+            /// One PostgreSQL database shared by any number of daemons.
+            case postgresql
+        }
+
+        public var backend = Backend.sqlite
         public var path = "/var/lib/payop-ipnd/events.sqlite3"
         public var retentionDays = 400
+        /// postgresql: `postgres://USER@HOST:5432/DATABASE?sslmode=verify-full`, without the password.
+        public var url: String?
+        /// postgresql: the secret file holding the database password.
+        public var passwordFile: String?
+        /// postgresql: this daemon's name among those sharing the log; the host name by default.
+        public var nodeID = Storage.hostName
+        /// postgresql: connections this daemon keeps at most.
+        public var poolSize = 8
+
+        public static var hostName: String {
+            let name = ProcessInfo.processInfo.hostName
+            return name.isEmpty ? "payop-ipnd" : name
+        }
+
+        /// Where the log is, for messages.
+        public var location: String {
+            switch backend {
+            case .sqlite: path
+            case .postgresql: (try? PostgresEventLogConfiguration(url: url ?? "", password: nil, nodeID: nodeID))?
+                .displayName ?? "PostgreSQL"
+            }
+        }
+
+        /// The PostgreSQL log's settings, with the password read from its file.
+        public func postgres(password: String?) throws(EventLogError) -> PostgresEventLogConfiguration {
+            guard let url else { throw EventLogError(.misconfigured, "storage.url is not set") }
+            var configuration = try PostgresEventLogConfiguration(url: url, password: password, nodeID: nodeID)
+            configuration.poolSize = poolSize
+            return configuration
+        }
     }
 
     public struct Payop: Sendable {

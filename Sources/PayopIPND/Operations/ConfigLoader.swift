@@ -240,14 +240,7 @@ private final class Reader {
                         + "holding the console's token), or listen on 127.0.0.1")
             }
         }
-        if let node = top["storage"], let storage = mapping(node, "storage", known: ["path", "retention_days"]) {
-            if let path = string(storage["path"], "storage.path") {
-                if path.isEmpty { error("storage.path", storage["path"], "must not be empty") } else { config.storage.path = path }
-            }
-            if let days = integer(storage["retention_days"], "storage.retention_days", minimum: 1) {
-                config.storage.retentionDays = days
-            }
-        }
+        if let node = top["storage"] { readStorage(node, into: &config.storage) }
         if let node = top["payop"] { readPayop(node, into: &config.payop) }
         if let node = top["reconcile"], let reconcile = mapping(node, "reconcile", known: ["interval_seconds"]) {
             if let value = number(reconcile["interval_seconds"], "reconcile.interval_seconds", minimum: 0) {
@@ -260,6 +253,61 @@ private final class Reader {
             warning(
                 "payop.jwt_file", nil,
                 "not set: V2 IPNs are recorded but cannot be verified against Payop's API, so none is delivered")
+        }
+    }
+
+    func readStorage(_ node: Node, into storage: inout DaemonConfig.Storage) {
+        guard
+            let map = mapping(
+                node, "storage",
+                known: ["backend", "path", "retention_days", "url", "password_file", "node_id", "pool_size"])
+        else { return }
+        if let text = string(map["backend"], "storage.backend") {
+            if let backend = DaemonConfig.Storage.Backend(rawValue: text) {
+                storage.backend = backend
+            } else {
+                error("storage.backend", map["backend"], "must be sqlite or postgresql, not '\(text)'")
+            }
+        }
+        if let path = string(map["path"], "storage.path") {
+            if path.isEmpty { error("storage.path", map["path"], "must not be empty") } else { storage.path = path }
+        }
+        if let days = integer(map["retention_days"], "storage.retention_days", minimum: 1) {
+            storage.retentionDays = days
+        }
+        guard storage.backend == .postgresql else {
+            for key in ["url", "password_file", "node_id", "pool_size"] where map[key] != nil {
+                warning("storage.\(key)", map[key], "is read only with storage.backend: postgresql; ignored")
+            }
+            return
+        }
+        if map["path"] != nil {
+            warning("storage.path", map["path"], "is not used with storage.backend: postgresql (storage copy reads it)")
+        }
+        if let url = string(map["url"], "storage.url") {
+            do throws(EventLogError) {
+                _ = try PostgresEventLogConfiguration(url: url, password: nil, nodeID: storage.nodeID)
+                storage.url = url
+            } catch {
+                self.error("storage.url", map["url"], error.message)
+            }
+        } else {
+            error("storage.url", node, "is required with storage.backend: postgresql, like "
+                + "postgres://payop@db.internal:5432/payop?sslmode=verify-full")
+        }
+        if let file = secretFile(map["password_file"], "storage.password_file") { storage.passwordFile = file }
+        if let node = string(map["node_id"], "storage.node_id") {
+            if node.isEmpty || node.count > 63
+                || !node.unicodeScalars.allSatisfy({ CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0) })
+                || !node.allSatisfy(\.isASCII)
+            {
+                error("storage.node_id", map["node_id"], "must be 1 to 63 letters, digits, '.', '_' or '-', like shop-1")
+            } else {
+                storage.nodeID = node
+            }
+        }
+        if let size = integer(map["pool_size"], "storage.pool_size", minimum: 2) {
+            if size > 100 { error("storage.pool_size", map["pool_size"], "must be at most 100") } else { storage.poolSize = size }
         }
     }
 

@@ -45,18 +45,58 @@ public struct Daemon: Sendable {
     }
 
     public func run() async throws {
+        let secrets = try Secrets.load(config)
+        switch config.storage.backend {
+        case .sqlite:
+            // One daemon per log, decided before anything is touched: a second one exits naming the first.
+            let lock = try EventLogLock.acquire(logPath: config.storage.path)
+            defer { lock.release() }
+            let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
+            try await run(log: log, secrets: secrets) { [logger] _ in
+                [.init(service: EventLogService(log: log)), .init(service: CheckpointService(log: log, logger: logger))]
+            }
+        case .postgresql:
+            let log = PostgresEventLog(
+                configuration: try config.storage.postgres(password: secrets.storagePassword), clock: clock,
+                logger: logger)
+            // The pool runs for the whole life of the daemon, and stops after every service has.
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { await log.run() }
+                defer { group.cancelAll() }
+                try await log.open()
+                // One daemon per node id, decided before anything is touched, as with one SQLite file.
+                let wake = WakeUps()
+                let session = try await PostgresSession.start(log: log, logger: logger) { work in
+                    switch work {
+                    case .verify: wake.verify.signal()
+                    case .deliver: wake.deliver.signal()
+                    }
+                }
+                try await run(log: log, secrets: secrets, wake: wake) { _ in
+                    [.init(service: EventLogService(log: log)), .init(service: session)]
+                }
+            }
+        }
+    }
+
+    /// The signals that start the verifier and the dispatcher at once rather than at their next due time.
+    struct WakeUps: Sendable {
+        let verify = WorkSignal()
+        let deliver = WorkSignal()
+    }
+
+    /// The daemon on an open log. `logServices` run first and stop last (the log's own upkeep).
+    private func run(
+        log: any EventLog, secrets: Secrets, wake: WakeUps = WakeUps(),
+        logServices: (WakeUps) -> [ServiceGroupConfiguration.ServiceConfiguration]
+    ) async throws {
         let notifier = SystemdNotifier(environment: environment)
-        // One daemon per log, decided before anything is touched: a second one exits naming the first.
-        let lock = try EventLogLock.acquire(logPath: config.storage.path)
-        defer { lock.release() }
-        let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
         log.setHooks(config.hooks)
         log.setVerificationPolicy(VerificationPolicy(config))
         let recovered = try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
         if recovered > 0 {
             logger.notice("deliveries interrupted by the last stop will run again", metadata: ["count": "\(recovered)"])
         }
-        let secrets = try Secrets.load(config)
         let http = PayopHTTPClient.makeHTTPClient(timeoutSeconds: config.payop.timeoutSeconds)
         let payop = PayopHTTPClient(
             http: http, baseURL: config.payop.apiBaseURL, timeoutSeconds: config.payop.timeoutSeconds, jwt: secrets.jwt)
@@ -65,8 +105,8 @@ public struct Daemon: Sendable {
             urls: URLHookRunner(http: http, secrets: { name in secrets.hookSigning.withLock { $0[name] } }, clock: clock))
         let dispatcher = Dispatcher(
             store: log, runner: runner, hooks: { log.hooks }, policy: DeliveryPolicy(config), clock: clock,
-            logger: logger, metrics: metrics)
-        let verifySignal = WorkSignal()
+            logger: logger, metrics: metrics, signal: wake.deliver)
+        let verifySignal = wake.verify
         let verifier = Verifier(
             store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
             onVerified: { _ in dispatcher.signal.signal() })
@@ -114,7 +154,9 @@ public struct Daemon: Sendable {
             for (key, changed) in [
                 ("server.listen", previous.server.listen != next.server.listen),
                 ("admin.listen", previous.admin.listen != next.admin.listen),
-                ("storage.path", previous.storage.path != next.storage.path),
+                ("storage", previous.storage.backend != next.storage.backend || previous.storage.path != next.storage.path
+                    || previous.storage.url != next.storage.url || previous.storage.nodeID != next.storage.nodeID
+                    || previous.storage.poolSize != next.storage.poolSize),
                 ("payop.api_base_url", previous.payop.apiBaseURL != next.payop.apiBaseURL),
                 ("server.read_timeout_seconds", previous.server.readTimeoutSeconds != next.server.readTimeoutSeconds),
             ] where changed {
@@ -137,17 +179,13 @@ public struct Daemon: Sendable {
             "payop-ipnd starting",
             metadata: [
                 "ipn.listen": "\(config.server.listen)", "admin.listen": "\(config.admin.listen)",
-                "storage.path": "\(config.storage.path)", "payop.api": "\(config.payop.apiBaseURL)",
+                "storage": "\(config.storage.backend.rawValue) \(log.location)", "payop.api": "\(config.payop.apiBaseURL)",
                 "hooks": "\(config.hooks.map(\.name))",
             ])
         // Services stop in reverse order: STOPPING=1 first, then the listeners (no new IPNs), the
         // verifier, the dispatcher (running hooks get their grace), and the event log
         // last, after everything answered is committed.
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
-            .init(service: EventLogService(log: log)),
-            .init(service: CheckpointService(log: log, logger: logger)),
-            .init(service: HTTPClientService(client: http)),
-        ]
+        var services = logServices(wake) + [.init(service: HTTPClientService(client: http))]
         if let simulator {
             services.append(
                 .init(service: SimulatorServer.makeApplication(payop: simulator.payop, port: simulator.port, logger: logger)))
@@ -204,15 +242,21 @@ final class Secrets: Sendable {
     let hookSigning: Mutex<[String: String]>
     /// `admin.token_file`: the console's token.
     let adminToken: SecretBox
+    /// `storage.password_file`: the PostgreSQL password (read once, at start).
+    let storagePassword: String?
 
     /// Shorter tokens could be guessed by anyone who can reach a non-loopback console.
     static let minimumAdminTokenLength = 16
 
-    init(jwt: SecretBox, legacyKey: String?, hookSigning: [String: String], adminToken: String? = nil) {
+    init(
+        jwt: SecretBox, legacyKey: String?, hookSigning: [String: String], adminToken: String? = nil,
+        storagePassword: String? = nil
+    ) {
         self.jwt = jwt
         self.legacyKey = legacyKey
         self.hookSigning = Mutex(hookSigning)
         self.adminToken = SecretBox(adminToken)
+        self.storagePassword = storagePassword
     }
 
     static func load(_ config: DaemonConfig) throws(ConfigError) -> Secrets {
@@ -230,7 +274,8 @@ final class Secrets: Sendable {
         return Secrets(
             jwt: SecretBox(try read(config.payop.jwtFile, key: "payop.jwt_file")),
             legacyKey: try read(config.payop.secretKeyFile, key: "payop.secret_key_file"),
-            hookSigning: try hookSecrets(config), adminToken: token)
+            hookSigning: try hookSecrets(config), adminToken: token,
+            storagePassword: try read(config.storage.passwordFile, key: "storage.password_file"))
     }
 
     static func hookSecrets(_ config: DaemonConfig) throws(ConfigError) -> [String: String] {
@@ -259,7 +304,7 @@ final class Secrets: Sendable {
 
 /// Keeps the event log's writer alive for the daemon's life and drains it last on shutdown.
 struct EventLogService: Service {
-    let log: SQLiteEventLog
+    let log: any EventLog
 
     func run() async throws {
         try? await gracefulShutdown()

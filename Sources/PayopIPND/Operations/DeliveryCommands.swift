@@ -22,9 +22,9 @@ struct DeliveriesCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingFailures {
-                let (daemonConfig, log) = try openEventLog(config)
+                let (daemonConfig, log) = try await openEventLog(config)
                 defer { log.close() }
-                let deliveries = try await log.deliveries(state: state, hook: hook, limit: limit.limit)
+                let deliveries = try await log.deliveries(state: state, hook: hook, eventID: nil, deadFirst: false, limit: limit.limit)
                 if json { return try printJSON(deliveries) }
                 printDeliveries(deliveries)
                 let orphans = try await log.orphanedDeliveries(configured: daemonConfig.hooks.map(\.name))
@@ -38,14 +38,16 @@ struct DeliveriesCommand: AsyncParsableCommand {
     }
 }
 
+/// A shared (PostgreSQL) log also names the daemon that claimed each delivery last.
 func printDeliveries(_ deliveries: [Delivery]) {
+    let nodes = deliveries.contains { $0.nodeID != nil }
     printTable(
-        ["ID", "EVENT", "HOOK", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"],
+        ["ID", "EVENT", "HOOK", "STATE", "ATTEMPTS", "NEXT ATTEMPT"] + (nodes ? ["NODE"] : []) + ["LAST ERROR"],
         deliveries.map {
             [
                 String($0.id), $0.eventID, $0.hook, $0.state.rawValue, String($0.attempts),
-                $0.nextAttemptAt.map { Timestamp.format(milliseconds: $0) } ?? "-", $0.lastError ?? "-",
-            ]
+                $0.nextAttemptAt.map { Timestamp.format(milliseconds: $0) } ?? "-",
+            ] + (nodes ? [$0.nodeID ?? "-"] : []) + [$0.lastError ?? "-"]
         })
 }
 
@@ -60,7 +62,7 @@ struct ReplayCommand: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingFailures {
-            let (daemonConfig, log) = try openEventLog(config)
+            let (daemonConfig, log) = try await openEventLog(config)
             defer { log.close() }
             if let hook, !daemonConfig.hooks.contains(where: { $0.name == hook }) {
                 throw CommandFailure.user(

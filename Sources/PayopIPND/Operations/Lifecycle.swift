@@ -34,14 +34,14 @@ final class Readiness: Sendable {
 struct WatchdogService: Service {
     let interval: Duration
     let notifier: SystemdNotifier
-    let log: SQLiteEventLog
+    let log: any EventLog
     let status: @Sendable () async -> String
 
     func run() async throws {
         await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
                 do {
-                    try await log.write { _ in }
+                    try await log.checkWritable()
                     try await MultiThreadedEventLoopGroup.singleton.any().submit {}.get()
                     notifier.notify("WATCHDOG=1", "STATUS=" + (await status()))
                 } catch {

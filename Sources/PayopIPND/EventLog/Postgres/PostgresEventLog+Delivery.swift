@@ -27,7 +27,7 @@ extension PostgresEventLog: DeliveryStore {
             "SELECT pg_advisory_xact_lock(\(unescaped: orderLock)\(kind) || '/' || \(entity), 0))", logger: logger)
         let progress = DeliveryProgress.created(now: now)
         // In the hooks' order, so ids (the delivery order) follow the configuration as in the SQLite log.
-        return try await connection.query(
+        let created = try await connection.query(
             """
             INSERT INTO deliveries (event_id, hook, kind, entity_id, state, attempts, next_attempt_at, created_at)
             SELECT \(eventID), hook, \(kind), \(entity), \(progress.state.rawValue), \(Int64(progress.attempts)),
@@ -42,6 +42,8 @@ extension PostgresEventLog: DeliveryStore {
                 id: id, eventID: eventID, hook: hook, state: progress.state, attempts: progress.attempts,
                 nextAttemptAt: progress.nextAttemptAt)
         }.sorted { $0.id < $1.id }
+        if !created.isEmpty { try await notify(.deliver, connection, logger) }
+        return created
     }
 
     /// Deliveries of the given hooks that could run: pending ones, and running ones whose claimer's
@@ -99,7 +101,7 @@ extension PostgresEventLog: DeliveryStore {
         guard
             let row = try await connection.query(
                 """
-                SELECT \(unescaped: Delivery.columns), kind, entity_id, lease_until FROM deliveries WHERE id = \(id)
+                SELECT \(unescaped: Delivery.postgresColumns), kind, entity_id, lease_until FROM deliveries WHERE id = \(id)
                 \(unescaped: lock)
                 """, logger: logger
             ).collect().first?.makeRandomAccess()
@@ -203,6 +205,8 @@ extension PostgresEventLog: DeliveryStore {
                         \(result.exitCode.map(Int64.init)), \(result.httpStatus.map(Int64.init)), \(result.error),
                         \(result.output), \(node))
                 """, logger: logger)
+            // The next delivery of this (hook, kind, entity) may now run, on whichever daemon.
+            if progress.state == .delivered || progress.state == .dead { try await Self.notify(.deliver, connection, logger) }
             return end
         }
     }
@@ -235,7 +239,7 @@ extension PostgresEventLog: DeliveryStore {
         let node = nodeID
         return try await transaction("the event log could not recover interrupted deliveries") { connection, logger in
             let running = try await connection.query(
-                "SELECT \(unescaped: Delivery.columns) FROM deliveries WHERE state = 'running' AND node_id = \(node) FOR UPDATE",
+                "SELECT \(unescaped: Delivery.postgresColumns) FROM deliveries WHERE state = 'running' AND node_id = \(node) FOR UPDATE",
                 logger: logger
             ).collect().map { try Delivery(postgres: $0.makeRandomAccess()) }
             for delivery in running {
@@ -281,19 +285,30 @@ extension PostgresEventLog: DeliveryStore {
             try await Self.enqueueDeliveries(connection, logger, eventID: eventID, hooks: chosen, now: now)
             var pending = 0
             let deliveries = try await connection.query(
-                "SELECT \(unescaped: Delivery.columns) FROM deliveries WHERE event_id = \(eventID) ORDER BY id FOR UPDATE",
+                "SELECT \(unescaped: Delivery.postgresColumns) FROM deliveries WHERE event_id = \(eventID) ORDER BY id FOR UPDATE",
                 logger: logger
             ).collect().map { try Delivery(postgres: $0.makeRandomAccess()) }
-            for delivery in deliveries where hook == nil || delivery.hook == hook {
-                var progress = delivery.progress
-                progress.replay(now: now)
-                try await Self.saveProgress(progress, id: delivery.id, connection, logger)
-                guard progress.state == .pending else { continue }
-                try await connection.query("UPDATE deliveries SET last_error = NULL WHERE id = \(delivery.id)", logger: logger)
-                pending += 1
+            // Only configured hooks: a removed hook's delivery would wait forever, and the person was told
+            // it runs now.
+            let configured = Set(hooks.map(\.name))
+            for delivery in deliveries where (hook == nil || delivery.hook == hook) && configured.contains(delivery.hook) {
+                if try await Self.replay(delivery, now: now, connection, logger) { pending += 1 }
             }
+            if pending > 0 { try await Self.notify(.deliver, connection, logger) }
             return pending
         }
+    }
+
+    /// One delivery due again now (a running one keeps running); true when it is pending.
+    static func replay(_ delivery: Delivery, now: Int64, _ connection: PostgresConnection, _ logger: Logger)
+        async throws -> Bool
+    {
+        var progress = delivery.progress
+        progress.replay(now: now)
+        try await saveProgress(progress, id: delivery.id, connection, logger)
+        guard progress.state == .pending else { return false }
+        try await connection.query("UPDATE deliveries SET last_error = NULL WHERE id = \(delivery.id)", logger: logger)
+        return true
     }
 
     /// Newest first; `deadFirst` puts the dead ones (what needs a person) before the rest.
@@ -303,7 +318,7 @@ extension PostgresEventLog: DeliveryStore {
         try await read("cannot read the event log") { connection, logger in
             try await connection.query(
                 """
-                SELECT \(unescaped: Delivery.columns) FROM deliveries
+                SELECT \(unescaped: Delivery.postgresColumns) FROM deliveries
                 WHERE (\(state)::text IS NULL OR state = \(state)) AND (\(hook)::text IS NULL OR hook = \(hook))
                 AND (\(eventID)::text IS NULL OR event_id = \(eventID))
                 ORDER BY \(unescaped: deadFirst ? "state = 'dead' DESC, " : "")id DESC LIMIT \(Int64(limit))

@@ -7,8 +7,14 @@ extension PostgresEventLog: VerificationStore {
     /// is asking about. Each claimed event's `next_check_at` moves to the end of the claim, so the
     /// question comes back by itself if this daemon dies before answering; the answer (`applyAnswer`)
     /// replaces it with the machine's schedule.
+    ///
+    /// First questions (events still `received`) are asked by any daemon; re-asking about decided
+    /// events (the reconciler: statuses that can still change, failed checkouts and contradicted
+    /// claims being watched) only by the reconcile leader (`isReconcileLeader`), so N daemons do not
+    /// poll Payop N times as often.
     public func dueChecks(now: Int64, limit: Int) async throws(EventLogError) -> [DueCheck] {
         let node = nodeID
+        let leader = isReconcileLeader
         let leaseEnd = now + configuration.checkLeaseMilliseconds
         return try await transaction("cannot claim the questions due to Payop") { connection, logger in
             // SKIP LOCKED: rows another daemon is claiming or answering right now are simply not ours.
@@ -16,7 +22,7 @@ extension PostgresEventLog: VerificationStore {
             for row in try await connection.query(
                 """
                 SELECT id, kind, entity_id, status, payop_state FROM events
-                WHERE next_check_at IS NOT NULL AND next_check_at <= \(now)
+                WHERE next_check_at IS NOT NULL AND next_check_at <= \(now) AND (state = 'received' OR \(leader))
                 ORDER BY next_check_at, id LIMIT \(Int64(limit))
                 FOR UPDATE SKIP LOCKED
                 """, logger: logger
@@ -64,9 +70,13 @@ extension PostgresEventLog: VerificationStore {
     }
 
     public func nextCheckDue() async throws(EventLogError) -> Int64? {
-        try await read("cannot read the event log") { connection, logger in
+        let leader = isReconcileLeader
+        return try await read("cannot read the event log") { connection, logger in
             try await connection.query(
-                "SELECT min(next_check_at) FROM events WHERE next_check_at IS NOT NULL", logger: logger
+                """
+                SELECT min(next_check_at) FROM events
+                WHERE next_check_at IS NOT NULL AND (state = 'received' OR \(leader))
+                """, logger: logger
             ).collect().first?.decode(Int64?.self)
         }
     }

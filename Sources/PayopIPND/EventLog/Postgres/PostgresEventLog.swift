@@ -30,6 +30,16 @@ public final class PostgresEventLog: EventStore, Service {
     /// How a repeated IPN's event is scheduled (at start and on reload).
     private let verificationPolicy = Mutex(VerificationPolicy.defaults)
     private let closed = Atomic<Bool>(false)
+    /// Whether this daemon re-asks Payop about decided events: true without a session (one daemon,
+    /// tools, tests); a daemon's `PostgresSession` sets it while it holds the leadership.
+    private let reconcileLeader = Atomic<Bool>(true)
+    /// Why this daemon's session is not whole (its connection lost, its node id taken), for `/readyz`.
+    private let sessionTrouble = Mutex<String?>(nil)
+
+    public var isReconcileLeader: Bool { reconcileLeader.load(ordering: .relaxed) }
+    func setReconcileLeader(_ leader: Bool) { reconcileLeader.store(leader, ordering: .relaxed) }
+    var sessionProblem: String? { sessionTrouble.withLock { $0 } }
+    func setSessionProblem(_ problem: String?) { sessionTrouble.withLock { $0 = problem } }
 
     public var nodeID: String { configuration.nodeID }
 
@@ -77,9 +87,29 @@ public final class PostgresEventLog: EventStore, Service {
         }
     }
 
-    /// Stops this log's writes; the pool itself stops with `run()`.
+    /// Stops this log's writes; the pool itself stops with `run()` (or here, when `start` ran it).
     public func close() {
         closed.store(true, ordering: .relaxed)
+        ownPool.withLock { $0?.cancel() }
+    }
+
+    /// The pool's task when the log runs it itself (`start`).
+    private let ownPool = Mutex<Task<Void, Never>?>(nil)
+
+    /// Opens a log that runs its own pool until `close()`: for command-line tools.
+    public static func start(
+        configuration: PostgresEventLogConfiguration, clock: any WallClock = SystemWallClock(),
+        logger: Logger = Logger(label: "payop-ipnd.event-log", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws(EventLogError) -> PostgresEventLog {
+        let log = PostgresEventLog(configuration: configuration, clock: clock, logger: logger)
+        log.ownPool.withLock { $0 = Task { await log.run() } }
+        do {
+            try await log.open()
+        } catch {
+            log.close()
+            throw error
+        }
+        return log
     }
 
     /// Runs `run()` for the duration of `body`, after `open()`: for command-line tools and tests.
@@ -323,6 +353,8 @@ public final class PostgresEventLog: EventStore, Service {
             try await insertReceipt(ipn, id: receiptID, eventID: candidate, node: node, on: connection, logger: logger)
             if ipn.verifiedBySignature {
                 try await enqueueDeliveries(connection, logger, eventID: candidate, hooks: hooks, now: now)
+            } else {
+                try await notify(.verify, connection, logger)
             }
             return IngestOutcome(receiptID: receiptID, eventID: candidate, duplicate: false)
         }
@@ -373,9 +405,9 @@ public final class PostgresEventLog: EventStore, Service {
         return try row.decode(Int64.self)
     }
 
-    // MARK: - Queries (the subset the stores' tests and the next steps need)
+    // MARK: - Queries
 
-    /// As `SQLiteEventLog.event(id:receiptBodies:receiptLimit:)`.
+    /// As `EventLog.event(id:receiptBodies:receiptLimit:)`.
     public func event(id: String, receiptBodies: Int? = nil, receiptLimit: Int? = nil) async throws(EventLogError)
         -> EventDetail?
     {
@@ -388,7 +420,7 @@ public final class PostgresEventLog: EventStore, Service {
             let limit = receiptLimit.map { " LIMIT \(max($0, 0))" } ?? ""
             let receipts = try await connection.query(
                 """
-                SELECT \(unescaped: Receipt.columns)\(unescaped: body) FROM receipts WHERE event_id = \(id)
+                SELECT \(unescaped: Receipt.postgresColumns)\(unescaped: body) FROM receipts WHERE event_id = \(id)
                 ORDER BY received_at, id\(unescaped: limit)
                 """, logger: logger
             ).collect().map { try Receipt(postgres: $0.makeRandomAccess()) }
@@ -400,7 +432,7 @@ public final class PostgresEventLog: EventStore, Service {
                 return VerificationAttempt(at: at, outcome: outcome, payopState: state.map(Int.init), detail: detail)
             }
             let deliveries = try await connection.query(
-                "SELECT \(unescaped: Delivery.columns) FROM deliveries WHERE event_id = \(id) ORDER BY id", logger: logger
+                "SELECT \(unescaped: Delivery.postgresColumns) FROM deliveries WHERE event_id = \(id) ORDER BY id", logger: logger
             ).collect().map { try Delivery(postgres: $0.makeRandomAccess()) }
             let deliveryAttempts = try await connection.query(
                 """
@@ -427,7 +459,7 @@ public final class PostgresEventLog: EventStore, Service {
         try await read("cannot read the event log") { connection, logger in
             try await connection.query(
                 """
-                SELECT \(unescaped: Receipt.columns) FROM receipts
+                SELECT \(unescaped: Receipt.postgresColumns) FROM receipts
                 WHERE (NOT \(refusedOnly) OR answer <> 200) AND (\(since)::bigint IS NULL OR received_at >= \(since))
                 ORDER BY received_at DESC, id DESC LIMIT \(Int64(limit))
                 """, logger: logger

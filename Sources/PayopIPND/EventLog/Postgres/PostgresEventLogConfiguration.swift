@@ -101,30 +101,46 @@ public struct PostgresEventLogConfiguration: Sendable {
             nodeID: nodeID)
     }
 
-    /// postgres-nio's view of it.
-    var clientConfiguration: PostgresClient.Configuration {
-        let tlsConfiguration: PostgresClient.Configuration.TLS
+    /// The TLS settings `tls` asks for; nil: plain TCP.
+    var tlsConfiguration: TLSConfiguration? {
         switch tls {
         case .disable:
-            tlsConfiguration = .disable
+            return nil
         case .require:
             var context = TLSConfiguration.makeClientConfiguration()
             context.certificateVerification = .none
-            tlsConfiguration = .require(context)
+            return context
         case .verifyCA:
             var context = TLSConfiguration.makeClientConfiguration()
             context.certificateVerification = .noHostnameVerification
-            tlsConfiguration = .require(context)
+            return context
         case .verifyFull:
-            tlsConfiguration = .require(TLSConfiguration.makeClientConfiguration())
+            return TLSConfiguration.makeClientConfiguration()
         }
+    }
+
+    private var startupParameters: [(String, String)] {
+        [("application_name", "payop-ipnd \(nodeID)")] + (schema.map { [("search_path", $0)] } ?? [])
+    }
+
+    /// postgres-nio's view of it: the pool.
+    var clientConfiguration: PostgresClient.Configuration {
         var configuration = PostgresClient.Configuration(
-            host: host, port: port, username: username, password: password, database: database, tls: tlsConfiguration)
+            host: host, port: port, username: username, password: password, database: database,
+            tls: tlsConfiguration.map { .require($0) } ?? .disable)
         configuration.options.maximumConnections = max(poolSize, 1)
         configuration.options.connectTimeout = .seconds(10)
-        var startup = [("application_name", "payop-ipnd \(nodeID)")]
-        if let schema { startup.append(("search_path", schema)) }
-        configuration.options.additionalStartupParameters = startup
+        configuration.options.additionalStartupParameters = startupParameters
+        return configuration
+    }
+
+    /// postgres-nio's view of it: the session's own connection, outside the pool.
+    func connectionConfiguration() throws -> PostgresConnection.Configuration {
+        var configuration = PostgresConnection.Configuration(
+            host: host, port: port, username: username, password: password, database: database,
+            tls: try tlsConfiguration.map { .require(try NIOSSLContext(configuration: $0)) } ?? .disable)
+        configuration.options.connectTimeout = .seconds(10)
+        configuration.options.additionalStartupParameters = startupParameters
         return configuration
     }
 

@@ -2,7 +2,8 @@ import Foundation
 import PostgresNIO
 
 /// The shared value types read from PostgreSQL rows: the same columns as the SQLite log's queries
-/// (`Event.select`, `Receipt.columns`, ...), so both logs hand the rest of the daemon the same values.
+/// (`Event.select`, `Receipt.columns`, ...), so both logs hand the rest of the daemon the same values,
+/// plus the `node_id` of receipts and deliveries (which daemon answered, which claimed).
 extension PostgresRandomAccessRow {
     func value<T: PostgresDecodable>(_ column: String, as type: T.Type = T.self) throws -> T {
         try self[column].decode(T.self)
@@ -42,6 +43,7 @@ extension Receipt {
         eventID = try row.value("event_id")
         size = try row.int("size")
         body = row.contains("body") ? try row.bytes("body") : nil
+        nodeID = row.contains("node_id") ? try row.value("node_id") : nil
     }
 }
 
@@ -53,6 +55,7 @@ extension Delivery {
             nextAttemptAt: try row.value("next_attempt_at"), lastExitCode: try row.optionalInt("last_exit_code"),
             lastHTTPStatus: try row.optionalInt("last_http_status"), lastError: try row.value("last_error"),
             output: try row.value("output"), deliveredAt: try row.value("delivered_at"))
+        nodeID = row.contains("node_id") ? try row.value("node_id") : nil
     }
 }
 
@@ -67,4 +70,12 @@ extension DeliveryAttempt {
         error = try row.value("error")
         output = try row.value("output")
     }
+}
+
+extension Receipt {
+    static let postgresColumns = columns + ", node_id"
+}
+
+extension Delivery {
+    static let postgresColumns = columns + ", node_id"
 }

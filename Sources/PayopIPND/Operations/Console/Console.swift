@@ -7,7 +7,7 @@ import NIOCore
 /// The merchant's console on the admin listener: read-only pages, and replays as POSTs with a CSRF
 /// token. Every page is rendered on the server (no JavaScript needed) from the event log.
 struct Console: Sendable {
-    let log: SQLiteEventLog
+    let log: any EventLog
     let access: PayopAccess
     let security: ConsoleGuard
     let hooks: @Sendable () -> [HookConfig]
@@ -17,7 +17,7 @@ struct Console: Sendable {
     let logger: Logger
 
     init(
-        log: SQLiteEventLog, access: PayopAccess, security: ConsoleGuard, hooks: @escaping @Sendable () -> [HookConfig],
+        log: any EventLog, access: PayopAccess, security: ConsoleGuard, hooks: @escaping @Sendable () -> [HookConfig],
         wakeDispatcher: @escaping @Sendable () -> Void, clock: any WallClock, logger: Logger
     ) {
         self.log = log
@@ -283,7 +283,7 @@ struct Console: Sendable {
         return Self.render("overview", values)
     }
 
-    private func payopState(_ o: SQLiteEventLog.Overview, now: Int64) -> String {
+    private func payopState(_ o: EventLogOverview, now: Int64) -> String {
         if let problem = access.currentProblem { return "JWT refused: \(problem)" }
         guard let outcome = o.lastVerificationOutcome, let at = o.lastVerificationAt else {
             return "not asked yet (no IPN has needed it)"
@@ -302,9 +302,9 @@ struct Console: Sendable {
         func given(_ name: String) -> String? {
             query.get(name).map { $0.trimmingCharacters(in: .whitespaces) }.flatMap { $0.isEmpty ? nil : $0 }
         }
-        var filter = SQLiteEventLog.EventFilter(
+        var filter = EventFilter(
             type: given("type"), status: given("status"), state: given("state"), query: given("q"),
-            before: given("before").flatMap(SQLiteEventLog.EventCursor.init), limit: Self.pageSize + 1)
+            before: given("before").flatMap(EventCursor.init), limit: Self.pageSize + 1)
         if let state = filter.state, !["received", "verified", "rejected"].contains(state) { filter.state = nil }
         var found = try await log.events(filter)
         let more = found.count > Self.pageSize
@@ -329,7 +329,7 @@ struct Console: Sendable {
             components.queryItems =
                 [("q", filter.query), ("type", filter.type), ("status", filter.status), ("state", filter.state)]
                 .compactMap { name, value in value.map { URLQueryItem(name: name, value: $0) } }
-                + [URLQueryItem(name: "before", value: SQLiteEventLog.EventCursor(receivedAt: last.receivedAt, id: last.id).text)]
+                + [URLQueryItem(name: "before", value: EventCursor(receivedAt: last.receivedAt, id: last.id).text)]
             values["next"] = components.string ?? ""
         }
         return Self.render("events", values)
@@ -407,7 +407,7 @@ struct Console: Sendable {
         let state = query.get("state").flatMap { states.contains($0) ? $0 : nil }
         let hook = query.get("hook").flatMap { $0.isEmpty ? nil : $0 }
         let configured = hooks().map(\.name)
-        let found = try await log.deliveries(state: state, hook: hook, deadFirst: true, limit: 200)
+        let found = try await log.deliveries(state: state, hook: hook, eventID: nil, deadFirst: true, limit: 200)
         let dead = try await log.deadDeliveriesByHook()
         let orphans = try await log.orphanedDeliveries(configured: configured)
         var values = visit.base(title: "Deliveries")

@@ -1,0 +1,176 @@
+import Foundation
+import Logging
+import NIOPosix
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+
+/// The one connection a daemon keeps outside the pool, for what lasts as long as a session does:
+///
+/// - **its node id**: a session-level advisory lock on `storage.node_id`. Two daemons with one node id
+///   would each take the other's running deliveries for its own crashed ones and run them again, so the
+///   second is refused at start (as a second daemon on one SQLite file is).
+/// - **the reconcile leadership**: `pg_try_advisory_lock`, tried every `leaderRetry`. The leader alone
+///   re-asks Payop about decided events (see `PostgresEventLog.dueChecks`); when it dies, the server
+///   ends its session, the lock is free, and another daemon takes over at its next try.
+/// - **wake-ups**: `LISTEN payop_ipnd_work`. The log's transactions `NOTIFY` when they create work (an
+///   event to verify, a delivery due or freed), so every daemon starts at once instead of at its next
+///   due-time query, which stays the fallback for anything a lost notification would have said.
+///
+/// A lost connection is reopened every `reconnectDelay`; until then the node has no leadership, and
+/// `/readyz` names the problem.
+public final class PostgresSession: Service {
+    /// What a notification asks for.
+    public enum Work: String, Sendable {
+        case verify
+        case deliver
+    }
+
+    static let channel = "payop_ipnd_work"
+
+    let log: PostgresEventLog
+    let logger: Logger
+    let onWork: @Sendable (Work) -> Void
+    let leaderRetry: Duration
+    let reconnectDelay: Duration
+    private let connection: Mutex<PostgresConnection?>
+
+    private init(
+        log: PostgresEventLog, connection: PostgresConnection, logger: Logger, leaderRetry: Duration,
+        reconnectDelay: Duration, onWork: @escaping @Sendable (Work) -> Void
+    ) {
+        self.leaderRetry = leaderRetry
+        self.reconnectDelay = reconnectDelay
+        self.log = log
+        self.logger = logger
+        self.onWork = onWork
+        self.connection = Mutex(connection)
+    }
+
+    /// Connects and takes this node's lock; throws `.inUse` when another daemon holds the same node id.
+    public static func start(
+        log: PostgresEventLog, logger: Logger, leaderRetry: Duration = .seconds(5), reconnectDelay: Duration = .seconds(2),
+        onWork: @escaping @Sendable (Work) -> Void
+    ) async throws(EventLogError) -> PostgresSession {
+        log.setReconcileLeader(false)
+        let connection = try await connect(log: log, logger: logger)
+        return PostgresSession(
+            log: log, connection: connection, logger: logger, leaderRetry: leaderRetry, reconnectDelay: reconnectDelay,
+            onWork: onWork)
+    }
+
+    static func connect(log: PostgresEventLog, logger: Logger) async throws(EventLogError) -> PostgresConnection {
+        let where_ = log.location
+        let connection: PostgresConnection
+        do {
+            connection = try await PostgresConnection.connect(
+                on: MultiThreadedEventLoopGroup.singleton.any(), configuration: log.configuration.connectionConfiguration(),
+                id: 0, logger: logger)
+        } catch {
+            throw PostgresEventLog.mapError(error, "cannot open the session connection to \(where_)")
+        }
+        do {
+            let node = log.nodeID
+            let locked = try await connection.query(
+                "SELECT pg_try_advisory_lock(hashtextextended('payop-ipnd/node/' || current_schema() || '/' || \(node), 0))",
+                logger: logger
+            ).collect().first?.decode(Bool.self)
+            guard locked == true else {
+                try? await connection.close()
+                throw EventLogError(
+                    .inUse,
+                    "another payop-ipnd is running with storage.node_id \(node) on \(where_): give each daemon its own "
+                        + "node_id (the default is the host name)")
+            }
+            return connection
+        } catch let error as EventLogError {
+            throw error
+        } catch {
+            try? await connection.close()
+            throw PostgresEventLog.mapError(error, "cannot take this node's lock on \(where_)")
+        }
+    }
+
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                if let connection = self.connection.withLock({ $0 }) {
+                    await self.serve(connection)
+                    self.log.setReconcileLeader(false)
+                    try? await connection.close()
+                    self.connection.withLock { $0 = nil }
+                    guard !Task.isCancelled else { break }
+                    self.log.setSessionProblem("the session connection to PostgreSQL was lost; reconnecting")
+                    self.logger.warning("PostgreSQL session lost: reconnecting", metadata: ["database": "\(self.log.location)"])
+                }
+                try? await Task.sleep(for: self.reconnectDelay)
+                guard !Task.isCancelled else { break }
+                do {
+                    let connection = try await Self.connect(log: self.log, logger: self.logger)
+                    self.connection.withLock { $0 = connection }
+                    self.log.setSessionProblem(nil)
+                    self.logger.notice("PostgreSQL session restored", metadata: ["database": "\(self.log.location)"])
+                    // Whatever was notified meanwhile: look now.
+                    self.onWork(.verify)
+                    self.onWork(.deliver)
+                } catch let error as EventLogError {
+                    self.log.setSessionProblem(error.message)
+                } catch {
+                    self.log.setSessionProblem("\(error)")
+                }
+            }
+        }
+        log.setReconcileLeader(false)
+        if let connection = connection.withLock({ $0 }) { try? await connection.close() }
+    }
+
+    /// Listens and tries for the leadership until the connection fails or the task is cancelled.
+    private func serve(_ connection: PostgresConnection) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                do {
+                    try await connection.listen(on: Self.channel) { notifications in
+                        for try await notification in notifications {
+                            if let work = Work(rawValue: notification.payload) { self.onWork(work) }
+                        }
+                    }
+                } catch {
+                    self.logger.debug("PostgreSQL notifications ended", metadata: ["error": "\(PostgresEventLog.describe(error))"])
+                }
+            }
+            group.addTask {
+                do {
+                    while !Task.isCancelled {
+                        if !self.log.isReconcileLeader {
+                            let won = try await connection.query(
+                                """
+                                SELECT pg_try_advisory_lock(hashtextextended('payop-ipnd/reconcile/' || current_schema(), 0))
+                                """, logger: self.logger
+                            ).collect().first?.decode(Bool.self)
+                            if won == true {
+                                self.log.setReconcileLeader(true)
+                                self.logger.notice("this daemon now re-asks Payop about decided events (reconcile leader)")
+                                self.onWork(.verify)
+                            }
+                        } else {
+                            // Proves the session (and so the lock) is still there.
+                            try await connection.query("SELECT 1", logger: self.logger)
+                        }
+                        try await Task.sleep(for: self.leaderRetry)
+                    }
+                } catch {
+                    self.logger.debug("PostgreSQL session check ended", metadata: ["error": "\(PostgresEventLog.describe(error))"])
+                }
+            }
+            await group.next()
+            group.cancelAll()
+        }
+    }
+}
+
+extension PostgresEventLog {
+    /// Tells every daemon listening (this one too) that work is waiting; delivered at commit.
+    static func notify(_ work: PostgresSession.Work, _ connection: PostgresConnection, _ logger: Logger) async throws {
+        try await connection.query("SELECT pg_notify(\(PostgresSession.channel), \(work.rawValue))", logger: logger)
+    }
+}
