@@ -118,7 +118,7 @@ import Glibc
         defer { taken.close() }
         let busy = await Doctor.listenerCheck("IPN listener", ListenAddress(host: "127.0.0.1", port: taken.port), running: nil)
         #expect(busy.verdict == .fail && busy.fix?.contains("ss -ltnp") == true)
-        let ours = await Doctor.listenerCheck("IPN listener", ListenAddress(host: "127.0.0.1", port: taken.port), running: 42)
+        let ours = await Doctor.listenerCheck("IPN listener", ListenAddress(host: "127.0.0.1", port: taken.port), running: "pid 42")
         #expect(ours.verdict == .ok && ours.detail.contains("pid 42"))
     }
 

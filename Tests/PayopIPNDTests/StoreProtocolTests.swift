@@ -3,27 +3,14 @@ import Testing
 
 @testable import PayopIPND
 
-/// What the store-protocol tests ask of an event log: the three stage protocols plus the few queries
-/// the tests read results with. Both logs have them with the same signatures.
-protocol LogUnderTest: EventStore, VerificationStore, DeliveryStore {
-    func setHooks(_ hooks: [HookConfig])
-    func setVerificationPolicy(_ policy: VerificationPolicy)
-    func event(id: String, receiptBodies: Int?, receiptLimit: Int?) async throws(EventLogError) -> EventDetail?
-    func counts() async throws(EventLogError) -> (events: Int, receipts: Int)
-    func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt]
-    func deliveries(state: String?, hook: String?, eventID: String?, deadFirst: Bool, limit: Int)
-        async throws(EventLogError) -> [Delivery]
-    func replay(eventID: String, hook: String?, hooks: [HookConfig], now: Int64) async throws(EventLogError) -> Int
-}
+/// The store-protocol tests run against any event log.
+typealias LogUnderTest = EventLog
 
 extension LogUnderTest {
     func event(id: String) async throws(EventLogError) -> EventDetail? {
         try await event(id: id, receiptBodies: nil, receiptLimit: nil)
     }
 }
-
-extension SQLiteEventLog: LogUnderTest {}
-extension PostgresEventLog: LogUnderTest {}
 
 /// The backends the store-protocol suite runs against: SQLite always, PostgreSQL when
 /// `PAYOP_IPND_TEST_POSTGRES` names a server (see `PostgresTestServer`).
@@ -375,6 +362,111 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
             _ = try await log.ingest(try signedIPN(order: "2"))
             #expect(try await log.orphanedDeliveries(configured: ["kept"]) == ["old": 2])
             #expect(try await log.orphanedDeliveries(configured: ["kept", "old"]).isEmpty)
+        }
+    }
+
+    // MARK: - What the console and the command-line tools ask
+
+    /// Three checkouts and a signed order, two hooks: one event dead for "fulfil", one delivered.
+    static func populate(_ log: any LogUnderTest) async throws -> (dead: String, delivered: String) {
+        log.setHooks([storeHook("fulfil", attempts: 1), storeHook("crm", events: ["refund.*"])])
+        for (index, state) in [4, 2, 2].enumerated() {
+            _ = try await log.ingest(
+                try storeIPN(checkoutBody(transaction: "tx-\(index)", state: state), at: storeStart + Int64(index)))
+        }
+        let dead = try await log.ingest(try signedIPN(order: "o-dead", at: storeStart + 10)).eventID
+        let delivered = try await log.ingest(try signedIPN(order: "o-done", at: storeStart + 11)).eventID
+        for (eventID, outcome) in [(dead, HookResult.Outcome.failed(retryAfterMilliseconds: nil)), (delivered, .delivered)] {
+            let delivery = try #require(
+                try await log.deliveries(state: "pending", hook: "fulfil", eventID: eventID, deadFirst: false, limit: 1)
+                    .first)
+            _ = try #require(try await log.claimDelivery(id: delivery.id, now: storeStart + 20))
+            _ = try await log.finishDelivery(
+                id: delivery.id, attempt: 1, result: HookResult(outcome: outcome), maxAttempts: 1,
+                backoff: deliveryBackoff, now: storeStart + 30)
+        }
+        return (dead, delivered)
+    }
+
+    @Test(arguments: Backend.enabled)
+    func eventsAreFoundByAnyOfTheirIdsAndPagedNewestFirstWithoutGaps(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            _ = try await Self.populate(log)
+            let all = try await log.events(EventFilter(limit: 50))
+            #expect(all.count == 5 && all.map(\.receivedAt) == all.map(\.receivedAt).sorted(by: >))
+            #expect(try await log.events(EventFilter(query: "order-tx-1")).map(\.orderID) == ["order-tx-1"])
+            #expect(try await log.events(EventFilter(query: "tx-2")).map(\.transactionID) == ["tx-2"])
+            #expect(try await log.events(EventFilter(query: "o-dead")).count == 1)
+            let type = try #require(all.first { $0.transactionID == "tx-0" }).type
+            let ofType = try await log.events(EventFilter(type: type))
+            #expect(ofType.contains { $0.transactionID == "tx-0" } && ofType.allSatisfy { $0.type == type })
+            #expect(try await log.events(EventFilter(state: "verified")).count == 2)
+            #expect(try await log.events(EventFilter(status: "accepted", since: storeStart + 2)).count == 3)
+            var pages: [String] = []
+            var cursor: EventCursor?
+            repeat {
+                let page = try await log.events(EventFilter(before: cursor, limit: 2))
+                pages += page.map(\.id)
+                cursor = page.last.map { EventCursor(receivedAt: $0.receivedAt, id: $0.id) }
+            } while cursor != nil
+            #expect(pages == all.map(\.id))
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
+    func overviewCountsTheDayAndDeliveriesAndReplayDeadRequeuesOneHooksDeadOnes(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            let (dead, _) = try await Self.populate(log)
+            try await log.recordRefused(
+                RefusedIPN(
+                    receivedAt: storeStart + 40, sourceIP: "198.51.100.7", path: "/payop/ipn", reason: .invalidJSON,
+                    body: Array("x".utf8), notification: nil))
+            let now = storeStart + 60_000
+            let overview = try await log.overview(now: now)
+            #expect(overview.ipnsLastHour == 5 && overview.ipnsLastDay == 5 && overview.refusedLastDay == 1)
+            #expect(overview.eventsLastHour == 5 && overview.awaitingVerification == 3)
+            #expect(overview.deliveries == DeliveryCounts(pending: 0, running: 0, dead: 1))
+            #expect(overview.lastIPNAt == storeStart + 11 && overview.ipnsPerMinute.reduce(0, +) == 5)
+            #expect(overview.ipnsPerMinute.count == 1440 && overview.ipnsPerMinute[1438...].reduce(0, +) == 5)
+            #expect(try await log.deliveryCounts() == DeliveryCounts(pending: 0, running: 0, dead: 1))
+            #expect(try await log.deadDeliveriesByHook() == ["fulfil": 1])
+            #expect(try await log.replayDead(hook: "crm", now: now) == 0)
+            #expect(try await log.replayDead(hook: "fulfil", now: now) == 1)
+            let requeued = try await log.deliveries(state: "pending", hook: "fulfil", eventID: dead, deadFirst: false, limit: 5)
+            #expect(requeued.count == 1 && requeued.first?.lastError == nil)
+            #expect(try await log.deadDeliveriesByHook().isEmpty)
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
+    func replaySkipsHooksNoLongerConfigured(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            let (_, delivered) = try await Self.populate(log)
+            #expect(try await log.replay(eventID: delivered, hook: nil, hooks: [storeHook("crm", events: ["refund.*"])], now: storeStart + 99) == 0)
+            #expect(try await log.replay(eventID: delivered, hook: nil, hooks: [storeHook("fulfil")], now: storeStart + 99) == 1)
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
+    func pruneKeepsEventsTheirFirstCopyAndDeadDeliveries(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            let (dead, delivered) = try await Self.populate(log)
+            _ = try await log.ingest(try signedIPN(order: "o-done", at: storeStart + 50))  // a later copy
+            let result = try await log.prune(before: storeStart + 1_000)
+            #expect(result == PruneResult(receipts: 1, deliveries: 1))
+            #expect(try await log.counts() == (events: 5, receipts: 5))
+            let kept = try #require(try await log.event(id: delivered))
+            #expect(kept.event.ipn != nil && kept.deliveries.isEmpty && kept.deliveryAttempts.isEmpty)
+            #expect(try await log.event(id: dead)?.deliveries.map(\.state) == [.dead])
+            #expect(try await log.prune(before: storeStart + 1_000) == PruneResult(receipts: 0, deliveries: 0))
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
+    func aWritableLogSaysSo(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            try await log.checkWritable()
+            #expect(!log.location.isEmpty)
         }
     }
 }

@@ -50,6 +50,15 @@ public protocol EventLog: EventStore, VerificationStore, DeliveryStore {
     func prune(before cutoff: Int64) async throws(EventLogError) -> PruneResult
 }
 
+/// What a shared log reports about its connections and claims (`/metrics`).
+public protocol StorageMetrics: Sendable {
+    func storageConnections(inUse: Int, poolSize: Int)
+    func storageConnectionWait(milliseconds: Int64)
+    /// How long claiming took: `delivery` (a hook's run) or `check` (questions to Payop).
+    func storageClaim(_ what: String, milliseconds: Int64)
+    func reconcileLeader(_ leader: Bool)
+}
+
 public struct EventFilter: Sendable {
     public var type: String?
     public var status: String?

@@ -137,20 +137,33 @@ struct LimitOption: ParsableArguments {
 
 struct CheckConfigCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "check-config", abstract: "Validate the configuration and the files it names.")
+        commandName: "check-config",
+        abstract: "Validate the configuration and the files it names (and connect to PostgreSQL when it is the log).")
 
     @OptionGroup var config: ConfigOption
 
     func run() async throws {
         try await reportingFailures {
+            let loaded: DaemonConfig
             do {
-                let (_, warnings) = try ConfigLoader.load(path: config.path)
+                let (config, warnings) = try ConfigLoader.load(path: config.path)
                 for warning in warnings { print(warning) }
-                print("\(config.path): ok")
+                loaded = config
             } catch let error as ConfigError {
                 for problem in error.problems { print(problem) }
                 throw CommandFailure.user("\(config.path): \(error.problems.filter { $0.severity == .error }.count) problem(s)")
             }
+            if loaded.storage.backend == .postgresql {
+                // A shared log is only as good as the connection to it: try it now, as the daemon will.
+                let password = try Secrets.read(loaded.storage.passwordFile, key: "storage.password_file")
+                let configuration = try loaded.storage.postgres(password: password)
+                let report = try await PostgresEventLog.probe(configuration)
+                print("storage: \(configuration.displayName): \(report.summary)")
+                if report.nodeInUse {
+                    print("storage: a daemon with node_id \(configuration.nodeID) is connected now (this one, if it runs here)")
+                }
+            }
+            print("\(config.path): ok")
         }
     }
 }

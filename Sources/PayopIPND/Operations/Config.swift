@@ -83,6 +83,9 @@ public struct DaemonConfig: Sendable {
         public var nodeID = Storage.hostName
         /// postgresql: connections this daemon keeps at most.
         public var poolSize = 8
+        /// postgresql: how long a delivery a daemon claimed stays its own without a renewal (renewed every
+        /// third of it while the hook runs); a delivery whose daemon died is taken over after it.
+        public var leaseSeconds = 60
 
         public static var hostName: String {
             let name = ProcessInfo.processInfo.hostName
@@ -103,6 +106,9 @@ public struct DaemonConfig: Sendable {
             guard let url else { throw EventLogError(.misconfigured, "storage.url is not set") }
             var configuration = try PostgresEventLogConfiguration(url: url, password: password, nodeID: nodeID)
             configuration.poolSize = poolSize
+            configuration.deliveryLeaseMilliseconds = Int64(leaseSeconds) * 1000
+            // A question to Payop must end (payop.timeout_seconds, 10 by default) well inside its claim.
+            configuration.checkLeaseMilliseconds = Int64(max(leaseSeconds * 2, 30)) * 1000
             return configuration
         }
     }

@@ -260,7 +260,9 @@ private final class Reader {
         guard
             let map = mapping(
                 node, "storage",
-                known: ["backend", "path", "retention_days", "url", "password_file", "node_id", "pool_size"])
+                known: [
+                    "backend", "path", "retention_days", "url", "password_file", "node_id", "pool_size", "lease_seconds",
+                ])
         else { return }
         if let text = string(map["backend"], "storage.backend") {
             if let backend = DaemonConfig.Storage.Backend(rawValue: text) {
@@ -276,7 +278,7 @@ private final class Reader {
             storage.retentionDays = days
         }
         guard storage.backend == .postgresql else {
-            for key in ["url", "password_file", "node_id", "pool_size"] where map[key] != nil {
+            for key in ["url", "password_file", "node_id", "pool_size", "lease_seconds"] where map[key] != nil {
                 warning("storage.\(key)", map[key], "is read only with storage.backend: postgresql; ignored")
             }
             return
@@ -304,6 +306,13 @@ private final class Reader {
                 error("storage.node_id", map["node_id"], "must be 1 to 63 letters, digits, '.', '_' or '-', like shop-1")
             } else {
                 storage.nodeID = node
+            }
+        }
+        if let seconds = integer(map["lease_seconds"], "storage.lease_seconds", minimum: 3) {
+            if seconds > 3600 {
+                error("storage.lease_seconds", map["lease_seconds"], "must be at most 3600")
+            } else {
+                storage.leaseSeconds = seconds
             }
         }
         if let size = integer(map["pool_size"], "storage.pool_size", minimum: 2) {

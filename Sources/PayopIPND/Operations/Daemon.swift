@@ -58,7 +58,7 @@ public struct Daemon: Sendable {
         case .postgresql:
             let log = PostgresEventLog(
                 configuration: try config.storage.postgres(password: secrets.storagePassword), clock: clock,
-                logger: logger)
+                logger: logger, metrics: metrics)
             // The pool runs for the whole life of the daemon, and stops after every service has.
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { await log.run() }

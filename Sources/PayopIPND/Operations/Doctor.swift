@@ -48,17 +48,15 @@ public struct Doctor: Sendable {
                 checks.append(
                     .init(name: "config", verdict: .warn, detail: warning.description, fix: "see the message; `check-config` lists the same"))
             }
-        } catch let error as ConfigError {
+        } catch {
             for problem in error.problems where problem.severity == .error {
                 checks.append(
                     .init(name: "config", verdict: .fail, detail: problem.description, fix: "edit \(error.path) as the message says"))
             }
             return checks
-        } catch {
-            return [.init(name: "config", verdict: .fail, detail: "\(error)", fix: "check \(configPath)")]
         }
         checks.append(secrets(config))
-        checks.append(eventLog(config))
+        checks.append(await eventLog(config))
         checks += await listeners(config)
         checks += await payop(config)
         checks += await hooks(config)
@@ -81,7 +79,8 @@ public struct Doctor: Sendable {
         }
     }
 
-    func eventLog(_ config: DaemonConfig) -> DoctorCheck {
+    func eventLog(_ config: DaemonConfig) async -> DoctorCheck {
+        guard config.storage.backend == .sqlite else { return await sharedEventLog(config) }
         let path = config.storage.path
         var directory = (path as NSString).deletingLastPathComponent
         if directory.isEmpty { directory = "." }
@@ -111,8 +110,24 @@ public struct Doctor: Sendable {
         return .init(name: "event log", verdict: .ok, detail: "\(path), \(free / 1_048_576) MB free")
     }
 
+    /// The PostgreSQL log: reachable, durable, writable by this user, a schema this build knows.
+    func sharedEventLog(_ config: DaemonConfig) async -> DoctorCheck {
+        do {
+            let password = try Secrets.read(config.storage.passwordFile, key: "storage.password_file")
+            let configuration = try config.storage.postgres(password: password)
+            let report = try await PostgresEventLog.probe(configuration)
+            return .init(name: "event log", verdict: .ok, detail: "\(configuration.displayName): \(report.summary)")
+        } catch let error as EventLogError {
+            return .init(
+                name: "event log", verdict: .fail, detail: error.message,
+                fix: "see the message; `check-config` connects the same way")
+        } catch {
+            return .init(name: "event log", verdict: .fail, detail: "\(error)", fix: "check storage.password_file")
+        }
+    }
+
     func listeners(_ config: DaemonConfig) async -> [DoctorCheck] {
-        let running = runningDaemon(config)
+        let running = await runningDaemon(config)
         var checks: [DoctorCheck] = []
         for (name, address) in [("IPN listener", config.server.listen), ("admin listener", config.admin.listen)] {
             checks.append(await Self.listenerCheck(name, address, running: running))
@@ -120,12 +135,13 @@ public struct Doctor: Sendable {
         return checks
     }
 
-    static func listenerCheck(_ name: String, _ address: ListenAddress, running: Int?) async -> DoctorCheck {
+    /// `running`: the daemon of this configuration, when one runs (`pid N`, `node N`).
+    static func listenerCheck(_ name: String, _ address: ListenAddress, running: String?) async -> DoctorCheck {
             switch await Self.canBind(address) {
             case nil:
                 return .init(name: name, verdict: .ok, detail: "\(address) is free to bind")
             case EADDRINUSE? where running != nil:
-                return .init(name: name, verdict: .ok, detail: "\(address) is served by the running daemon (pid \(running!))")
+                return .init(name: name, verdict: .ok, detail: "\(address) is served by the running daemon (\(running!))")
             case EADDRINUSE?:
                 return .init(
                     name: name, verdict: .fail, detail: "\(address) is used by another program",
@@ -137,9 +153,19 @@ public struct Doctor: Sendable {
             }
     }
 
-    /// The pid of a daemon serving this log, if one is.
-    func runningDaemon(_ config: DaemonConfig) -> Int? {
-        EventLogLock.holder(logPath: config.storage.path)
+    /// The daemon of this configuration, if one runs: the SQLite log's lock names its pid; on a shared
+    /// log, its node id's session lock tells.
+    func runningDaemon(_ config: DaemonConfig) async -> String? {
+        switch config.storage.backend {
+        case .sqlite:
+            return EventLogLock.holder(logPath: config.storage.path).map { "pid \($0)" }
+        case .postgresql:
+            guard let password = try? Secrets.read(config.storage.passwordFile, key: "storage.password_file"),
+                let configuration = try? config.storage.postgres(password: password),
+                let report = try? await PostgresEventLog.probe(configuration), report.nodeInUse
+            else { return nil }
+            return "node \(configuration.nodeID)"
+        }
     }
 
     /// nil when `address` can be bound now, else errno.

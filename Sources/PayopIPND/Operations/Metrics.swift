@@ -5,7 +5,7 @@ import Synchronization
 
 /// The daemon's metrics through swift-metrics, kept in one Prometheus registry per daemon (so tests
 /// get their own). Every name starts with `payop_ipnd_`.
-public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryMetrics, Sendable {
+public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryMetrics, StorageMetrics, Sendable {
     public let registry = PrometheusCollectorRegistry()
     private let factory: PrometheusMetricsFactory
     private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
@@ -77,6 +77,26 @@ public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryM
     func deliveryBacklog(pending: Int, dead deadCount: Int) {
         backlog.record(pending)
         dead.record(deadCount)
+    }
+
+    // A shared (PostgreSQL) log's pool and claims.
+
+    public func storageConnections(inUse: Int, poolSize: Int) {
+        Gauge(label: "payop_ipnd_storage_connections_in_use", factory: factory).record(inUse)
+        Gauge(label: "payop_ipnd_storage_pool_size", factory: factory).record(poolSize)
+    }
+
+    public func storageConnectionWait(milliseconds: Int64) {
+        Timer(label: "payop_ipnd_storage_connection_wait_seconds", factory: factory).recordMilliseconds(milliseconds)
+    }
+
+    public func storageClaim(_ what: String, milliseconds: Int64) {
+        Timer(label: "payop_ipnd_storage_claim_seconds", dimensions: [("what", what)], factory: factory)
+            .recordMilliseconds(milliseconds)
+    }
+
+    public func reconcileLeader(_ leader: Bool) {
+        Gauge(label: "payop_ipnd_reconcile_leader", factory: factory).record(leader ? 1 : 0)
     }
 
     /// The Prometheus text exposition.

@@ -117,7 +117,8 @@ extension PostgresEventLog: DeliveryStore {
     public func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
         let node = nodeID
         let leaseEnd = now + configuration.deliveryLeaseMilliseconds
-        return try await transaction("the event log could not record the delivery's start") { connection, logger in
+        return try await timedClaim("delivery") { () async throws(EventLogError) in
+        try await transaction("the event log could not record the delivery's start") { connection, logger in
             // SKIP LOCKED: another daemon claiming or finishing it right now has it.
             guard let found = try await Self.delivery(connection, logger, id, lock: "FOR UPDATE SKIP LOCKED") else {
                 return nil
@@ -155,6 +156,7 @@ extension PostgresEventLog: DeliveryStore {
             delivery.attempts = progress.attempts
             delivery.nextAttemptAt = nil
             return DeliveryClaim(delivery: delivery, attempt: attempt, event: try Event(postgres: row.makeRandomAccess()))
+        }
         }
     }
 

@@ -16,7 +16,8 @@ extension PostgresEventLog: VerificationStore {
         let node = nodeID
         let leader = isReconcileLeader
         let leaseEnd = now + configuration.checkLeaseMilliseconds
-        return try await transaction("cannot claim the questions due to Payop") { connection, logger in
+        return try await timedClaim("check") { () async throws(EventLogError) in
+        try await transaction("cannot claim the questions due to Payop") { connection, logger in
             // SKIP LOCKED: rows another daemon is claiming or answering right now are simply not ours.
             var candidates: [DueCheck] = []
             for row in try await connection.query(
@@ -66,6 +67,7 @@ extension PostgresEventLog: VerificationStore {
                 claimed.insert(id)
             }
             return firsts.filter { claimed.contains($0.eventID) }
+        }
         }
     }
 

@@ -36,8 +36,15 @@ public final class PostgresEventLog: EventStore, Service {
     /// Why this daemon's session is not whole (its connection lost, its node id taken), for `/readyz`.
     private let sessionTrouble = Mutex<String?>(nil)
 
+    let metrics: (any StorageMetrics)?
+    /// Pool connections leased now (for the metrics).
+    private let leasedConnections = Atomic<Int>(0)
+
     public var isReconcileLeader: Bool { reconcileLeader.load(ordering: .relaxed) }
-    func setReconcileLeader(_ leader: Bool) { reconcileLeader.store(leader, ordering: .relaxed) }
+    func setReconcileLeader(_ leader: Bool) {
+        reconcileLeader.store(leader, ordering: .relaxed)
+        metrics?.reconcileLeader(leader)
+    }
     var sessionProblem: String? { sessionTrouble.withLock { $0 } }
     func setSessionProblem(_ problem: String?) { sessionTrouble.withLock { $0 = problem } }
 
@@ -45,11 +52,13 @@ public final class PostgresEventLog: EventStore, Service {
 
     public init(
         configuration: PostgresEventLogConfiguration, clock: any WallClock = SystemWallClock(),
-        logger: Logger = Logger(label: "payop-ipnd.event-log", factory: { _ in SwiftLogNoOpLogHandler() })
+        logger: Logger = Logger(label: "payop-ipnd.event-log", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metrics: (any StorageMetrics)? = nil
     ) {
         self.configuration = configuration
         self.clock = clock
         self.logger = logger
+        self.metrics = metrics
         self.client = PostgresClient(configuration: configuration.clientConfiguration, backgroundLogger: logger)
     }
 
@@ -188,7 +197,7 @@ public final class PostgresEventLog: EventStore, Service {
         while true {
             tries += 1
             do {
-                return try await client.withConnection { connection in
+                return try await leased { connection in
                     try await connection.query("BEGIN", logger: logger)
                     let value: T
                     do {
@@ -211,18 +220,52 @@ public final class PostgresEventLog: EventStore, Service {
         }
     }
 
+    /// A pooled connection for `body`, with how long it took to get and how many are out, measured.
+    private func leased<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        let asked = ContinuousClock.now
+        return try await client.withConnection { connection in
+            if let metrics {
+                metrics.storageConnectionWait(milliseconds: Self.milliseconds(since: asked))
+                let out = leasedConnections.wrappingAdd(1, ordering: .relaxed).newValue
+                metrics.storageConnections(inUse: out, poolSize: configuration.poolSize)
+            }
+            defer {
+                let out = leasedConnections.wrappingSubtract(1, ordering: .relaxed).newValue
+                metrics?.storageConnections(inUse: out, poolSize: configuration.poolSize)
+            }
+            return try await body(connection)
+        }
+    }
+
+    static func milliseconds(since start: ContinuousClock.Instant) -> Int64 {
+        let elapsed = (ContinuousClock.now - start).components
+        return elapsed.seconds * 1000 + elapsed.attoseconds / 1_000_000_000_000_000
+    }
+
+    /// Runs a claim, timing it for the metrics.
+    func timedClaim<T>(_ what: String, _ body: () async throws(EventLogError) -> T) async throws(EventLogError) -> T {
+        let start = ContinuousClock.now
+        defer { metrics?.storageClaim(what, milliseconds: Self.milliseconds(since: start)) }
+        return try await body()
+    }
+
     /// One read outside an explicit transaction.
     func read<T: Sendable>(_ what: String, _ body: @Sendable (PostgresConnection, Logger) async throws -> T)
         async throws(EventLogError) -> T
     {
         let logger = self.logger
         do {
-            return try await client.withConnection { connection in try await body(connection, logger) }
+            return try await leased { connection in try await body(connection, logger) }
         } catch let error as EventLogError {
             throw error
         } catch {
             throw Self.mapError(error, what)
         }
+    }
+
+    static func isTLSFailure(_ error: PSQLError) -> Bool {
+        let underlying = error.underlying.map { String(reflecting: $0) } ?? ""
+        return ["SSL", "TLS", "certificate", "handshake"].contains { underlying.localizedCaseInsensitiveContains($0) }
     }
 
     /// SQLSTATE 40001 (serialization_failure) and 40P01 (deadlock_detected): the same work again succeeds.
@@ -239,7 +282,7 @@ public final class PostgresEventLog: EventStore, Service {
                 let state = info[.sqlState] ?? "?"
                 return "PostgreSQL \(state): \(info[.message] ?? "no message")"
             }
-            return "PostgreSQL client: \(error.code)"
+            return "PostgreSQL client: \(error.code)" + (error.underlying.map { ": \($0)" } ?? "")
         }
         return String(describing: error)
     }
@@ -257,6 +300,9 @@ public final class PostgresEventLog: EventStore, Service {
                 message += ": the user lacks a privilege on the database (it needs to create tables and write them)"
             case (.sslUnsupported, _):
                 message += ": the server does not offer TLS (use sslmode=disable only on a trusted network)"
+            case (.connectionError, _) where Self.isTLSFailure(error):
+                message += ": the TLS handshake failed (\(Self.describe(error))). With sslmode=verify-full the "
+                    + "server's certificate must name the host in storage.url and be signed by a CA this machine trusts"
             case (.connectionError, _), (.serverClosedConnection, _), (.poolClosed, _):
                 message += ": PostgreSQL is not reachable"
             default:
