@@ -178,4 +178,65 @@ import Testing
         #expect(errors.allSatisfy { $0.message.contains("does not exist") }, "\(errors)")
         #expect(!errors.isEmpty)
     }
+
+    @Test func aPostgreSQLLogIsConfiguredByURLNodeIDPoolAndLease() throws {
+        let config = try ConfigLoader.parse(
+            """
+            storage:
+              backend: postgresql
+              url: postgres://payop@db.internal:6432/payop?sslmode=verify-ca
+              node_id: shop-2
+              pool_size: 12
+              lease_seconds: 30
+            """, environment: [:]
+        ).config
+        #expect(config.storage.backend == .postgresql && config.storage.nodeID == "shop-2")
+        let postgres = try config.storage.postgres(password: "pw")
+        #expect(postgres.host == "db.internal" && postgres.port == 6432 && postgres.database == "payop")
+        #expect(postgres.username == "payop" && postgres.password == "pw" && postgres.tls == .verifyCA)
+        #expect(postgres.poolSize == 12 && postgres.deliveryLeaseMilliseconds == 30_000)
+        #expect(postgres.checkLeaseMilliseconds == 60_000 && postgres.nodeID == "shop-2")
+        #expect(config.storage.location == "db.internal:6432/payop")
+        // TLS is verified unless the URL says otherwise; the node id defaults to the host name.
+        let plain = try ConfigLoader.parse(
+            "storage: {backend: postgresql, url: 'postgres://u@h/d'}", environment: [:]
+        ).config.storage
+        #expect(try plain.postgres(password: nil).tls == .verifyFull)
+        #expect(plain.nodeID == DaemonConfig.Storage.hostName && !plain.nodeID.isEmpty)
+    }
+
+    @Test func aPostgreSQLLogWithoutUsableSettingsIsRefusedKeyByKey() {
+        let missing = problems("storage: {backend: postgresql}").filter { $0.severity == .error }
+        #expect(missing.map(\.key) == ["storage.url"])
+        let found = problems(
+            """
+            storage:
+              backend: postgres
+            """
+        ).filter { $0.severity == .error }
+        #expect(found.map(\.key) == ["storage.backend"])
+        let bad = problems(
+            """
+            storage:
+              backend: postgresql
+              url: postgres://payop:hunter2@db/payop
+              node_id: "shop 1"
+              pool_size: 1
+              lease_seconds: 1
+            """
+        ).filter { $0.severity == .error }
+        #expect(
+            Set(bad.map(\.key))
+                == ["storage.url", "storage.node_id", "storage.pool_size", "storage.lease_seconds"])
+        #expect(bad.first { $0.key == "storage.url" }?.message.contains("password_file") == true)
+        #expect(!bad.contains { $0.message.contains("hunter2") })
+        let sslmode = problems("storage: {backend: postgresql, url: 'postgres://u@h/d?sslmode=maybe'}")
+        #expect(sslmode.contains { $0.key == "storage.url" && $0.message.contains("verify-full") })
+    }
+
+    @Test func postgreSQLKeysOnAnSQLiteLogAreNamedAsIgnored() {
+        let found = problems("storage: {url: 'postgres://u@h/d', node_id: a}")
+        #expect(found.allSatisfy { $0.severity == .warning })
+        #expect(Set(found.map(\.key)).isSuperset(of: ["storage.url", "storage.node_id"]))
+    }
 }
