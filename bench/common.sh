@@ -49,3 +49,26 @@ hooks:
     events: ["checkout.*"]
 YAML
 }
+
+# start_postgres DIR PORT starts a throwaway PostgreSQL cluster in DIR on 127.0.0.1:PORT (fsync and
+# synchronous_commit on, as the daemon requires; trust authentication on loopback) with a database
+# `payop`, installing Debian's postgresql when missing. stop_postgres DIR stops it.
+start_postgres() {
+    local dir=$1 port=$2 bin as=()
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || install_missing postgres-missing:postgresql
+    bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    mkdir -p "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; as=(runuser -u postgres --); fi
+    "${as[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync --no-instructions >/dev/null
+    "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=on -c synchronous_commit=on" \
+        start >/dev/null
+    "${as[@]}" "$bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -c "CREATE DATABASE payop" >/dev/null
+}
+
+stop_postgres() {
+    local dir=$1 bin as=()
+    bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+    [ -d "$dir/data" ] && "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+}

@@ -2,9 +2,15 @@
 # Durable IPN ingest against nginx's bare `return 200` and Debian's `webhook` daemon running /bin/true,
 # in the same run, on this machine: wrk -t2 -c16 -d10s, a unique IPN body per request.
 #
-#   bench/ingest.sh [SECONDS] [CONNECTIONS]
+#   bench/ingest.sh [SECONDS] [CONNECTIONS]                        the SQLite log
+#   bench/ingest.sh --backend postgresql [SECONDS] [CONNECTIONS]   a PostgreSQL log on this machine
+#                                                                  (a throwaway cluster), one daemon and
+#                                                                  then two sharing it
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BACKEND=sqlite
+if [ "${1:-}" = "--backend" ]; then BACKEND=$2; shift 2; fi
+case $BACKEND in sqlite|postgresql) ;; *) echo "--backend is sqlite or postgresql"; exit 2 ;; esac
 DURATION=${1:-10}
 CONNECTIONS=${2:-16}
 BASE=${BASE_PORT:-18380}
@@ -14,7 +20,12 @@ install_missing wrk:wrk nginx:nginx-light webhook:webhook
 BIN=$(release_binary payop-ipnd)
 WORK=$(mktemp -d /tmp/payop-ipnd-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.2; rm -rf "$WORK"; }
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.2
+    [ "$BACKEND" = postgresql ] && stop_postgres "$WORK/pg"
+    rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 
@@ -42,17 +53,30 @@ JSON
 webhook -hooks "$WORK/hooks.json" -ip 127.0.0.1 -port $((BASE + 2)) >"$WORK/webhook.log" 2>&1 &
 PIDS+=($!)
 
-# payop-ipnd: synchronous=FULL, group commit.
-cat >"$WORK/config.yaml" <<YAML
+# payop-ipnd: SQLite with synchronous=FULL and group commit, or PostgreSQL with synchronous_commit=on.
+if [ "$BACKEND" = postgresql ]; then
+    start_postgres "$WORK/pg" $((BASE + 9))
+    STORAGE="  backend: postgresql
+  url: postgres://postgres@127.0.0.1:$((BASE + 9))/payop?sslmode=disable
+  pool_size: 16"
+else
+    STORAGE="  path: $WORK/events.sqlite3"
+fi
+daemon_config() { # FILE IPN_PORT ADMIN_PORT NODE
+    cat >"$1" <<YAML
 log_level: warning
 server:
-  listen: 127.0.0.1:$BASE
+  listen: 127.0.0.1:$2
   allowed_sources: any
 admin:
-  listen: 127.0.0.1:$((BASE + 3))
+  listen: 127.0.0.1:$3
 storage:
-  path: $WORK/events.sqlite3
+$STORAGE
 YAML
+    [ "$BACKEND" = postgresql ] && echo "  node_id: $4" >>"$1"
+    return 0
+}
+daemon_config "$WORK/config.yaml" $BASE $((BASE + 3)) bench-a
 "$BIN" serve --config "$WORK/config.yaml" 2>"$WORK/daemon.log" &
 DAEMON=$!
 PIDS+=($DAEMON)
@@ -73,9 +97,25 @@ R_DAEMON=$(run payop-ipnd $BASE /payop/ipn)
 T1=$(cpu_ticks)
 R_WEBHOOK=$(run webhook $((BASE + 2)) /hooks/payop)
 RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$DAEMON/status)
+R_TWO=""
+if [ "$BACKEND" = postgresql ]; then
+    # A second daemon on the same database; wrk against both at once, half the connections each.
+    daemon_config "$WORK/config-b.yaml" $((BASE + 5)) $((BASE + 6)) bench-b
+    "$BIN" serve --config "$WORK/config-b.yaml" 2>"$WORK/daemon-b.log" &
+    PIDS+=($!)
+    wait_port $((BASE + 5))
+    HALF=$(( (CONNECTIONS + 1) / 2 ))
+    BENCH_PATH=/payop/ipn wrk -t1 -c$HALF -d"${DURATION}s" -s bench/unique-ipn.lua "http://127.0.0.1:$BASE" \
+        | grep '^RESULT' >"$WORK/two-a" &
+    A=$!
+    BENCH_PATH=/payop/ipn wrk -t1 -c$HALF -d"${DURATION}s" -s bench/unique-ipn.lua "http://127.0.0.1:$((BASE + 5))" \
+        | grep '^RESULT' >"$WORK/two-b"
+    wait $A
+    R_TWO="$(cat "$WORK/two-a") | $(cat "$WORK/two-b")"
+fi
 EVENTS=$("$BIN" events list --config "$WORK/config.yaml" --limit 100000000 --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 
-python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" "$((T1 - T0))" "$(getconf CLK_TCK)" <<'PY'
+python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" "$((T1 - T0))" "$(getconf CLK_TCK)" "$BACKEND" "$R_TWO" <<'PY'
 import sys
 def parse(line):
     name, _, rest = line.partition(" RESULT ")
@@ -94,4 +134,12 @@ p99 = int(dict(rows)["payop-ipnd"]["p99_us"]) / 1000
 print(f"payop-ipnd p99: {p99:.2f} ms (target < 10 ms); events in the log: {events}; RSS after the run: {rss / 1024:.1f} MB")
 answered = int(dict(rows)["payop-ipnd"]["requests"])
 print(f"payop-ipnd CPU per durable IPN: {cpu_seconds / answered * 1e6:.0f} us (user + system over the run; target <= 40 us)")
+backend, two = sys.argv[8], sys.argv[9]
+print(f"log: {backend}")
+if two:
+    halves = [dict(kv.split("=") for kv in part.strip().removeprefix("RESULT ").split()) for part in two.split("|")]
+    total = sum(float(h["rps"]) for h in halves)
+    errors = sum(int(h["errors"]) for h in halves)
+    print(f"two daemons sharing the log: {total:.0f} req/s ({errors} errors): "
+          f"{total / base['nginx']:.2f}x nginx, {total / base['webhook']:.2f}x webhook, {total / d:.2f}x one daemon")
 PY

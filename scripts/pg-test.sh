@@ -17,7 +17,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
 fi
 
 export PAYOP_IPND_TEST_POSTGRES=${PAYOP_IPND_TEST_POSTGRES:-start}
-filter=${1:-"StoreProtocolTests|PostgresEventLogTests|PostgresConfigurationTests"}
+filter=${1:-"StoreProtocolTests|Postgres|StorageCopy|TwoDaemon"}
 
 # Only one Swift build or test run at a time on a shared machine: held for the run and the cleanup,
 # so no other run's cluster is mistaken for a leftover.

@@ -132,4 +132,45 @@ struct PostgresSessionTests {
             #expect(try await log.dueChecks(now: later, limit: 10).map(\.entityID) == ["tx-pending"])
         }
     }
+
+    /// The server going away (here: the log's role may no longer log in, its connections cut) makes
+    /// ingest fail as unavailable within its deadline (the IPN is answered 503 and Payop sends it again)
+    /// and readiness say so; when the server is back, the log carries on by itself.
+    @Test func aLostServerMakesIngestUnavailableInBoundedTimeAndTheLogRecovers() async throws {
+        let schema = try await PostgresTestServer.freshSchema()
+        let role = "r_" + schema.dropFirst(2)
+        try await PostgresTestServer.admin("CREATE ROLE \(unescaped: role) LOGIN")
+        try await PostgresTestServer.admin("GRANT ALL ON SCHEMA \(unescaped: schema) TO \(unescaped: role)")
+        var configuration = try await PostgresTestServer.configuration(schema: schema, nodeID: "a")
+        configuration.username = role
+        configuration.password = nil
+        defer {
+            Task {
+                await PostgresTestServer.dropSchema(schema)
+                try? await PostgresTestServer.admin("DROP ROLE IF EXISTS \(unescaped: role)")
+            }
+        }
+        try await PostgresEventLog.withLog(configuration: configuration) { log in
+            _ = try await log.ingest(try storeIPN(checkoutBody(transaction: "tx-before", state: 2)))
+            try await log.checkWritable()
+            try await PostgresTestServer.admin("ALTER ROLE \(unescaped: role) NOLOGIN")
+            try await PostgresTestServer.admin(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = \(role)")
+            let start = ContinuousClock.now
+            await #expect(throws: EventLogError.self) {
+                _ = try await withDeadline(.seconds(30)) {
+                    try await log.ingest(try storeIPN(checkoutBody(transaction: "tx-lost", state: 2)))
+                }
+            }
+            #expect(ContinuousClock.now - start < PostgresEventLog.ingestTimeout + .seconds(2))
+            await #expect(throws: EventLogError.self) { try await log.checkWritable() }
+            try await PostgresTestServer.admin("ALTER ROLE \(unescaped: role) LOGIN")
+            #expect(
+                await Self.eventually(30) {
+                    (try? await log.ingest(try storeIPN(checkoutBody(transaction: "tx-after", state: 2)))) != nil
+                })
+            try await log.checkWritable()
+            #expect(try await log.counts().events == 2)
+        }
+    }
 }

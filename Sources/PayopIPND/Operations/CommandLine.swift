@@ -18,7 +18,7 @@ public struct PayopIPNDCommand: AsyncParsableCommand {
         version: PayopIPNDVersion.current,
         subcommands: [
             ServeCommand.self, CheckConfigCommand.self, EventsCommand.self, ReceiptsCommand.self, PruneCommand.self,
-            DeliveriesCommand.self, ReplayCommand.self, SimulateCommand.self, DoctorCommand.self,
+            DeliveriesCommand.self, ReplayCommand.self, SimulateCommand.self, DoctorCommand.self, StorageCommand.self,
         ])
 
     public init() {}

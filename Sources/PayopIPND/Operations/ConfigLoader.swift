@@ -284,7 +284,7 @@ private final class Reader {
             return
         }
         if map["path"] != nil {
-            warning("storage.path", map["path"], "is not used with storage.backend: postgresql (storage copy reads it)")
+            warning("storage.path", map["path"], "is not used with storage.backend: postgresql (storage copy reads the SQLite log from --config)")
         }
         if let url = string(map["url"], "storage.url") {
             do throws(EventLogError) {

@@ -234,12 +234,19 @@ extension PostgresEventLog: DeliveryStore {
             """, logger: logger)
     }
 
-    /// At start: runs this node left `running` when it died (same `node_id`) run again at once, as after
-    /// a crash of the SQLite daemon; other nodes' runs are theirs until their leases end.
+    /// At start, with this node's session lock held (no other daemon has its node id): runs this node
+    /// left `running` when it died run again at once, as after a crash of the SQLite daemon, and the
+    /// questions to Payop it had claimed are due again now rather than when their claims end; other
+    /// nodes' runs and questions are theirs until their leases end. Returns the runs recovered.
     @discardableResult
     public func recoverInterruptedDeliveries(now: Int64) async throws(EventLogError) -> Int {
         let node = nodeID
         return try await transaction("the event log could not recover interrupted deliveries") { connection, logger in
+            try await connection.query(
+                """
+                UPDATE events SET check_claimed_by = NULL, check_claimed_until = NULL, next_check_at = \(now)
+                WHERE check_claimed_by = \(node) AND check_claimed_until > \(now)
+                """, logger: logger)
             let running = try await connection.query(
                 "SELECT \(unescaped: Delivery.postgresColumns) FROM deliveries WHERE state = 'running' AND node_id = \(node) FOR UPDATE",
                 logger: logger

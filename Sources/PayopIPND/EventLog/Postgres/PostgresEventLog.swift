@@ -339,13 +339,27 @@ public final class PostgresEventLog: EventStore, Service {
         }
     }
 
+    /// How long an IPN may wait for PostgreSQL (a connection, the transaction) before it is answered
+    /// 503: a lost server must not hold Payop's requests open. A commit that lands after it is only
+    /// a duplicate when Payop sends the IPN again.
+    static let ingestTimeout = Duration.seconds(10)
+
     /// Records the receipt and its event (or counts a duplicate) in one transaction; returns once committed.
     public func ingest(_ ipn: IncomingIPN) async throws(EventLogError) -> IngestOutcome {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
         let policy = verificationPolicy.withLock { $0 }
         let node = nodeID
-        return try await transaction("the event log could not commit the IPN") { connection, logger in
-            try await Self.ingest(ipn, on: connection, logger: logger, hooks: hooks, policy: policy, node: node)
+        do {
+            return try await withDeadline(Self.ingestTimeout) {
+                try await self.transaction("the event log could not commit the IPN") { connection, logger in
+                    try await Self.ingest(ipn, on: connection, logger: logger, hooks: hooks, policy: policy, node: node)
+                }
+            }
+        } catch let error as EventLogError {
+            throw error
+        } catch {
+            throw EventLogError(
+                .unavailable, "PostgreSQL at \(location) did not commit the IPN within \(Self.ingestTimeout)")
         }
     }
 
@@ -532,16 +546,66 @@ struct DescribedError: Error, CustomStringConvertible {
 
 struct DeadlineExceeded: Error {}
 
-/// Runs `body`, or throws `DeadlineExceeded` once `limit` has passed (the body is cancelled).
+/// Runs `body`, or throws `DeadlineExceeded` once `limit` has passed. The body is cancelled then but
+/// not waited for: a call stuck where cancellation does not reach (a query on a connection the server
+/// dropped without a word) must not hold the caller, and the IPN waiting on it, past its deadline.
 func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: limit)
-            throw DeadlineExceeded()
+    let race = DeadlineRace<T>()
+    return try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { continuation in
+            race.start(continuation, limit: limit, body)
         }
-        defer { group.cancelAll() }
-        guard let first = try await group.next() else { throw DeadlineExceeded() }
-        return first
+    } onCancel: {
+        race.finish(.failure(CancellationError()))
+    }
+}
+
+/// The first of the body and the timer to end answers; the other is cancelled.
+private final class DeadlineRace<T: Sendable>: Sendable {
+    private let state = Mutex<(continuation: CheckedContinuation<T, any Error>?, tasks: [Task<Void, Never>], done: Bool)>(
+        (nil, [], false))
+
+    func start(
+        _ continuation: CheckedContinuation<T, any Error>, limit: Duration, _ body: @escaping @Sendable () async throws -> T
+    ) {
+        let cancelled = state.withLock { state in
+            state.continuation = continuation
+            return state.done
+        }
+        if cancelled {
+            finish(.failure(CancellationError()))
+            return
+        }
+        let work = Task {
+            do {
+                self.finish(.success(try await body()))
+            } catch {
+                self.finish(.failure(error))
+            }
+        }
+        let timer = Task {
+            try? await Task.sleep(for: limit)
+            if !Task.isCancelled { self.finish(.failure(DeadlineExceeded())) }
+        }
+        let finished = state.withLock { state in
+            state.tasks = [work, timer]
+            return state.done
+        }
+        // Ended before the tasks were known: stop them now rather than at the deadline.
+        if finished {
+            work.cancel()
+            timer.cancel()
+        }
+    }
+
+    func finish(_ result: Result<T, any Error>) {
+        let (continuation, tasks) = state.withLock { state -> (CheckedContinuation<T, any Error>?, [Task<Void, Never>]) in
+            state.done = true
+            defer { state.continuation = nil }
+            return (state.continuation, state.tasks)
+        }
+        guard let continuation else { return }
+        for task in tasks { task.cancel() }
+        continuation.resume(with: result)
     }
 }

@@ -59,6 +59,12 @@ public final class PostgresSession: Service {
             onWork: onWork)
     }
 
+    /// The work a notification payload (`SCHEMA/WORK`) asks of a log in `schema`; nil for other schemas' logs.
+    static func work(_ payload: String, schema: String) -> Work? {
+        guard let slash = payload.lastIndex(of: "/"), payload[..<slash] == schema else { return nil }
+        return Work(rawValue: String(payload[payload.index(after: slash)...]))
+    }
+
     static func connect(log: PostgresEventLog, logger: Logger) async throws(EventLogError) -> PostgresConnection {
         let where_ = log.location
         let connection: PostgresConnection
@@ -129,9 +135,12 @@ public final class PostgresSession: Service {
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 do {
+                    let schema =
+                        try await connection.query("SELECT current_schema()", logger: self.logger).collect().first?
+                        .decode(String?.self) ?? nil
                     try await connection.listen(on: Self.channel) { notifications in
                         for try await notification in notifications {
-                            if let work = Work(rawValue: notification.payload) { self.onWork(work) }
+                            if let work = Self.work(notification.payload, schema: schema ?? "") { self.onWork(work) }
                         }
                     }
                 } catch {
@@ -169,8 +178,11 @@ public final class PostgresSession: Service {
 }
 
 extension PostgresEventLog {
-    /// Tells every daemon listening (this one too) that work is waiting; delivered at commit.
+    /// Tells every daemon listening (this one too) that work is waiting; delivered at commit. A channel
+    /// spans the database, so the payload names the log's schema (`SCHEMA/verify`): logs in other
+    /// schemas of the same database ignore it.
     static func notify(_ work: PostgresSession.Work, _ connection: PostgresConnection, _ logger: Logger) async throws {
-        try await connection.query("SELECT pg_notify(\(PostgresSession.channel), \(work.rawValue))", logger: logger)
+        try await connection.query(
+            "SELECT pg_notify(\(PostgresSession.channel), current_schema() || '/' || \(work.rawValue))", logger: logger)
     }
 }

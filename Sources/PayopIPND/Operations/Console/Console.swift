@@ -365,7 +365,8 @@ struct Console: Sendable {
         }
         values["receipts"] = detail.receipts.map { r -> [String: Any] in
             [
-                "receivedAt": Self.time(r.receivedAt), "source": r.sourceIP, "answer": r.answer, "size": r.size,
+                "receivedAt": Self.time(r.receivedAt), "source": r.nodeID.map { "\(r.sourceIP), to \($0)" } ?? r.sourceIP,
+                "answer": r.answer, "size": r.size,
                 "body": r.body.map { String(decoding: $0, as: UTF8.self) } ?? "",
             ]
         }
@@ -394,11 +395,14 @@ struct Console: Sendable {
     }
 
     static func deliveryRow(_ d: Delivery) -> [String: Any] {
-        [
+        var row: [String: Any] = [
             "id": d.id, "eventID": d.eventID, "hook": d.hook, "state": d.state.rawValue, "attempts": d.attempts,
             "nextAttempt": d.nextAttemptAt.map(time) ?? "", "deliveredAt": d.deliveredAt.map(time) ?? "",
             "lastError": d.lastError ?? "", "dead": d.state == .dead,
         ]
+        // A shared log names the daemon that claimed it last.
+        if let node = d.nodeID { row["node"] = node }
+        return row
     }
 
     private func deliveries(_ request: Request, _ visit: Visit) async throws -> Response {

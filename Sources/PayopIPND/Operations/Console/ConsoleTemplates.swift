@@ -121,7 +121,7 @@ enum ConsoleTemplates {
         </tbody></table></section>
         <section id="deliveries"><h2>Deliveries</h2>
         <table><thead><tr><th>Hook</th><th>State</th><th>Attempts</th><th>Next attempt</th><th>Delivered</th><th>Last error</th><th></th></tr></thead><tbody>
-        {{#deliveries}}<tr class="delivery" data-hook="{{hook}}"><td>{{hook}}</td><td class="delivery-state state-{{state}}">{{state}}</td><td>{{attempts}}</td><td>{{nextAttempt}}</td><td>{{deliveredAt}}</td><td>{{lastError}}</td>
+        {{#deliveries}}<tr class="delivery" data-hook="{{hook}}"><td>{{hook}}{{#node}}<br><small class="node">claimed by {{node}}</small>{{/node}}</td><td class="delivery-state state-{{state}}">{{state}}</td><td>{{attempts}}</td><td>{{nextAttempt}}</td><td>{{deliveredAt}}</td><td>{{lastError}}</td>
         <td>{{#replayable}}<form class="replay" method="post" action="/events/{{eventID}}/replay"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="hook" value="{{hook}}"><button>Replay</button></form>{{/replayable}}</td></tr>
         <tr><td></td><td colspan="6"><table class="delivery-attempts"><thead><tr><th>Attempt</th><th>Finished</th><th>Outcome</th><th>Exit code</th><th>HTTP status</th><th>Error</th><th>Output</th></tr></thead><tbody>
         {{#runs}}<tr class="delivery-attempt"><td>{{attempt}}</td><td>{{finishedAt}}</td><td>{{outcome}}</td><td>{{exitCode}}</td><td>{{httpStatus}}</td><td>{{error}}</td><td><pre class="output">{{output}}</pre></td></tr>{{/runs}}
@@ -142,7 +142,7 @@ enum ConsoleTemplates {
         {{#deadHooks}}<form class="replay-hook" method="post" action="/deliveries/replay-dead"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="hook" value="{{hook}}"><button>Replay all {{count}} dead deliveries of {{hook}}</button></form>{{/deadHooks}}
         {{#orphans}}<p class="error">{{count}} pending deliveries wait for hook {{hook}}, which is not in the configuration: add it back to hooks (or rename it back) and reload.</p>{{/orphans}}
         <table id="deliveries"><thead><tr><th>Delivery</th><th>Event</th><th>Hook</th><th>State</th><th>Attempts</th><th>Next attempt</th><th>Last error</th><th></th></tr></thead><tbody>
-        {{#deliveries}}<tr class="delivery" data-hook="{{hook}}"><td>{{id}}</td><td><a class="event-link" href="/events/{{eventID}}">{{eventID}}</a></td><td>{{hook}}</td>
+        {{#deliveries}}<tr class="delivery" data-hook="{{hook}}"><td>{{id}}</td><td><a class="event-link" href="/events/{{eventID}}">{{eventID}}</a></td><td>{{hook}}{{#node}}<br><small class="node">claimed by {{node}}</small>{{/node}}</td>
         <td class="delivery-state state-{{state}}">{{state}}</td><td>{{attempts}}</td><td>{{nextAttempt}}</td><td>{{lastError}}</td>
         <td>{{#dead}}<form class="replay" method="post" action="/events/{{eventID}}/replay"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="hook" value="{{hook}}"><button>Replay</button></form>{{/dead}}</td></tr>
         {{/deliveries}}{{^deliveries}}<tr><td colspan="8">No deliveries.</td></tr>{{/deliveries}}</tbody></table>
