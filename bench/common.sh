@@ -58,7 +58,12 @@ start_postgres() {
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || install_missing postgres-missing:postgresql
     bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
     mkdir -p "$dir"
-    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; as=(runuser -u postgres --); fi
+    if [ "$(id -u)" = 0 ]; then
+        # The postgres user must reach DIR: mktemp's folders are root's only.
+        chmod o+x "$(dirname "$dir")"
+        chown postgres:postgres "$dir"
+        as=(runuser -u postgres --)
+    fi
     "${as[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync --no-instructions >/dev/null
     "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
         -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=on -c synchronous_commit=on" \

@@ -95,7 +95,6 @@ cpu_ticks() { awk '{print $14 + $15}' /proc/$DAEMON/stat; }
 T0=$(cpu_ticks)
 R_DAEMON=$(run payop-ipnd $BASE /payop/ipn)
 T1=$(cpu_ticks)
-R_WEBHOOK=$(run webhook $((BASE + 2)) /hooks/payop)
 RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$DAEMON/status)
 R_TWO=""
 if [ "$BACKEND" = postgresql ]; then
@@ -113,6 +112,8 @@ if [ "$BACKEND" = postgresql ]; then
     wait $A
     R_TWO="$(cat "$WORK/two-a") | $(cat "$WORK/two-b")"
 fi
+# webhook last: it keeps forking /bin/true for a while after wrk stops, which would slow what follows.
+R_WEBHOOK=$(run webhook $((BASE + 2)) /hooks/payop)
 EVENTS=$("$BIN" events list --config "$WORK/config.yaml" --limit 100000000 --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 
 python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" "$((T1 - T0))" "$(getconf CLK_TCK)" "$BACKEND" "$R_TWO" <<'PY'

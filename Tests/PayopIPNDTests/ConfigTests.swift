@@ -222,7 +222,7 @@ import Testing
               url: postgres://payop:hunter2@db/payop
               node_id: "shop 1"
               pool_size: 1
-              lease_seconds: 1
+              lease_seconds: 5
             """
         ).filter { $0.severity == .error }
         #expect(
@@ -238,5 +238,20 @@ import Testing
         let found = problems("storage: {url: 'postgres://u@h/d', node_id: a}")
         #expect(found.allSatisfy { $0.severity == .warning })
         #expect(Set(found.map(\.key)).isSuperset(of: ["storage.url", "storage.node_id"]))
+    }
+
+    @Test func anUncheckedCertificateToAnotherHostIsWarnedAboutAndAPrivateCAIsTaken() throws {
+        let remote = problems("storage: {backend: postgresql, url: 'postgres://u@db.internal/d?sslmode=require', node_id: a}")
+        #expect(remote.contains { $0.severity == .warning && $0.key == "storage.url" && $0.message.contains("password") })
+        let local = problems("storage: {backend: postgresql, url: 'postgres://u@127.0.0.1/d?sslmode=disable', node_id: a}")
+        #expect(!local.contains { $0.key == "storage.url" })
+        let relative = problems("storage: {backend: postgresql, url: 'postgres://u@h/d?sslrootcert=ca.pem', node_id: a}")
+        #expect(relative.contains { $0.severity == .error && $0.message.contains("absolute path") })
+        let dir = try TemporaryDirectory()
+        let ca = try dir.write("ca.pem", "-----BEGIN CERTIFICATE-----\n", mode: 0o644)
+        let storage = try ConfigLoader.parse(
+            "storage: {backend: postgresql, url: 'postgres://u@h/d?sslrootcert=\(ca)', node_id: a}", environment: [:]
+        ).config.storage
+        #expect(try storage.postgres(password: nil).rootCertificateFile == ca)
     }
 }

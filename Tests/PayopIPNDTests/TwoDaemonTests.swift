@@ -25,7 +25,7 @@ import Glibc
 @Suite(.serialized, .enabled(if: PostgresTestServer.isConfigured, "set PAYOP_IPND_TEST_POSTGRES (scripts/pg-test.sh)"))
 struct TwoDaemonTests {
     /// `storage.lease_seconds`: short, so a takeover is seconds away.
-    static let leaseSeconds = 6
+    static let leaseSeconds = 10
     /// A question to Payop a daemon claimed is its own this long (`DaemonConfig.Storage.postgres`:
     /// twice the lease, at least 30 s): an entity a killed daemon was asking about waits for it.
     static let checkLeaseSeconds = max(2 * leaseSeconds, 30)

@@ -20,7 +20,7 @@ enum AdminListener {
                 body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         router.get("/metrics") { _, _ -> Response in
-            if let counts = try? await log.deliveryCounts() {
+            if let counts = try? await withDeadline(.seconds(2), { try await log.deliveryCounts() }) {
                 metrics.deliveryBacklog(pending: counts.pending + counts.running, dead: counts.dead)
             }
             return Response(

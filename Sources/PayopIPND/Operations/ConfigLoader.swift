@@ -288,8 +288,18 @@ private final class Reader {
         }
         if let url = string(map["url"], "storage.url") {
             do throws(EventLogError) {
-                _ = try PostgresEventLogConfiguration(url: url, password: nil, nodeID: storage.nodeID)
+                let parsed = try PostgresEventLogConfiguration(url: url, password: nil, nodeID: storage.nodeID)
                 storage.url = url
+                if parsed.tls == .require || parsed.tls == .disable, !ListenAddress.isLoopback(parsed.host) {
+                    warning(
+                        "storage.url", map["url"],
+                        "sslmode=\(parsed.tls.rawValue) to \(parsed.host) does not check the server's certificate: "
+                            + "anyone on the path can read the password and write the log. Use sslmode=verify-full "
+                            + "(with sslrootcert=/path/ca.pem for a private CA)")
+                }
+                if let file = parsed.rootCertificateFile, !FileManager.default.isReadableFile(atPath: file) {
+                    self.error("storage.url", map["url"], "sslrootcert \(file) cannot be read")
+                }
             } catch {
                 self.error("storage.url", map["url"], error.message)
             }
@@ -298,6 +308,12 @@ private final class Reader {
                 + "postgres://payop@db.internal:5432/payop?sslmode=verify-full")
         }
         if let file = secretFile(map["password_file"], "storage.password_file") { storage.passwordFile = file }
+        if map["node_id"] == nil, ["localhost", "localhost.localdomain", "payop-ipnd"].contains(storage.nodeID) {
+            warning(
+                "storage.node_id", node,
+                "not set, and this host's name (\(storage.nodeID)) is not one of its own: set a node_id unique "
+                    + "to this daemon, like shop-1")
+        }
         if let node = string(map["node_id"], "storage.node_id") {
             if node.isEmpty || node.count > 63
                 || !node.unicodeScalars.allSatisfy({ CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0) })
@@ -308,7 +324,7 @@ private final class Reader {
                 storage.nodeID = node
             }
         }
-        if let seconds = integer(map["lease_seconds"], "storage.lease_seconds", minimum: 3) {
+        if let seconds = integer(map["lease_seconds"], "storage.lease_seconds", minimum: 10) {
             if seconds > 3600 {
                 error("storage.lease_seconds", map["lease_seconds"], "must be at most 3600")
             } else {

@@ -203,8 +203,11 @@ public struct Daemon: Sendable {
         if let interval = SystemdNotifier.watchdogInterval(environment: environment) {
             services.append(
                 .init(
-                    service: WatchdogService(interval: interval, notifier: notifier, log: log) {
-                        let counts = try? await log.deliveryCounts()
+                    service: WatchdogService(
+                        interval: interval, notifier: notifier, log: log, probesLog: config.storage.backend == .sqlite
+                    ) {
+                        // Bounded: the ping must not wait on a database that does not answer.
+                        let counts = try? await withDeadline(.seconds(2)) { try await log.deliveryCounts() }
                         let access = verifier.access.currentProblem.map { _ in "; Payop refuses the JWT" } ?? ""
                         return "\(counts?.pending ?? 0) deliveries pending, \(counts?.dead ?? 0) dead\(access)"
                     }))

@@ -35,13 +35,17 @@ struct WatchdogService: Service {
     let interval: Duration
     let notifier: SystemdNotifier
     let log: any EventLog
+    /// Whether a ping needs the log to take a write. Yes for the SQLite log (its writer thread is ours,
+    /// and stuck is a fault a restart cures); no for a shared PostgreSQL log, whose outage a restart
+    /// does not cure and must not turn into every daemon killing its running hooks (`/readyz` says it).
+    let probesLog: Bool
     let status: @Sendable () async -> String
 
     func run() async throws {
         await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
                 do {
-                    try await log.checkWritable()
+                    if probesLog { try await log.checkWritable() }
                     try await MultiThreadedEventLoopGroup.singleton.any().submit {}.get()
                     notifier.notify("WATCHDOG=1", "STATUS=" + (await status()))
                 } catch {

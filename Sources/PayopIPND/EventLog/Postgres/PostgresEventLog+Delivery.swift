@@ -23,8 +23,10 @@ extension PostgresEventLog: DeliveryStore {
         let (kind, entity, status) = try row.decode((String, String, String).self)
         let names = hooks.filter { $0.matches(type: "\(kind).\(status)") }.map(\.name)
         guard !names.isEmpty else { return [] }
-        try await connection.query(
-            "SELECT pg_advisory_xact_lock(\(unescaped: orderLock)\(kind) || '/' || \(entity), 0))", logger: logger)
+        // Read to the end: a row-returning statement's error shows only once its rows are read.
+        _ = try await connection.query(
+            "SELECT pg_advisory_xact_lock(\(unescaped: orderLock)\(kind) || '/' || \(entity), 0))", logger: logger
+        ).collect()
         let progress = DeliveryProgress.created(now: now)
         // In the hooks' order, so ids (the delivery order) follow the configuration as in the SQLite log.
         let created = try await connection.query(
@@ -115,6 +117,7 @@ extension PostgresEventLog: DeliveryStore {
     /// pending one when due and first in line, or a running one whose claimer's lease has ended (the
     /// claimer is taken for dead: its run counts, as after a crash, and the hook runs again).
     public func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+        try requireSession()
         let node = nodeID
         let leaseEnd = now + configuration.deliveryLeaseMilliseconds
         return try await timedClaim("delivery") { () async throws(EventLogError) in
@@ -125,9 +128,10 @@ extension PostgresEventLog: DeliveryStore {
             }
             var delivery = found.delivery
             let (kind, entity, leaseUntil) = (found.kind, found.entity, found.leaseUntil)
-            try await connection.query(
+            _ = try await connection.query(
                 "SELECT pg_advisory_xact_lock_shared(\(unescaped: Self.orderLock)\(kind) || '/' || \(entity), 0))",
-                logger: logger)
+                logger: logger
+            ).collect()
             let earlier = try await connection.query(
                 """
                 SELECT EXISTS (
@@ -184,7 +188,13 @@ extension PostgresEventLog: DeliveryStore {
     ) async throws(EventLogError) -> DeliveryProgress.End? {
         let node = nodeID
         return try await transaction("the event log could not record how the hook ended") { connection, logger in
-            guard var progress = try await Self.delivery(connection, logger, id, lock: "FOR UPDATE")?.delivery.progress,
+            // Only this daemon's run: after a takeover and a replay, another daemon's run may carry the
+            // same attempt number, and this late outcome must not stand for it.
+            guard let found = try await Self.delivery(connection, logger, id, lock: "FOR UPDATE"),
+                found.delivery.nodeID == node
+            else { return nil }
+            var progress = found.delivery.progress
+            guard
                 let end = progress.finish(
                     attempt: attempt, outcome: result.outcome, maxAttempts: maxAttempts, backoff: backoff, now: now)
             else { return nil }
@@ -214,9 +224,12 @@ extension PostgresEventLog: DeliveryStore {
     }
 
     public func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
+        let node = nodeID
         try await transaction("the event log could not record the interrupted run") { connection, logger in
-            guard var progress = try await Self.delivery(connection, logger, id, lock: "FOR UPDATE")?.delivery.progress
+            guard let found = try await Self.delivery(connection, logger, id, lock: "FOR UPDATE"),
+                found.delivery.nodeID == node
             else { return }
+            var progress = found.delivery.progress
             progress.interrupt(attempt: attempt, now: now)
             try await Self.saveProgress(progress, id: id, connection, logger)
         }

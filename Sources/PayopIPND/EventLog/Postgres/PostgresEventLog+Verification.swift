@@ -13,6 +13,7 @@ extension PostgresEventLog: VerificationStore {
     /// claims being watched) only by the reconcile leader (`isReconcileLeader`), so N daemons do not
     /// poll Payop N times as often.
     public func dueChecks(now: Int64, limit: Int) async throws(EventLogError) -> [DueCheck] {
+        try requireSession()
         let node = nodeID
         let leader = isReconcileLeader
         let leaseEnd = now + configuration.checkLeaseMilliseconds
@@ -91,11 +92,21 @@ extension PostgresEventLog: VerificationStore {
         return try await transaction("the event log could not record Payop's answer") { connection, logger in
             // Every event of the entity, in id order: answers about one entity apply one at a time, and
             // a status Payop reports below is already held (two daemons never wait on each other).
-            try await connection.query(
+            _ = try await connection.query(
                 """
                 SELECT id FROM events WHERE kind = \(check.kind.rawValue) AND entity_id = \(check.entityID)
                 ORDER BY id FOR UPDATE
-                """, logger: logger)
+                """, logger: logger
+            ).collect()
+            // An answer that took longer than the claim: another daemon may have asked since and recorded a
+            // newer truth; this one is stale, and the question is the claimant's now.
+            let claimant = try await connection.query(
+                "SELECT check_claimed_by FROM events WHERE id = \(check.eventID)", logger: logger
+            ).collect().first?.decode(String?.self)
+            guard claimant == node else {
+                return AppliedAnswer(
+                    state: nil, outcome: "claim_lost", detail: "answered after this daemon's claim ended", verified: [])
+            }
             guard var machine = try await Self.verification(connection, logger, check.eventID) else {
                 return AppliedAnswer(state: nil, outcome: "gone", detail: nil, verified: [])
             }

@@ -48,6 +48,11 @@ public final class PostgresEventLog: EventStore, Service {
     var sessionProblem: String? { sessionTrouble.withLock { $0 } }
     func setSessionProblem(_ problem: String?) { sessionTrouble.withLock { $0 = problem } }
 
+    /// Claims are made only while this node's session (and so its node id) is held.
+    func requireSession() throws(EventLogError) {
+        if let problem = sessionProblem { throw EventLogError(.unavailable, problem) }
+    }
+
     public var nodeID: String { configuration.nodeID }
 
     public init(
@@ -187,7 +192,7 @@ public final class PostgresEventLog: EventStore, Service {
     /// (two daemons touching the same rows in another order) rolls back and runs `body` again; any
     /// other failure rolls back and is reported.
     func transaction<T: Sendable>(
-        _ what: String, _ body: @Sendable (PostgresConnection, Logger) async throws -> T
+        _ what: String, _ body: @escaping @Sendable (PostgresConnection, Logger) async throws -> T
     ) async throws(EventLogError) -> T {
         guard !closed.load(ordering: .relaxed) else {
             throw EventLogError(.closed, "the event log is shutting down")
@@ -220,8 +225,21 @@ public final class PostgresEventLog: EventStore, Service {
         }
     }
 
+    /// How long one transaction or read may take, waiting for a connection included, before the caller
+    /// is told the log is unavailable (and carries on: backs off, answers 503, shows the error). With the
+    /// server gone, a connection is waited for without end; nothing the daemon does may wait with it.
+    static let operationTimeout = Duration.seconds(30)
+
     /// A pooled connection for `body`, with how long it took to get and how many are out, measured.
-    private func leased<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+    private func leased<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws
+        -> T
+    {
+        try await withDeadline(Self.operationTimeout) { try await self.withLeasedConnection(body) }
+    }
+
+    private func withLeasedConnection<T: Sendable>(_ body: @Sendable (PostgresConnection) async throws -> T)
+        async throws -> T
+    {
         let asked = ContinuousClock.now
         return try await client.withConnection { connection in
             if let metrics {
@@ -250,7 +268,7 @@ public final class PostgresEventLog: EventStore, Service {
     }
 
     /// One read outside an explicit transaction.
-    func read<T: Sendable>(_ what: String, _ body: @Sendable (PostgresConnection, Logger) async throws -> T)
+    func read<T: Sendable>(_ what: String, _ body: @escaping @Sendable (PostgresConnection, Logger) async throws -> T)
         async throws(EventLogError) -> T
     {
         let logger = self.logger
@@ -290,6 +308,9 @@ public final class PostgresEventLog: EventStore, Service {
     static func mapError(_ error: any Error, _ what: String) -> EventLogError {
         if let error = error as? EventLogError { return error }
         var message = what
+        if error is DeadlineExceeded {
+            return EventLogError(.unavailable, message + ": PostgreSQL did not answer within \(operationTimeout)")
+        }
         if let error = error as? PSQLError {
             switch (error.code, error.serverInfo?[.sqlState]) {
             case (_, "28P01"), (_, "28000"):
@@ -349,23 +370,30 @@ public final class PostgresEventLog: EventStore, Service {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
         let policy = verificationPolicy.withLock { $0 }
         let node = nodeID
-        do {
-            return try await withDeadline(Self.ingestTimeout) {
-                try await self.transaction("the event log could not commit the IPN") { connection, logger in
-                    try await Self.ingest(ipn, on: connection, logger: logger, hooks: hooks, policy: policy, node: node)
-                }
+        return try await answering("the IPN") { () async throws(EventLogError) in
+            try await self.transaction("the event log could not commit the IPN") { connection, logger in
+                try await Self.ingest(ipn, on: connection, logger: logger, hooks: hooks, policy: policy, node: node)
             }
+        }
+    }
+
+    /// `body`, within `ingestTimeout`: what an HTTP answer to Payop waits for.
+    private func answering<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws(EventLogError) -> T)
+        async throws(EventLogError) -> T
+    {
+        do {
+            return try await withDeadline(Self.ingestTimeout) { try await body() }
         } catch let error as EventLogError {
             throw error
         } catch {
-            throw EventLogError(
-                .unavailable, "PostgreSQL at \(location) did not commit the IPN within \(Self.ingestTimeout)")
+            throw EventLogError(.unavailable, "PostgreSQL at \(location) did not commit \(what) within \(Self.ingestTimeout)")
         }
     }
 
     public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
         let node = nodeID
-        try await transaction("the event log could not commit the refused request") { connection, logger in
+        try await answering("the refused request") { () async throws(EventLogError) in
+        try await self.transaction("the event log could not commit the refused request") { connection, logger in
             let n = refused.notification
             try await connection.query(
                 """
@@ -375,6 +403,7 @@ public final class PostgresEventLog: EventStore, Service {
                         \(refused.reason.rawValue), \(n?.kind.rawValue), \(n?.entityID), \(n?.status.name),
                         \(refused.size), \(Data(refused.bodyPrefix)), \(node))
                 """, logger: logger)
+        }
         }
     }
 
@@ -411,10 +440,10 @@ public final class PostgresEventLog: EventStore, Service {
 
         if let receiptID = created {
             try await insertReceipt(ipn, id: receiptID, eventID: candidate, node: node, on: connection, logger: logger)
+            // No notification for the question to Payop: the daemon that took the IPN asks at once
+            // itself, and a NOTIFY on every ingest would serialise the commits of every daemon.
             if ipn.verifiedBySignature {
                 try await enqueueDeliveries(connection, logger, eventID: candidate, hooks: hooks, now: now)
-            } else {
-                try await notify(.verify, connection, logger)
             }
             return IngestOutcome(receiptID: receiptID, eventID: candidate, duplicate: false)
         }

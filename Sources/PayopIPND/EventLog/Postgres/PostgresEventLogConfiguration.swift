@@ -24,6 +24,8 @@ public struct PostgresEventLogConfiguration: Sendable {
     /// The schema the log's tables live in (the connections' `search_path`); nil: the role's default.
     public var schema: String?
     public var tls: TLSMode
+    /// PEM file of the CA(s) that sign the server's certificate (`sslrootcert`); nil: the system's CAs.
+    public var rootCertificateFile: String?
     /// Connections this daemon keeps at most.
     public var poolSize: Int
     /// This daemon's name among those sharing the log (`storage.node_id`): recorded with what it
@@ -82,8 +84,15 @@ public struct PostgresEventLogConfiguration: Sendable {
             throw EventLogError(.misconfigured, "storage.url names no database: postgres://USER@HOST:5432/DATABASE")
         }
         var tls = TLSMode.verifyFull
+        var rootCertificate: String?
         for item in url.queryItems ?? [] {
             switch item.name {
+            case "sslrootcert":
+                guard let path = item.value, path.hasPrefix("/") else {
+                    throw EventLogError(
+                        .misconfigured, "storage.url: sslrootcert must be an absolute path to the CA's PEM file")
+                }
+                rootCertificate = path
             case "sslmode":
                 guard let mode = item.value.flatMap(TLSMode.init(rawValue:)) else {
                     throw EventLogError(
@@ -93,12 +102,14 @@ public struct PostgresEventLogConfiguration: Sendable {
                 }
                 tls = mode
             default:
-                throw EventLogError(.misconfigured, "storage.url: unknown parameter \(item.name) (only sslmode is read)")
+                throw EventLogError(
+                    .misconfigured, "storage.url: unknown parameter \(item.name) (only sslmode and sslrootcert are read)")
             }
         }
         self.init(
             host: host, port: url.port ?? 5432, username: user, password: password, database: database, tls: tls,
             nodeID: nodeID)
+        self.rootCertificateFile = rootCertificate
     }
 
     /// The TLS settings `tls` asks for; nil: plain TCP.
@@ -113,14 +124,27 @@ public struct PostgresEventLogConfiguration: Sendable {
         case .verifyCA:
             var context = TLSConfiguration.makeClientConfiguration()
             context.certificateVerification = .noHostnameVerification
+            if let rootCertificateFile { context.trustRoots = .file(rootCertificateFile) }
             return context
         case .verifyFull:
-            return TLSConfiguration.makeClientConfiguration()
+            var context = TLSConfiguration.makeClientConfiguration()
+            if let rootCertificateFile { context.trustRoots = .file(rootCertificateFile) }
+            return context
         }
     }
 
+    /// Set on every connection: nothing the daemon does may hold a lock or a connection forever.
+    /// - `lock_timeout`, `statement_timeout`: a statement waiting on another's lock (an IPN's dedupe key
+    ///   held by a daemon that lost power mid-transaction) or running away fails instead of waiting;
+    /// - `idle_in_transaction_session_timeout`: such a dead daemon's open transaction is ended;
+    /// - `tcp_keepalives_*`: the server notices a vanished daemon within about half a minute, ending
+    ///   its session, and with it its node lock and reconcile leadership.
     private var startupParameters: [(String, String)] {
-        [("application_name", "payop-ipnd \(nodeID)")] + (schema.map { [("search_path", $0)] } ?? [])
+        [
+            ("application_name", "payop-ipnd \(nodeID)"), ("lock_timeout", "10s"), ("statement_timeout", "60s"),
+            ("idle_in_transaction_session_timeout", "60s"), ("tcp_keepalives_idle", "15"),
+            ("tcp_keepalives_interval", "5"), ("tcp_keepalives_count", "3"),
+        ] + (schema.map { [("search_path", $0)] } ?? [])
     }
 
     /// postgres-nio's view of it: the pool.

@@ -162,9 +162,10 @@ enum PostgresSchema {
     static func migrate(_ connection: PostgresConnection, now: Int64, logger: Logger) async throws -> Int {
         try await connection.query("BEGIN", logger: logger)
         do {
-            try await connection.query(
+            _ = try await connection.query(
                 "SELECT pg_advisory_xact_lock(hashtextextended('payop-ipnd/migrate/' || current_schema(), 0))",
-                logger: logger)
+                logger: logger
+            ).collect()
             try await connection.query(
                 """
                 CREATE TABLE IF NOT EXISTS payop_ipnd_migrations (

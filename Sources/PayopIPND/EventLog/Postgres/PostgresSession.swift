@@ -98,6 +98,7 @@ public final class PostgresSession: Service {
     }
 
     public func run() async throws {
+        let fatal = Mutex<EventLogError?>(nil)
         await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
                 if let connection = self.connection.withLock({ $0 }) {
@@ -106,6 +107,8 @@ public final class PostgresSession: Service {
                     try? await connection.close()
                     self.connection.withLock { $0 = nil }
                     guard !Task.isCancelled else { break }
+                    // Until the node's lock is ours again, this daemon claims nothing (`claimDelivery`,
+                    // `dueChecks`): another daemon could be given its node id meanwhile.
                     self.log.setSessionProblem("the session connection to PostgreSQL was lost; reconnecting")
                     self.logger.warning("PostgreSQL session lost: reconnecting", metadata: ["database": "\(self.log.location)"])
                 }
@@ -119,6 +122,13 @@ public final class PostgresSession: Service {
                     // Whatever was notified meanwhile: look now.
                     self.onWork(.verify)
                     self.onWork(.deliver)
+                } catch let error as EventLogError where error.code == .inUse {
+                    // Another daemon took this node id while the session was down: two daemons must never
+                    // share one, so this one stops (its running hooks' leases lapse to the other daemons).
+                    self.log.setSessionProblem(error.message)
+                    self.logger.critical("stopping: \(error.message)")
+                    fatal.withLock { $0 = error }
+                    break
                 } catch let error as EventLogError {
                     self.log.setSessionProblem(error.message)
                 } catch {
@@ -128,7 +138,12 @@ public final class PostgresSession: Service {
         }
         log.setReconcileLeader(false)
         if let connection = connection.withLock({ $0 }) { try? await connection.close() }
+        if let error = fatal.withLock({ $0 }) { throw error }
     }
+
+    /// How long the session's own checks may take before the connection counts as lost (a server gone
+    /// without closing the TCP connection answers nothing, ever).
+    static let checkTimeout = Duration.seconds(10)
 
     /// Listens and tries for the leadership until the connection fails or the task is cancelled.
     private func serve(_ connection: PostgresConnection) async {
@@ -150,26 +165,29 @@ public final class PostgresSession: Service {
             group.addTask {
                 do {
                     while !Task.isCancelled {
-                        if !self.log.isReconcileLeader {
-                            let won = try await connection.query(
-                                """
-                                SELECT pg_try_advisory_lock(hashtextextended('payop-ipnd/reconcile/' || current_schema(), 0))
-                                """, logger: self.logger
+                        let leader = self.log.isReconcileLeader
+                        let logger = self.logger
+                        // Trying for the leadership proves the session too; the leader proves it with SELECT 1.
+                        let won = try await withDeadline(Self.checkTimeout) {
+                            try await connection.query(
+                                leader
+                                    ? "SELECT true"
+                                    : "SELECT pg_try_advisory_lock(hashtextextended('payop-ipnd/reconcile/' || current_schema(), 0))",
+                                logger: logger
                             ).collect().first?.decode(Bool.self)
-                            if won == true {
-                                self.log.setReconcileLeader(true)
-                                self.logger.notice("this daemon now re-asks Payop about decided events (reconcile leader)")
-                                self.onWork(.verify)
-                            }
-                        } else {
-                            // Proves the session (and so the lock) is still there.
-                            try await connection.query("SELECT 1", logger: self.logger)
+                        }
+                        if !leader, won == true {
+                            self.log.setReconcileLeader(true)
+                            self.logger.notice("this daemon now re-asks Payop about decided events (reconcile leader)")
+                            self.onWork(.verify)
                         }
                         try await Task.sleep(for: self.leaderRetry)
                     }
                 } catch {
                     self.logger.debug("PostgreSQL session check ended", metadata: ["error": "\(PostgresEventLog.describe(error))"])
                 }
+                // A connection that stopped answering is closed, which also ends the listening above.
+                try? await connection.close()
             }
             await group.next()
             group.cancelAll()
@@ -182,7 +200,8 @@ extension PostgresEventLog {
     /// spans the database, so the payload names the log's schema (`SCHEMA/verify`): logs in other
     /// schemas of the same database ignore it.
     static func notify(_ work: PostgresSession.Work, _ connection: PostgresConnection, _ logger: Logger) async throws {
-        try await connection.query(
-            "SELECT pg_notify(\(PostgresSession.channel), current_schema() || '/' || \(work.rawValue))", logger: logger)
+        _ = try await connection.query(
+            "SELECT pg_notify(\(PostgresSession.channel), current_schema() || '/' || \(work.rawValue))", logger: logger
+        ).collect()
     }
 }
