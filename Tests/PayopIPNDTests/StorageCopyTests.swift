@@ -44,21 +44,6 @@ func populateForCopy(_ log: SQLiteEventLog) async throws -> Int64 {
     return due[2].id
 }
 
-/// A fresh, empty PostgreSQL log in a schema of its own, dropped afterwards.
-func withEmptyPostgresLog(
-    clock: TestClock, nodeID: String = "node-b", _ body: @Sendable (PostgresEventLog) async throws -> Void
-) async throws {
-    let schema = try await PostgresTestServer.freshSchema()
-    let configuration = try await PostgresTestServer.configuration(schema: schema, nodeID: nodeID)
-    do {
-        try await PostgresEventLog.withLog(configuration: configuration, clock: clock) { try await body($0) }
-    } catch {
-        await PostgresTestServer.dropSchema(schema)
-        throw error
-    }
-    await PostgresTestServer.dropSchema(schema)
-}
-
 func maxIDs(_ log: SQLiteEventLog) async throws -> [String: Int64] {
     try await log.read { db in
         var ids: [String: Int64] = [:]

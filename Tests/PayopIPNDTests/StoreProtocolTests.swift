@@ -31,15 +31,7 @@ enum Backend: String, CaseIterable, Sendable, CustomTestStringConvertible {
             defer { log.close() }
             try await body(log)
         case .postgresql:
-            let schema = try await PostgresTestServer.freshSchema()
-            let configuration = try await PostgresTestServer.configuration(schema: schema, nodeID: "node-a")
-            do {
-                try await PostgresEventLog.withLog(configuration: configuration, clock: clock) { try await body($0) }
-            } catch {
-                await PostgresTestServer.dropSchema(schema)
-                throw error
-            }
-            await PostgresTestServer.dropSchema(schema)
+            try await withEmptyPostgresLog(clock: clock, nodeID: "node-a") { try await body($0) }
         }
     }
 }

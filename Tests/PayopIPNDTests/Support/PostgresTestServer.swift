@@ -217,3 +217,18 @@ enum ThrowawayCluster {
         }
     }
 }
+
+/// A fresh, empty PostgreSQL log in a schema of its own, dropped afterwards.
+func withEmptyPostgresLog(
+    clock: TestClock, nodeID: String = "node-b", _ body: @Sendable (PostgresEventLog) async throws -> Void
+) async throws {
+    let schema = try await PostgresTestServer.freshSchema()
+    let configuration = try await PostgresTestServer.configuration(schema: schema, nodeID: nodeID)
+    do {
+        try await PostgresEventLog.withLog(configuration: configuration, clock: clock) { try await body($0) }
+    } catch {
+        await PostgresTestServer.dropSchema(schema)
+        throw error
+    }
+    await PostgresTestServer.dropSchema(schema)
+}
