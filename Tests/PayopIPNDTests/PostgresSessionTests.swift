@@ -173,4 +173,32 @@ struct PostgresSessionTests {
             #expect(try await log.counts().events == 2)
         }
     }
+
+    @Test func claimsThePoolAndTheLeadershipAreMeasured() async throws {
+        let schema = try await PostgresTestServer.freshSchema()
+        defer { Task { await PostgresTestServer.dropSchema(schema) } }
+        let configuration = try await PostgresTestServer.configuration(schema: schema, nodeID: "a")
+        let metrics = DaemonMetrics()
+        let log = PostgresEventLog(configuration: configuration, metrics: metrics)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await log.run() }
+            defer { group.cancelAll() }
+            try await log.open()
+            log.setHooks([storeHook("fulfil")])
+            _ = try await log.ingest(try signedIPN(order: "measured"))
+            let delivery = try #require(try await log.runnableDeliveries(now: storeStart, hooks: ["fulfil"], limit: 1).first)
+            _ = try #require(try await log.claimDelivery(id: delivery.id, now: storeStart))
+            _ = try await log.dueChecks(now: storeStart, limit: 10)
+            log.setReconcileLeader(true)
+            let text = metrics.render()
+            for name in [
+                "payop_ipnd_storage_claim_seconds_count{what=\"delivery\"} 1",
+                "payop_ipnd_storage_claim_seconds_count{what=\"check\"} 1", "payop_ipnd_storage_pool_size 8",
+                "payop_ipnd_storage_connections_in_use 0", "payop_ipnd_storage_connection_wait_seconds_count",
+                "payop_ipnd_reconcile_leader 1",
+            ] {
+                #expect(text.contains(name), "\(name) missing from:\n\(text)")
+            }
+        }
+    }
 }

@@ -156,7 +156,9 @@ public struct Daemon: Sendable {
                 ("admin.listen", previous.admin.listen != next.admin.listen),
                 ("storage", previous.storage.backend != next.storage.backend || previous.storage.path != next.storage.path
                     || previous.storage.url != next.storage.url || previous.storage.nodeID != next.storage.nodeID
-                    || previous.storage.poolSize != next.storage.poolSize),
+                    || previous.storage.poolSize != next.storage.poolSize
+                    || previous.storage.leaseSeconds != next.storage.leaseSeconds
+                    || previous.storage.passwordFile != next.storage.passwordFile),
                 ("payop.api_base_url", previous.payop.apiBaseURL != next.payop.apiBaseURL),
                 ("server.read_timeout_seconds", previous.server.readTimeoutSeconds != next.server.readTimeoutSeconds),
             ] where changed {

@@ -37,6 +37,8 @@ enum StrictJSON {
         case badEscape
         /// A `\u` escape of a surrogate that is not one half of a high-low pair.
         case loneSurrogate
+        /// `\u0000`: valid JSON, but no Payop field holds one, and a PostgreSQL log's text cannot.
+        case nulCharacter
         case badNumber
         case tooDeep
         case duplicateKey
@@ -373,6 +375,8 @@ private struct Parser {
             end += 6
         case 0xDC00...0xDFFF:
             throw Failure(reason: .loneSurrogate, offset: i)
+        case 0:
+            throw Failure(reason: .nulCharacter, offset: i)
         default:
             break
         }
