@@ -83,4 +83,17 @@ import Testing
             #expect(error.description.contains("GRANT CREATE"), "\(error)")
         }
     }
+
+    /// The pool retries a refused connection quietly; a daemon that cannot open its log must still say why.
+    @Test(.enabled(if: PostgresTestServer.isConfigured, "set PAYOP_IPND_TEST_POSTGRES (scripts/pg-test.sh)"))
+    func aDaemonThatCannotOpenTheLogSaysWhyNotJustThatItTimedOut() async throws {
+        var missing = try await PostgresTestServer.configuration(schema: "public", nodeID: "a", database: "no_such_db")
+        missing.openTimeout = .seconds(3)
+        do {
+            try await PostgresEventLog.withLog(configuration: missing) { _ in }
+            Issue.record("a log in a missing database opened")
+        } catch {
+            #expect("\(error)".contains("does not exist"), "\(error)")
+        }
+    }
 }

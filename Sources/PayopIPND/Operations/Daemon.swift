@@ -52,9 +52,11 @@ public struct Daemon: Sendable {
             let lock = try EventLogLock.acquire(logPath: config.storage.path)
             defer { lock.release() }
             let log = try SQLiteEventLog.open(path: config.storage.path, mode: .daemon, clock: clock)
-            try await run(log: log, secrets: secrets) { [logger] _ in
-                [.init(service: EventLogService(log: log)), .init(service: CheckpointService(log: log, logger: logger))]
-            }
+            try await run(
+                log: log, secrets: secrets,
+                logServices: [
+                    .init(service: EventLogService(log: log)), .init(service: CheckpointService(log: log, logger: logger)),
+                ])
         case .postgresql:
             let log = PostgresEventLog(
                 configuration: try config.storage.postgres(password: secrets.storagePassword), clock: clock,
@@ -72,9 +74,9 @@ public struct Daemon: Sendable {
                     case .deliver: wake.deliver.signal()
                     }
                 }
-                try await run(log: log, secrets: secrets, wake: wake) { _ in
-                    [.init(service: EventLogService(log: log)), .init(service: session)]
-                }
+                try await run(
+                    log: log, secrets: secrets, wake: wake,
+                    logServices: [.init(service: EventLogService(log: log)), .init(service: session)])
             }
         }
     }
@@ -88,7 +90,7 @@ public struct Daemon: Sendable {
     /// The daemon on an open log. `logServices` run first and stop last (the log's own upkeep).
     private func run(
         log: any EventLog, secrets: Secrets, wake: WakeUps = WakeUps(),
-        logServices: (WakeUps) -> [ServiceGroupConfiguration.ServiceConfiguration]
+        logServices: [ServiceGroupConfiguration.ServiceConfiguration]
     ) async throws {
         let notifier = SystemdNotifier(environment: environment)
         log.setHooks(config.hooks)
@@ -187,7 +189,7 @@ public struct Daemon: Sendable {
         // Services stop in reverse order: STOPPING=1 first, then the listeners (no new IPNs), the
         // verifier, the dispatcher (running hooks get their grace), and the event log
         // last, after everything answered is committed.
-        var services = logServices(wake) + [.init(service: HTTPClientService(client: http))]
+        var services = logServices + [.init(service: HTTPClientService(client: http))]
         if let simulator {
             services.append(
                 .init(service: SimulatorServer.makeApplication(payop: simulator.payop, port: simulator.port, logger: logger)))

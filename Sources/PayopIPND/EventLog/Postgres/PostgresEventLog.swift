@@ -92,6 +92,8 @@ public final class PostgresEventLog: EventStore, Service {
         } catch let error as EventLogError {
             throw error
         } catch is DeadlineExceeded {
+            // The pool retries a refused login or TLS handshake quietly: one direct connection names the cause.
+            _ = try await Self.probe(configuration, logger: logger)
             throw EventLogError(
                 .unavailable,
                 "cannot reach PostgreSQL at \(where_) within \(configuration.openTimeout): check storage.url, "
