@@ -96,4 +96,30 @@ import Testing
             #expect("\(error)".contains("does not exist"), "\(error)")
         }
     }
+
+    @Test(.enabled(if: PostgresTestServer.isConfigured, "set PAYOP_IPND_TEST_POSTGRES (scripts/pg-test.sh)"))
+    func doctorDescribesTheSharedLogAndNamesWhatIsWrong() async throws {
+        let server = try await PostgresTestServer.shared()
+        let dir = try TemporaryDirectory()
+        let good = try dir.write(
+            "good.yaml",
+            """
+            storage:
+              backend: postgresql
+              url: postgres://\(server.username)@\(server.host):\(server.port)/\(server.database)?sslmode=disable
+              node_id: doctor-a
+            """)
+        let check = try #require(await Doctor(configPath: good).run().first { $0.name == "event log" })
+        #expect(check.verdict == .ok && check.detail.contains("synchronous_commit on"), "\(check.line)")
+        let bad = try dir.write(
+            "bad.yaml",
+            """
+            storage:
+              backend: postgresql
+              url: postgres://\(server.username)@\(server.host):\(server.port)/no_such_db?sslmode=disable
+              node_id: doctor-a
+            """)
+        let failed = try #require(await Doctor(configPath: bad).run().first { $0.name == "event log" })
+        #expect(failed.verdict == .fail && failed.detail.contains("does not exist"), "\(failed.line)")
+    }
 }
