@@ -201,4 +201,26 @@ struct PostgresSessionTests {
             }
         }
     }
+
+    @Test func daemonsRunningOtherHooksAreNamedAndDoctorSeesThem() async throws {
+        try await Self.withLogs(["a", "b"]) { logs in
+            let (a, b) = (logs[0], logs[1])
+            a.setHooks([storeHook("fulfil", events: ["checkout.accepted"])])
+            b.setHooks([storeHook("fulfil", events: ["checkout.accepted"]), storeHook("crm")])
+            let now = SystemWallClock().nowMilliseconds()
+            #expect(try await a.announce(now: now).isEmpty)
+            #expect(try await b.announce(now: now) == ["a": "fulfil=checkout.accepted"])
+            #expect(try await a.announce(now: now).keys.sorted() == ["b"])
+            let report = try await PostgresEventLog.probe(a.configuration, hooks: a.hooks)
+            #expect(report.otherHooks.keys.sorted() == ["b"])
+            // b gets the same hooks: nobody is named any more.
+            b.setHooks(a.hooks)
+            #expect(try await b.announce(now: now).isEmpty)
+            #expect(try await a.announce(now: now).isEmpty)
+            // A daemon not seen for a minute no longer counts.
+            b.setHooks([storeHook("gone")])
+            _ = try await b.announce(now: now - 120_000)
+            #expect(try await a.announce(now: now).isEmpty)
+        }
+    }
 }

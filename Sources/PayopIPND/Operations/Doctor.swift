@@ -115,7 +115,14 @@ public struct Doctor: Sendable {
         do {
             let password = try Secrets.read(config.storage.passwordFile, key: "storage.password_file")
             let configuration = try config.storage.postgres(password: password)
-            let report = try await PostgresEventLog.probe(configuration)
+            let report = try await PostgresEventLog.probe(configuration, hooks: config.hooks)
+            if !report.otherHooks.isEmpty {
+                return .init(
+                    name: "event log", verdict: .warn,
+                    detail: "\(configuration.displayName): daemon(s) \(report.otherHooks.keys.sorted().joined(separator: ", ")) "
+                        + "run other hooks than this configuration's",
+                    fix: "give every machine the same hooks: any daemon may verify an event and create its deliveries")
+            }
             return .init(name: "event log", verdict: .ok, detail: "\(configuration.displayName): \(report.summary)")
         } catch let error as EventLogError {
             return .init(

@@ -14,6 +14,8 @@ extension PostgresEventLog {
         public var latestSchemaVersion: Int64
         /// Whether a daemon with this node id holds its session now.
         public var nodeInUse: Bool
+        /// Other daemons seen in the last minute whose hooks differ from the ones given: node id -> hooks.
+        public var otherHooks: [String: String] = [:]
 
         public var summary: String {
             let schema =
@@ -28,7 +30,7 @@ extension PostgresEventLog {
     /// reachable within `openTimeout`, the password, TLS, a durable commit setting, a primary, the right
     /// to create the log's tables (or the tables already there), no schema newer than this build's.
     public static func probe(
-        _ configuration: PostgresEventLogConfiguration,
+        _ configuration: PostgresEventLogConfiguration, hooks: [HookConfig]? = nil,
         logger: Logger = Logger(label: "payop-ipnd.event-log", factory: { _ in SwiftLogNoOpLogHandler() })
     ) async throws(EventLogError) -> ProbeReport {
         let where_ = configuration.displayName
@@ -80,9 +82,23 @@ extension PostgresEventLog {
                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                         """, logger: logger
                     ).collect().first?.decode(Bool.self) ?? false
+                var otherHooks: [String: String] = [:]
+                if let hooks, applied >= 2 {
+                    let fingerprint = hooksFingerprint(hooks)
+                    let since = SystemWallClock().nowMilliseconds() - 60_000
+                    for row in try await connection.query(
+                        """
+                        SELECT node_id, hooks FROM nodes
+                        WHERE node_id <> \(node) AND seen_at > \(since) AND hooks <> \(fingerprint)
+                        """, logger: logger
+                    ).collect() {
+                        let (other, theirs) = try row.decode((String, String).self)
+                        otherHooks[other] = theirs
+                    }
+                }
                 return ProbeReport(
                     serverVersion: version, user: user, synchronousCommit: commit, schemaVersion: applied,
-                    latestSchemaVersion: latest, nodeInUse: inUse)
+                    latestSchemaVersion: latest, nodeInUse: inUse, otherHooks: otherHooks)
             }
         } catch let error as EventLogError {
             throw error

@@ -153,7 +153,20 @@ enum PostgresSchema {
                 )
                 """,
                 "CREATE INDEX delivery_attempts_by_delivery ON delivery_attempts (delivery_id)",
-            ])
+            ]),
+        Migration(
+            version: 2, name: "nodes",
+            statements: [
+                """
+                CREATE TABLE nodes (
+                    node_id text PRIMARY KEY,
+                    -- which events this daemon creates deliveries for: hook names and their event patterns
+                    hooks text NOT NULL,
+                    version text NOT NULL,
+                    seen_at bigint NOT NULL
+                )
+                """
+            ]),
     ]
 
     /// Applies the migrations this database lacks; returns how many. Runs under a transaction-scoped

@@ -141,6 +141,28 @@ public final class PostgresSession: Service {
         if let error = fatal.withLock({ $0 }) { throw error }
     }
 
+    /// The other daemons whose hooks differ from this one's, as last logged.
+    private let divergent = Mutex<[String: String]>([:])
+
+    /// Announces this daemon and warns, once per change, about daemons with other hooks.
+    private func compareHooks() async {
+        guard let others = try? await log.announce(now: log.clock.nowMilliseconds()) else { return }
+        let changed = divergent.withLock { known in
+            defer { known = others }
+            return known != others
+        }
+        guard changed else { return }
+        if others.isEmpty {
+            logger.notice("every daemon on the shared log has the same hooks again")
+        } else {
+            for (node, hooks) in others.sorted(by: { $0.key < $1.key }) {
+                logger.warning(
+                    "daemon \(node) has other hooks than this one: events it verifies get other deliveries; give every machine the same hooks",
+                    metadata: ["theirs": "\(hooks)", "ours": "\(PostgresEventLog.hooksFingerprint(log.hooks))"])
+            }
+        }
+    }
+
     /// How long the session's own checks may take before the connection counts as lost (a server gone
     /// without closing the TCP connection answers nothing, ever).
     static let checkTimeout = Duration.seconds(10)
@@ -181,6 +203,7 @@ public final class PostgresSession: Service {
                             self.logger.notice("this daemon now re-asks Payop about decided events (reconcile leader)")
                             self.onWork(.verify)
                         }
+                        await self.compareHooks()
                         try await Task.sleep(for: self.leaderRetry)
                     }
                 } catch {
@@ -196,6 +219,40 @@ public final class PostgresSession: Service {
 }
 
 extension PostgresEventLog {
+    /// What decides which deliveries an event gets: each hook's name and event patterns, in order.
+    static func hooksFingerprint(_ hooks: [HookConfig]) -> String {
+        hooks.map { "\($0.name)=\($0.events.joined(separator: ","))" }.joined(separator: "; ")
+    }
+
+    /// Records this daemon as alive with its hooks, and returns the other daemons seen in the last
+    /// minute whose hooks differ: any daemon may verify an event and create its deliveries from its own
+    /// hooks, so daemons with different hooks deliver differently (a hook missing on one machine misses
+    /// the events that machine verifies).
+    func announce(now: Int64) async throws(EventLogError) -> [String: String] {
+        let node = nodeID
+        let hooks = Self.hooksFingerprint(self.hooks)
+        return try await transaction("cannot record this daemon in the shared log") { connection, logger in
+            try await connection.query(
+                """
+                INSERT INTO nodes (node_id, hooks, version, seen_at)
+                VALUES (\(node), \(hooks), \(PayopIPNDVersion.current), \(now))
+                ON CONFLICT (node_id) DO UPDATE SET hooks = excluded.hooks, version = excluded.version,
+                    seen_at = excluded.seen_at
+                """, logger: logger)
+            var others: [String: String] = [:]
+            for row in try await connection.query(
+                """
+                SELECT node_id, hooks FROM nodes
+                WHERE node_id <> \(node) AND seen_at > \(now - 60_000) AND hooks <> \(hooks)
+                """, logger: logger
+            ).collect() {
+                let (other, theirs) = try row.decode((String, String).self)
+                others[other] = theirs
+            }
+            return others
+        }
+    }
+
     /// Tells every daemon listening (this one too) that work is waiting; delivered at commit. A channel
     /// spans the database, so the payload names the log's schema (`SCHEMA/verify`): logs in other
     /// schemas of the same database ignore it.
