@@ -77,8 +77,7 @@ func openEventLog(_ config: DaemonConfig) async throws -> any EventLog {
     case .sqlite:
         return try SQLiteEventLog.open(path: config.storage.path, mode: .tool, create: false)
     case .postgresql:
-        let password = try Secrets.read(config.storage.passwordFile, key: "storage.password_file")
-        return try await PostgresEventLog.start(configuration: try config.storage.postgres(password: password))
+        return try await PostgresEventLog.start(configuration: try Secrets.postgres(config))
     }
 }
 
@@ -155,8 +154,7 @@ struct CheckConfigCommand: AsyncParsableCommand {
             }
             if loaded.storage.backend == .postgresql {
                 // A shared log is only as good as the connection to it: try it now, as the daemon will.
-                let password = try Secrets.read(loaded.storage.passwordFile, key: "storage.password_file")
-                let configuration = try loaded.storage.postgres(password: password)
+                let configuration = try Secrets.postgres(loaded)
                 let report = try await PostgresEventLog.probe(configuration)
                 print("storage: \(configuration.displayName): \(report.summary)")
                 if report.nodeInUse {

@@ -285,6 +285,12 @@ final class Secrets: Sendable {
             storagePassword: try read(config.storage.passwordFile, key: "storage.password_file"))
     }
 
+    /// The PostgreSQL log's settings with the password read from `storage.password_file`: what the tools
+    /// connect with (the daemon reads the password with its other secrets, in `load`).
+    static func postgres(_ config: DaemonConfig) throws -> PostgresEventLogConfiguration {
+        try config.storage.postgres(password: try read(config.storage.passwordFile, key: "storage.password_file"))
+    }
+
     static func hookSecrets(_ config: DaemonConfig) throws(ConfigError) -> [String: String] {
         var secrets: [String: String] = [:]
         for hook in config.hooks {

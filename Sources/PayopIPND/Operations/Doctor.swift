@@ -56,8 +56,16 @@ public struct Doctor: Sendable {
             return checks
         }
         checks.append(secrets(config))
-        checks.append(await eventLog(config))
-        checks += await listeners(config)
+        switch config.storage.backend {
+        case .sqlite:
+            checks.append(eventLog(config))
+            checks += await listeners(config, running: EventLogLock.holder(logPath: config.storage.path).map { "pid \($0)" })
+        case .postgresql:
+            // One connection answers both: how the shared log is, and whether this node's daemon runs.
+            let shared = await sharedEventLog(config)
+            checks.append(shared.check)
+            checks += await listeners(config, running: shared.running)
+        }
         checks += await payop(config)
         checks += await hooks(config)
         return checks
@@ -79,8 +87,7 @@ public struct Doctor: Sendable {
         }
     }
 
-    func eventLog(_ config: DaemonConfig) async -> DoctorCheck {
-        guard config.storage.backend == .sqlite else { return await sharedEventLog(config) }
+    func eventLog(_ config: DaemonConfig) -> DoctorCheck {
         let path = config.storage.path
         var directory = (path as NSString).deletingLastPathComponent
         if directory.isEmpty { directory = "." }
@@ -110,31 +117,34 @@ public struct Doctor: Sendable {
         return .init(name: "event log", verdict: .ok, detail: "\(path), \(free / 1_048_576) MB free")
     }
 
-    /// The PostgreSQL log: reachable, durable, writable by this user, a schema this build knows.
-    func sharedEventLog(_ config: DaemonConfig) async -> DoctorCheck {
+    /// The PostgreSQL log: reachable, durable, writable by this user, a schema this build knows, the
+    /// same hooks as the other daemons; and this node's daemon, when its session lock is held.
+    func sharedEventLog(_ config: DaemonConfig) async -> (check: DoctorCheck, running: String?) {
         do {
-            let password = try Secrets.read(config.storage.passwordFile, key: "storage.password_file")
-            let configuration = try config.storage.postgres(password: password)
+            let configuration = try Secrets.postgres(config)
             let report = try await PostgresEventLog.probe(configuration, hooks: config.hooks)
+            let running = report.nodeInUse ? "node \(configuration.nodeID)" : nil
             if !report.otherHooks.isEmpty {
-                return .init(
+                let check = DoctorCheck(
                     name: "event log", verdict: .warn,
                     detail: "\(configuration.displayName): daemon(s) \(report.otherHooks.keys.sorted().joined(separator: ", ")) "
                         + "run other hooks than this configuration's",
                     fix: "give every machine the same hooks: any daemon may verify an event and create its deliveries")
+                return (check, running)
             }
-            return .init(name: "event log", verdict: .ok, detail: "\(configuration.displayName): \(report.summary)")
+            return (.init(name: "event log", verdict: .ok, detail: "\(configuration.displayName): \(report.summary)"), running)
         } catch let error as EventLogError {
-            return .init(
+            let check = DoctorCheck(
                 name: "event log", verdict: .fail, detail: error.message,
                 fix: "see the message; `check-config` connects the same way")
+            return (check, nil)
         } catch {
-            return .init(name: "event log", verdict: .fail, detail: "\(error)", fix: "check storage.password_file")
+            return (.init(name: "event log", verdict: .fail, detail: "\(error)", fix: "check storage.password_file"), nil)
         }
     }
 
-    func listeners(_ config: DaemonConfig) async -> [DoctorCheck] {
-        let running = await runningDaemon(config)
+    /// `running`: this configuration's daemon, when one runs (its pid, or its node id on a shared log).
+    func listeners(_ config: DaemonConfig, running: String?) async -> [DoctorCheck] {
         var checks: [DoctorCheck] = []
         for (name, address) in [("IPN listener", config.server.listen), ("admin listener", config.admin.listen)] {
             checks.append(await Self.listenerCheck(name, address, running: running))
@@ -158,21 +168,6 @@ public struct Doctor: Sendable {
                     name: name, verdict: .fail, detail: "cannot bind \(address): \(String(cString: strerror(code)))",
                     fix: code == EACCES ? "use a port above 1023, or give the unit CAP_NET_BIND_SERVICE" : "check the address")
             }
-    }
-
-    /// The daemon of this configuration, if one runs: the SQLite log's lock names its pid; on a shared
-    /// log, its node id's session lock tells.
-    func runningDaemon(_ config: DaemonConfig) async -> String? {
-        switch config.storage.backend {
-        case .sqlite:
-            return EventLogLock.holder(logPath: config.storage.path).map { "pid \($0)" }
-        case .postgresql:
-            guard let password = try? Secrets.read(config.storage.passwordFile, key: "storage.password_file"),
-                let configuration = try? config.storage.postgres(password: password),
-                let report = try? await PostgresEventLog.probe(configuration), report.nodeInUse
-            else { return nil }
-            return "node \(configuration.nodeID)"
-        }
     }
 
     /// nil when `address` can be bound now, else errno.

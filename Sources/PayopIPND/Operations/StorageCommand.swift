@@ -59,9 +59,9 @@ struct StorageCommand: AsyncParsableCommand {
             defer { lock?.release() }
             let log = try SQLiteEventLog.open(path: path, mode: .tool, create: false)
             defer { log.close() }
-            let password = try Secrets.read(target.storage.passwordFile, key: "storage.password_file")
-            let configuration = try target.storage.postgres(password: password)
-            return try await PostgresEventLog.withLog(configuration: configuration) { try await $0.copy(from: log) }
+            return try await PostgresEventLog.withLog(configuration: try Secrets.postgres(target)) {
+                try await $0.copy(from: log)
+            }
         }
 
         /// The source log's lock, held for the whole copy when a daemon ever made the lock file: a daemon
