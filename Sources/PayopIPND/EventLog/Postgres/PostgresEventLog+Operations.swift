@@ -12,18 +12,8 @@ extension PostgresEventLog: EventLog {
     /// A writable primary: a standby (`pg_is_in_recovery`) or a lost server cannot take IPNs.
     /// Answers within `readinessTimeout`, so `/readyz` and the watchdog never hang on a lost server.
     public func checkWritable() async throws(EventLogError) {
-        let standby: Bool?
-        do {
-            standby = try await withDeadline(Self.readinessTimeout) {
-                try await self.read("PostgreSQL is not reachable") { connection, logger in
-                    try await connection.query("SELECT pg_is_in_recovery()", logger: logger).collect().first?
-                        .decode(Bool.self)
-                }
-            }
-        } catch let error as EventLogError {
-            throw error
-        } catch {
-            throw EventLogError(.unavailable, "PostgreSQL at \(location) did not answer within \(Self.readinessTimeout)")
+        let standby = try await read("cannot check the event log", timeout: Self.readinessTimeout) { connection, logger in
+            try await connection.query("SELECT pg_is_in_recovery()", logger: logger).collect().first?.decode(Bool.self)
         }
         if let problem = sessionProblem { throw EventLogError(.unavailable, problem) }
         if standby == true {

@@ -194,11 +194,21 @@ public final class PostgresEventLog: EventStore, Service {
     /// (two daemons touching the same rows in another order) rolls back and runs `body` again; any
     /// other failure rolls back and is reported.
     func transaction<T: Sendable>(
-        _ what: String, _ body: @escaping @Sendable (PostgresConnection, Logger) async throws -> T
+        _ what: String, timeout: Duration = operationTimeout,
+        _ body: @escaping @Sendable (PostgresConnection, Logger) async throws -> T
     ) async throws(EventLogError) -> T {
         guard !closed.load(ordering: .relaxed) else {
             throw EventLogError(.closed, "the event log is shutting down")
         }
+        return try await bounded(what, timeout) { () async throws(EventLogError) in
+            try await self.tries(what, body)
+        }
+    }
+
+    /// The transaction, once more after each deadlock or serialization failure, five times at most.
+    private func tries<T: Sendable>(_ what: String, _ body: @Sendable (PostgresConnection, Logger) async throws -> T)
+        async throws(EventLogError) -> T
+    {
         let logger = self.logger
         var tries = 0
         while true {
@@ -232,16 +242,22 @@ public final class PostgresEventLog: EventStore, Service {
     /// server gone, a connection is waited for without end; nothing the daemon does may wait with it.
     static let operationTimeout = Duration.seconds(30)
 
-    /// A pooled connection for `body`, with how long it took to get and how many are out, measured.
-    private func leased<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws
-        -> T
-    {
-        try await withDeadline(Self.operationTimeout) { try await self.withLeasedConnection(body) }
+    /// `body`, or unavailable once `timeout` has passed (`withDeadline`: a query stuck where cancellation
+    /// does not reach is left behind, not waited for).
+    private func bounded<T: Sendable>(
+        _ what: String, _ timeout: Duration, _ body: @escaping @Sendable () async throws(EventLogError) -> T
+    ) async throws(EventLogError) -> T {
+        do {
+            return try await withDeadline(timeout) { try await body() }
+        } catch let error as EventLogError {
+            throw error
+        } catch {
+            throw EventLogError(.unavailable, "\(what): PostgreSQL at \(location) did not answer within \(timeout)")
+        }
     }
 
-    private func withLeasedConnection<T: Sendable>(_ body: @Sendable (PostgresConnection) async throws -> T)
-        async throws -> T
-    {
+    /// A pooled connection for `body`, with how long it took to get and how many are out, measured.
+    private func leased<T: Sendable>(_ body: @Sendable (PostgresConnection) async throws -> T) async throws -> T {
         let asked = ContinuousClock.now
         return try await client.withConnection { connection in
             if let metrics {
@@ -270,16 +286,19 @@ public final class PostgresEventLog: EventStore, Service {
     }
 
     /// One read outside an explicit transaction.
-    func read<T: Sendable>(_ what: String, _ body: @escaping @Sendable (PostgresConnection, Logger) async throws -> T)
-        async throws(EventLogError) -> T
-    {
+    func read<T: Sendable>(
+        _ what: String, timeout: Duration = operationTimeout,
+        _ body: @escaping @Sendable (PostgresConnection, Logger) async throws -> T
+    ) async throws(EventLogError) -> T {
         let logger = self.logger
-        do {
-            return try await leased { connection in try await body(connection, logger) }
-        } catch let error as EventLogError {
-            throw error
-        } catch {
-            throw Self.mapError(error, what)
+        return try await bounded(what, timeout) { () async throws(EventLogError) in
+            do {
+                return try await self.leased { connection in try await body(connection, logger) }
+            } catch let error as EventLogError {
+                throw error
+            } catch {
+                throw Self.mapError(error, what)
+            }
         }
     }
 
@@ -310,9 +329,6 @@ public final class PostgresEventLog: EventStore, Service {
     static func mapError(_ error: any Error, _ what: String) -> EventLogError {
         if let error = error as? EventLogError { return error }
         var message = what
-        if error is DeadlineExceeded {
-            return EventLogError(.unavailable, message + ": PostgreSQL did not answer within \(operationTimeout)")
-        }
         if let error = error as? PSQLError {
             switch (error.code, error.serverInfo?[.sqlState]) {
             case (_, "28P01"), (_, "28000"):
@@ -372,30 +388,16 @@ public final class PostgresEventLog: EventStore, Service {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
         let policy = verificationPolicy.withLock { $0 }
         let node = nodeID
-        return try await answering("the IPN") { () async throws(EventLogError) in
-            try await self.transaction("the event log could not commit the IPN") { connection, logger in
-                try await Self.ingest(ipn, on: connection, logger: logger, hooks: hooks, policy: policy, node: node)
-            }
-        }
-    }
-
-    /// `body`, within `ingestTimeout`: what an HTTP answer to Payop waits for.
-    private func answering<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws(EventLogError) -> T)
-        async throws(EventLogError) -> T
-    {
-        do {
-            return try await withDeadline(Self.ingestTimeout) { try await body() }
-        } catch let error as EventLogError {
-            throw error
-        } catch {
-            throw EventLogError(.unavailable, "PostgreSQL at \(location) did not commit \(what) within \(Self.ingestTimeout)")
+        return try await transaction("the event log could not commit the IPN", timeout: Self.ingestTimeout) {
+            connection, logger in
+            try await Self.ingest(ipn, on: connection, logger: logger, hooks: hooks, policy: policy, node: node)
         }
     }
 
     public func recordRefused(_ refused: RefusedIPN) async throws(EventLogError) {
         let node = nodeID
-        try await answering("the refused request") { () async throws(EventLogError) in
-        try await self.transaction("the event log could not commit the refused request") { connection, logger in
+        try await transaction("the event log could not commit the refused request", timeout: Self.ingestTimeout) {
+            connection, logger in
             let n = refused.notification
             try await connection.query(
                 """
@@ -405,7 +407,6 @@ public final class PostgresEventLog: EventStore, Service {
                         \(refused.reason.rawValue), \(n?.kind.rawValue), \(n?.entityID), \(n?.status.name),
                         \(refused.size), \(Data(refused.bodyPrefix)), \(node))
                 """, logger: logger)
-        }
         }
     }
 
