@@ -196,7 +196,7 @@ import Testing
         #expect(postgres.username == "payop" && postgres.password == "pw" && postgres.tls == .verifyCA)
         #expect(postgres.poolSize == 12 && postgres.deliveryLeaseMilliseconds == 30_000)
         #expect(postgres.checkLeaseMilliseconds == 60_000 && postgres.nodeID == "shop-2")
-        #expect(config.storage.location == "db.internal:6432/payop")
+        #expect(postgres.displayName == "db.internal:6432/payop")
         // TLS is verified unless the URL says otherwise; the node id defaults to the host name.
         let plain = try ConfigLoader.parse(
             "storage: {backend: postgresql, url: 'postgres://u@h/d'}", environment: [:]

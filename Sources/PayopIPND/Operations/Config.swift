@@ -92,15 +92,6 @@ public struct DaemonConfig: Sendable {
             return name.isEmpty ? "payop-ipnd" : name
         }
 
-        /// Where the log is, for messages.
-        public var location: String {
-            switch backend {
-            case .sqlite: path
-            case .postgresql: (try? PostgresEventLogConfiguration(url: url ?? "", password: nil, nodeID: nodeID))?
-                .displayName ?? "PostgreSQL"
-            }
-        }
-
         /// The PostgreSQL log's settings, with the password read from its file.
         public func postgres(password: String?) throws(EventLogError) -> PostgresEventLogConfiguration {
             guard let url else { throw EventLogError(.misconfigured, "storage.url is not set") }
