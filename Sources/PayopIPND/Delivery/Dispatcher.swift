@@ -83,37 +83,55 @@ public final class Dispatcher: Sendable {
     }
 
     /// Claims what can run now and hands each claimed run to `spawn`; returns how many were started.
-    /// Throws when the log cannot record a start: nothing more is started in this pass.
+    /// The claims are written together (one group commit on SQLite, not one fsync after another), and
+    /// runs are handed to `spawn` in the log's order. Throws when the log cannot record a start: what
+    /// was claimed still runs, nothing else is started in this pass.
     func startDue(spawn: (DeliveryClaim, HookConfig) -> Void) async throws(EventLogError) -> Int {
         let open = openHooks()
         guard !open.isEmpty else { return 0 }
         let limit = policy.withLock { $0.perHookConcurrency }
         let now = clock.nowMilliseconds()
-        var started = 0
+        var admitted: [(id: Int64, hook: HookConfig)] = []
         for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: Self.batch) {
             guard let hook = open[delivery.hook] else { continue }
-            let admitted = inFlight.withLock { running -> Bool in
+            let admit = inFlight.withLock { running -> Bool in
                 guard running[delivery.id] == nil, running.values.count(where: { $0 == hook.name }) < limit else {
                     return false
                 }
                 running[delivery.id] = hook.name
                 return true
             }
-            guard admitted else { continue }
-            let claim: DeliveryClaim?
-            do {
-                claim = try await store.claimDelivery(id: delivery.id, now: clock.nowMilliseconds())
-            } catch {
-                release(delivery.id)
-                throw error
-            }
-            guard let claim else {
-                release(delivery.id)
-                continue
-            }
-            spawn(claim, hook)
-            started += 1
+            if admit { admitted.append((delivery.id, hook)) }
         }
+        let claims = await withTaskGroup(of: (Int, Result<DeliveryClaim?, EventLogError>).self) { group in
+            for (index, candidate) in admitted.enumerated() {
+                group.addTask { [store, clock] () async -> (Int, Result<DeliveryClaim?, EventLogError>) in
+                    do throws(EventLogError) {
+                        return (index, .success(try await store.claimDelivery(id: candidate.id, now: clock.nowMilliseconds())))
+                    } catch {
+                        return (index, .failure(error))
+                    }
+                }
+            }
+            var results = [Result<DeliveryClaim?, EventLogError>?](repeating: nil, count: admitted.count)
+            for await (index, result) in group { results[index] = result }
+            return results
+        }
+        var started = 0
+        var failure: EventLogError?
+        for (candidate, result) in zip(admitted, claims) {
+            switch result {
+            case .success(let claim?):
+                spawn(claim, candidate.hook)
+                started += 1
+            case .success(nil), nil:
+                release(candidate.id)
+            case .failure(let error):
+                release(candidate.id)
+                failure = failure ?? error
+            }
+        }
+        if let failure { throw failure }
         return started
     }
 

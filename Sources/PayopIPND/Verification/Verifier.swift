@@ -100,23 +100,32 @@ public final class Verifier: Sendable {
         return due.count
     }
 
-    /// One question to Payop (one entity, or a batch of checkouts), then each answer recorded.
+    /// One question to Payop (one entity, or a batch of checkouts), then its answers recorded together
+    /// (each in its own transaction, one entity each, sharing a group commit on SQLite).
     private func ask(_ checks: [DueCheck], policy: VerificationPolicy) async -> EventLogError? {
         let answers = await answers(for: checks)
-        for (check, answer) in zip(checks, answers) {
-            let now = clock.nowMilliseconds()
-            do {
-                let applied = try await store.applyAnswer(answer, to: check, now: now, policy: policy)
-                report(applied, check)
-                if !applied.verified.isEmpty { onVerified(applied.verified) }
-            } catch {
-                logger.error(
-                    "verification not recorded; asking again once the event log works",
-                    metadata: ["event.id": "\(check.eventID)", "error": "\(error)"])
-                return error
+        return await withTaskGroup(of: EventLogError?.self) { group in
+            for (check, answer) in zip(checks, answers) {
+                group.addTask { await self.record(answer, to: check, policy: policy) }
             }
+            var failure: EventLogError?
+            for await error in group { failure = failure ?? error }
+            return failure
         }
-        return nil
+    }
+
+    private func record(_ answer: PayopAnswer, to check: DueCheck, policy: VerificationPolicy) async -> EventLogError? {
+        do {
+            let applied = try await store.applyAnswer(answer, to: check, now: clock.nowMilliseconds(), policy: policy)
+            report(applied, check)
+            if !applied.verified.isEmpty { onVerified(applied.verified) }
+            return nil
+        } catch {
+            logger.error(
+                "verification not recorded; asking again once the event log works",
+                metadata: ["event.id": "\(check.eventID)", "error": "\(error)"])
+            return error
+        }
     }
 
     private func answers(for checks: [DueCheck]) async -> [PayopAnswer] {
