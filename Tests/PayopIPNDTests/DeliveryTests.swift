@@ -419,4 +419,88 @@ struct DeliveryHarnessView {
         #expect(result.output.utf8.count < HookResult.maxOutputBytes + 100)
         #expect(result.output.hasSuffix("[... \(5_000_000 - HookResult.maxOutputBytes) more bytes not kept]"))
     }
+
+    private func runOnce(_ path: String, body: [UInt8] = Array("{}".utf8), timeout: Double = 10) async -> HookResult {
+        let event = Event(
+            id: "evt_spawn", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
+            receivedAt: 0, duplicates: 0)
+        return await CommandHookRunner(path: "/usr/bin:/bin").run(
+            HookInvocation(
+                deliveryID: 1, hook: commandHook("spawn", path, timeout: timeout), event: event, body: body, attempt: 1,
+                killGraceSeconds: 0.1))
+    }
+
+    @Test func hookStartsWithEverySignalAtItsDefaultAndNoneBlocked() async throws {
+        // The daemon ignores SIGPIPE (and its lifecycle SIGTERM, SIGINT, SIGHUP); ignored signals survive
+        // exec, and a hook ignoring SIGTERM could not be stopped gently. This process ignores SIGPIPE too
+        // (the runner sets it), so the hook must have had it reset.
+        _ = CommandHookRunner()
+        let own = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let ownIgnored = own.split(separator: "\n").first { $0.hasPrefix("SigIgn:") }?.split(separator: "\t").last
+        #expect(ownIgnored.flatMap { UInt64($0, radix: 16) }.map { $0 & (1 << (UInt64(SIGPIPE) - 1)) != 0 } == true)
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "signals", "exec grep -E '^Sig(Ign|Blk)' /proc/self/status")
+        let result = await runOnce(hook)
+        #expect(result.outcome == .delivered)
+        // The low 32 bits are signals 1-32; glibc's own 32 and 33 (its thread machinery) are not ours.
+        let masks = Dictionary(
+            uniqueKeysWithValues: result.output.split(separator: "\n").map { line in
+                let parts = line.split(separator: "\t")
+                return (String(parts[0]), UInt64(parts.last ?? "", radix: 16) ?? .max)
+            })
+        #expect(masks["SigBlk:"] == 0)
+        #expect(masks["SigIgn:"].map { $0 & 0x7fff_ffff } == 0, "\(result.output)")
+    }
+
+    @Test func hookInheritsNoDescriptorOfTheDaemonButItsStandardThree() async throws {
+        // Opened without close-on-exec, as a careless library might: the hook must still not get it.
+        let leaky = open("/dev/null", O_RDONLY)
+        #expect(leaky > 2)
+        defer { close(leaky) }
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "fds", "exec ls /proc/self/fd")
+        let result = await runOnce(hook)
+        #expect(result.outcome == .delivered)
+        // `ls` holds one more, the directory it lists.
+        let listed = Set(result.output.split(separator: "\n").map(String.init))
+        #expect(listed.isSuperset(of: ["0", "1", "2"]) && listed.subtracting(["0", "1", "2", "3"]).isEmpty, "\(listed)")
+        #expect(!listed.contains("\(leaky)") || leaky == 3)
+    }
+
+    @Test func bodyLargerThanAPipeReachesTheHookWholeAndAHookIgnoringItStillSucceeds() async throws {
+        let dir = try TemporaryDirectory()
+        let counter = try script(dir, "count", "wc -c")
+        let ignorer = try script(dir, "ignore", "exit 0")
+        for size in [0, 65_536, 3_000_000] {
+            let body = [UInt8](repeating: UInt8(ascii: "x"), count: size)
+            let counted = await runOnce(counter, body: body)
+            #expect(counted.outcome == .delivered)
+            #expect(counted.output.trimmingCharacters(in: .whitespacesAndNewlines) == "\(size)")
+            #expect(await runOnce(ignorer, body: body).outcome == .delivered)
+        }
+    }
+
+    @Test func programThatCannotBeStartedIsAFailedRunNamingWhy() async throws {
+        let dir = try TemporaryDirectory()
+        let result = await runOnce(dir.file("gone"))
+        #expect(result.outcome == .failed(retryAfterMilliseconds: nil))
+        #expect(result.error == "could not run \(dir.file("gone")): No such file or directory")
+        let notExecutable = dir.file("plain")
+        try "#!/bin/sh\n".write(toFile: notExecutable, atomically: true, encoding: .utf8)
+        #expect(await runOnce(notExecutable).error == "could not run \(notExecutable): Permission denied")
+    }
+
+    @Test func manyHooksExitingTogetherAreEachReapedOnceWithTheirOwnStatus() async throws {
+        let dir = try TemporaryDirectory()
+        let hook = try script(dir, "exit", "read code; exit \"$code\"")
+        let results = await withTaskGroup(of: (Int, HookResult).self) { group in
+            for code in 0..<64 {
+                group.addTask { (code, await runOnce(hook, body: Array("\(code)\n".utf8))) }
+            }
+            return await group.reduce(into: [:]) { $0[$1.0] = $1.1 }
+        }
+        for code in 0..<64 {
+            #expect(results[code]?.exitCode == code, "run \(code)")
+        }
+    }
 }
