@@ -182,4 +182,36 @@ import Testing
         #expect((json["ipn"] as? [String: Any])?["sourceTransaction"] != nil)
         #expect((json["id"] as? String)?.hasPrefix("evt_") == true)
     }
+
+    @Test func hookBodyIsTheSameObjectAsTheEncodableEventWithTheIPNAsReceived() throws {
+        let samples = try ["checkout-accepted", "refund-accepted", "legacy-v1-success", "withdrawal-rejected"].map {
+            Array(try Samples.data($0))
+        }
+        let awkward = ["", "plain", "quote \" and \\ backslash", "tab\tnew\nline\rcr", "\u{01}\u{1f}\u{7f}", "ünïcødé €", "a/b", "🙂"]
+        func object(_ bytes: some Sequence<UInt8>) throws -> NSDictionary {
+            try #require(try JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed]) as? NSDictionary)
+        }
+        for seed in scenarioSeeds(count: 200, base: 9_100) {
+            var random = SeededRandom(seed: seed)
+            func text() -> String? { random.chance(0.3) ? nil : random.pick(awkward) + random.pick(awkward) }
+            let event = Event(
+                id: "evt_\(seed)", kind: random.pick(["checkout", "refund", "withdrawal"]), status: text() ?? "accepted",
+                state: random.pick(["received", "verified", "rejected"]), rejectionReason: text(),
+                source: random.pick(["ipn", "reconcile"]), transactionID: text(), invoiceID: text(), orderID: text(),
+                refundID: text(), withdrawalID: text(), amount: text(), currency: text(),
+                payopState: random.chance(0.5) ? Int.random(in: -1...9, using: &random) : nil, errorMessage: text(),
+                legacy: random.chance(0.5), verification: text(), receivedAt: Int64.random(in: 0...4_000_000_000_000, using: &random),
+                verifiedAt: random.chance(0.5) ? Int64.random(in: 0...4_000_000_000_000, using: &random) : nil,
+                duplicates: Int.random(in: 0...1000, using: &random), ipn: random.chance(0.2) ? nil : random.pick(samples))
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            #expect(try object(event.hookBody) == (try object(encoder.encode(event))), "seed \(seed)")
+        }
+        // The IPN arrives byte for byte as received, not re-encoded (amounts keep their trailing zeros).
+        let raw = Array(#"{"amount": 10.50, "b": [1,2], "a": "x"}"#.utf8)
+        let event = Event(
+            id: "evt_raw", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
+            receivedAt: 0, duplicates: 0, ipn: raw)
+        #expect(String(decoding: event.hookBody, as: UTF8.self).contains(#""ipn":{"amount": 10.50, "b": [1,2], "a": "x"}"#))
+    }
 }

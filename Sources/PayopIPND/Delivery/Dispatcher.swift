@@ -147,20 +147,16 @@ public final class Dispatcher: Sendable {
         }
         let policy = policy.withLock { $0 }
         let started = clock.nowMilliseconds()
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let invocation = HookInvocation(
+            deliveryID: claim.delivery.id, hook: hook, event: claim.event, body: claim.event.hookBody,
+            attempt: claim.attempt, killGraceSeconds: policy.killGraceSeconds)
         let result: HookResult
-        do {
-            let invocation = HookInvocation(
-                deliveryID: claim.delivery.id, hook: hook, event: claim.event, body: Array(try encoder.encode(claim.event)),
-                attempt: claim.attempt, killGraceSeconds: policy.killGraceSeconds)
+        if let every = store.leaseRenewal {
             result = await withTaskGroup(of: HookResult?.self) { group in
                 group.addTask { [runner] in await runner.run(invocation) }
-                if let every = store.leaseRenewal {
-                    group.addTask {
-                        await self.renewWhileRunning(claim, every: every)
-                        return nil
-                    }
+                group.addTask {
+                    await self.renewWhileRunning(claim, every: every)
+                    return nil
                 }
                 var finished: HookResult?
                 for await outcome in group where outcome != nil {
@@ -169,8 +165,8 @@ public final class Dispatcher: Sendable {
                 }
                 return finished ?? HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "the run ended unseen")
             }
-        } catch {
-            result = HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not encode the event: \(error)")
+        } else {
+            result = await runner.run(invocation)
         }
         var metadata: Logger.Metadata = [
             "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
