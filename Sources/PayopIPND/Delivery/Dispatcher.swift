@@ -44,7 +44,7 @@ public final class Dispatcher: Sendable {
     private let pause: @Sendable (Duration) async -> Void
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
-    /// Runs in progress: delivery id -> hook name.
+    /// Hooks running now (until their process exits): delivery id -> hook name.
     private let inFlight = Mutex<[Int64: String]>([:])
     private let orphans = Mutex<[String: Int]>([:])
     /// Deliveries looked at per pass.
@@ -141,10 +141,6 @@ public final class Dispatcher: Sendable {
 
     /// Runs one claimed attempt and records how it ended.
     func execute(_ claim: DeliveryClaim, hook: HookConfig) async {
-        defer {
-            release(claim.delivery.id)
-            signal.signal()
-        }
         let policy = policy.withLock { $0 }
         let started = clock.nowMilliseconds()
         let invocation = HookInvocation(
@@ -168,6 +164,11 @@ public final class Dispatcher: Sendable {
         } else {
             result = await runner.run(invocation)
         }
+        // The hook has exited: its slot is free for the next run while the outcome is written (the
+        // delivery stays `running` in the log until then, so nothing later of its entity overtakes it,
+        // and its next claim shares the outcome's group commit instead of waiting for it).
+        release(claim.delivery.id)
+        signal.signal()
         var metadata: Logger.Metadata = [
             "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
             "attempt": "\(claim.attempt)",
