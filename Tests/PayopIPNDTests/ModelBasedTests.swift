@@ -99,7 +99,9 @@ final class Scenario {
     }
 
     func makeStages() {
-        verifier = Verifier(store: log, payop: payop, policy: Self.policy, clock: clock, logger: quietLogger)
+        // Half the scenarios ask Payop early (while the receipt commits), as the daemon does on one machine.
+        verifier = Verifier(
+            store: log, payop: payop, policy: Self.policy, clock: clock, logger: quietLogger, asksEarly: seed % 2 == 0)
         let locked = locked
         let locker = locker
         dispatcher = Dispatcher(
@@ -178,6 +180,7 @@ final class Scenario {
         let ipn = IncomingIPN(
             receivedAt: clock.nowMilliseconds(), sourceIP: "3.125.109.58", path: "/payop/ipn", body: body,
             notification: notification, verifiedBySignature: false)
+        verifier.askEarly(notification.kind, entityID: notification.entityID)
         if (try? await log.ingest(ipn)) != nil, !random.chance(0.3) {
             outbox.remove(at: index)  // 200: Payop stops sending (or sends once more)
         }

@@ -260,3 +260,77 @@ import Testing
         #expect(payop.asked.withLock { $0 } == count)
     }
 }
+
+@Suite struct VerifierEarlyQuestionTests {
+    struct Setup {
+        let dir: TemporaryDirectory
+        let clock = TestClock()
+        let log: SQLiteEventLog
+        let payop = FakePayop()
+        let verifier: Verifier
+        let ingress: IPNIngress
+
+        init(asksEarly: Bool) throws {
+            dir = try TemporaryDirectory()
+            log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+            let verifier = Verifier(
+                store: log, payop: payop,
+                policy: VerificationPolicy(
+                    backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter),
+                    notFoundRetryMilliseconds: 0, reconcileIntervalMilliseconds: 60_000),
+                clock: clock, logger: quietLogger, asksEarly: asksEarly)
+            self.verifier = verifier
+            ingress = IPNIngress(
+                settings: ingressSettings(), store: log, clock: clock, logger: quietLogger,
+                onAccepting: { verifier.askEarly($0.notification.kind, entityID: $0.notification.entityID) })
+        }
+
+        func post(_ transaction: String) async -> IngressAnswer {
+            let body = checkoutBody(transaction: transaction, state: 2)
+            guard case .readBody(let admitted) = ingress.preflight(
+                method: "POST", path: "/payop/ipn", peer: IPAddress("127.0.0.1"), forwardedFor: [], contentLength: body.count)
+            else { return IngressAnswer(0, "not admitted") }
+            return await ingress.accept(body: body, from: admitted)
+        }
+    }
+
+    @Test func ipnsQuestionIsAskedWhileItsReceiptCommitsAndOnlyOnce() async throws {
+        let s = try Setup(asksEarly: true)
+        defer { s.log.close() }
+        #expect(await s.post("tx-early") == .accepted)
+        #expect(try await s.verifier.verifyDue() == 1)
+        #expect(try await s.log.events(.init(state: "verified", limit: 10)).count == 1)
+        #expect(s.payop.asked.withLock { $0 } == 1)
+        #expect(s.verifier.earlyQuestions == 0)
+    }
+
+    @Test func earlyAnswerOlderThanItsFreshnessIsAskedAgain() async throws {
+        let s = try Setup(asksEarly: true)
+        defer { s.log.close() }
+        #expect(await s.post("tx-late") == .accepted)
+        s.clock.advance(milliseconds: Verifier.earlyFreshnessMilliseconds)
+        #expect(try await s.verifier.verifyDue() == 1)
+        #expect(try await s.log.events(.init(state: "verified", limit: 10)).count == 1)
+        // The early question may or may not have reached Payop yet; the answer used is a new one.
+        let asked = s.payop.asked.withLock { $0 }
+        #expect(asked == 1 || asked == 2)
+        #expect(s.verifier.earlyQuestions == 0)
+    }
+
+    @Test func earlyQuestionsAreOffUnlessAskedForAndBounded() async throws {
+        let off = try Setup(asksEarly: false)
+        defer { off.log.close() }
+        #expect(await off.post("tx-off") == .accepted)
+        #expect(off.verifier.earlyQuestions == 0)
+        #expect(try await off.verifier.verifyDue() == 1)
+        #expect(off.payop.asked.withLock { $0 } == 1)
+        // Copies of decided events never take theirs: what waits is bounded, and old ones make room.
+        let on = try Setup(asksEarly: true)
+        defer { on.log.close() }
+        for n in 0..<(Verifier.earlyLimit + 50) { on.verifier.askEarly(.checkout, entityID: "copy-\(n)") }
+        #expect(on.verifier.earlyQuestions == Verifier.earlyLimit)
+        on.clock.advance(milliseconds: Verifier.earlyFreshnessMilliseconds)
+        on.verifier.askEarly(.checkout, entityID: "fresh")
+        #expect(on.verifier.earlyQuestions == 1)
+    }
+}

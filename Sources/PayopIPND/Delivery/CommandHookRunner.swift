@@ -32,7 +32,7 @@ public struct CommandHookRunner: HookRunner {
         // fills a disk.
         let capture: OutputPipe
         do {
-            capture = try await OutputPipe.open()
+            capture = try OutputPipe.open()
         } catch {
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "cannot capture the hook's output: \(error)")
         }
@@ -79,15 +79,16 @@ public struct CommandHookRunner: HookRunner {
 }
 
 /// One run's output: a pipe whose write end the hook gets and whose read end an event loop drains into
-/// a `BoundedCapture` as data comes.
+/// a `BoundedCapture` as data comes. The pipe exists at once; its read end joins the event loop while
+/// the hook starts (what the hook writes meanwhile waits in the pipe), not before it.
 final class OutputPipe: Sendable {
     /// The descriptor the hook writes to; closed by `finish`.
     let writeEnd: Int32
-    private let channel: any Channel
+    private let channel: EventLoopFuture<any Channel>
     private let captured: NIOLockedValueBox<BoundedCapture>
     private let ended: EventLoopPromise<Void>
 
-    private init(writeEnd: Int32, channel: any Channel, captured: NIOLockedValueBox<BoundedCapture>,
+    private init(writeEnd: Int32, channel: EventLoopFuture<any Channel>, captured: NIOLockedValueBox<BoundedCapture>,
                  ended: EventLoopPromise<Void>) {
         self.writeEnd = writeEnd
         self.channel = channel
@@ -95,7 +96,7 @@ final class OutputPipe: Sendable {
         self.ended = ended
     }
 
-    static func open() async throws -> OutputPipe {
+    static func open() throws(SystemError) -> OutputPipe {
         var fds: [Int32] = [0, 0]
         // Close-on-exec from the start (pipe2, atomically): a process another thread starts meanwhile
         // must not inherit the write end, or the pipe would not end when the hook does.
@@ -103,29 +104,25 @@ final class OutputPipe: Sendable {
         let group = MultiThreadedEventLoopGroup.singleton
         let captured = NIOLockedValueBox(BoundedCapture())
         let ended = group.next().makePromise(of: Void.self)
-        do {
-            let channel = try await NIOPipeBootstrap(group: group)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(CaptureHandler(captured: captured, ended: ended))
-                    }
+        let channel = NIOPipeBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(CaptureHandler(captured: captured, ended: ended))
                 }
-                .takingOwnershipOfDescriptor(input: fds[0]).get()
-            return OutputPipe(
-                writeEnd: fds[1], channel: channel, captured: captured, ended: ended)
-        } catch {
-            close(fds[0])
-            close(fds[1])
-            throw error
-        }
+            }
+            .takingOwnershipOfDescriptor(input: fds[0])
+        return OutputPipe(writeEnd: fds[1], channel: channel, captured: captured, ended: ended)
     }
 
     /// Once the hook has exited: what it wrote, read until the pipe ends or, when something it left
     /// behind still holds it, for a second longer; then the read end is closed.
     func finish() async -> String {
         close(writeEnd)
+        guard let channel = try? await channel.get() else {
+            ended.fail(ChannelError.ioOnClosedChannel)  // never registered: nothing to wait for
+            return captured.withLockedValue { $0.text }
+        }
         let loop = channel.eventLoop
-        let channel = channel
         let late = loop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
         try? await ended.futureResult.get()
         late.cancel()

@@ -69,12 +69,16 @@ public final class IPNIngress: Sendable {
     private let logger: Logger
     /// Told of every IPN made durable (the verifier takes it from there).
     private let onStored: @Sendable (IngestOutcome, IncomingIPN) -> Void
+    /// Told of every IPN about to be logged, while its receipt commits (the verifier may ask Payop now).
+    private let onAccepting: @Sendable (IncomingIPN) -> Void
     private let metrics: (any IngressMetrics)?
 
     public init(
         settings: IngressSettings, store: any EventStore, clock: any WallClock = SystemWallClock(), logger: Logger,
-        metrics: (any IngressMetrics)? = nil, onStored: @escaping @Sendable (IngestOutcome, IncomingIPN) -> Void = { _, _ in }
+        metrics: (any IngressMetrics)? = nil, onAccepting: @escaping @Sendable (IncomingIPN) -> Void = { _ in },
+        onStored: @escaping @Sendable (IngestOutcome, IncomingIPN) -> Void = { _, _ in }
     ) {
+        self.onAccepting = onAccepting
         self.settings = Mutex(settings)
         self.store = store
         self.clock = clock
@@ -151,6 +155,7 @@ public final class IPNIngress: Sendable {
         let ipn = IncomingIPN(
             receivedAt: now, sourceIP: request.sourceIP, path: request.path, body: body, notification: notification,
             verifiedBySignature: notification.legacy != nil)
+        onAccepting(ipn)
         store.ingest(ipn) { [self] result in
             switch result {
             case .success(let outcome):

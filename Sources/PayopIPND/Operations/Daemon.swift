@@ -111,10 +111,13 @@ public struct Daemon: Sendable {
         let verifySignal = wake.verify
         let verifier = Verifier(
             store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
-            onVerified: { _ in dispatcher.signal.signal() })
+            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in dispatcher.signal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
+            onAccepting: { ipn in
+                if !ipn.verifiedBySignature { verifier.askEarly(ipn.notification.kind, entityID: ipn.notification.entityID) }
+            },
             onStored: { _, ipn in
                 if ipn.verifiedBySignature {
                     dispatcher.signal.signal()

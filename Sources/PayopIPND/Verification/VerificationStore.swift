@@ -14,7 +14,14 @@ public struct DueCheck: Sendable, Equatable, Hashable {
 
     /// Questions about one entity are asked one at a time, so Payop's answers are applied in the
     /// order Payop gave them.
-    public var entityKey: String { "\(kind.rawValue)/\(entityID)" }
+    public var entityKey: String { Self.entityKey(kind, entityID) }
+
+    static func entityKey(_ kind: IPNKind, _ entityID: String) -> String { "\(kind.rawValue)/\(entityID)" }
+
+    /// A question about an entity, not yet about one of its events (an early question).
+    static func about(_ kind: IPNKind, _ entityID: String) -> DueCheck {
+        DueCheck(eventID: "", kind: kind, entityID: entityID, status: PaymentStatus(name: "", payopState: nil))
+    }
 }
 
 /// An event that just became verified, with how many deliveries were created for it.

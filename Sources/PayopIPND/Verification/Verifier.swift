@@ -41,12 +41,26 @@ public final class Verifier: Sendable {
     static let concurrency = 8
     /// Checkout ids per `/v1/transactions/filter` question when several are due together.
     static let filterBatch = 20
+    /// Questions asked as soon as an IPN is parsed, while its receipt commits (entity key -> the answer
+    /// to come), so that the question is not asked only after the commit.
+    private let early = Mutex<[String: EarlyAnswer]>([:])
+    private let asksEarly: Bool
+    private struct EarlyAnswer {
+        let askedAt: Int64
+        let answer: Task<PayopAnswer, Never>
+    }
+    /// An early answer is used for a question due within this long of asking it, else asked again.
+    static let earlyFreshnessMilliseconds: Int64 = 2_000
+    /// Early questions waiting to be used at most (IPN copies of decided events never use theirs).
+    static let earlyLimit = 256
 
     public init(
         store: any VerificationStore, payop: any PayopAPI, policy: VerificationPolicy,
         clock: any WallClock = SystemWallClock(), access: PayopAccess = PayopAccess(), logger: Logger,
-        metrics: (any VerificationMetrics)? = nil, onVerified: @escaping @Sendable ([VerifiedEvent]) -> Void = { _ in }
+        metrics: (any VerificationMetrics)? = nil, asksEarly: Bool = false,
+        onVerified: @escaping @Sendable ([VerifiedEvent]) -> Void = { _ in }
     ) {
+        self.asksEarly = asksEarly
         self.store = store
         self.payop = payop
         self.policy = Mutex(policy)
@@ -128,7 +142,50 @@ public final class Verifier: Sendable {
         }
     }
 
+    /// Asks Payop about an IPN's entity now, while its receipt is being made durable: the verifier's
+    /// question about it then takes this answer (asked after the IPN arrived, so no staler than asking
+    /// a millisecond later) instead of asking only once the commit is done. Only where one daemon owns
+    /// the log (a shared log's questions are claimed first, and answered only after the claim).
+    public func askEarly(_ kind: IPNKind, entityID: String) {
+        guard asksEarly, payop.unusableReason == nil else { return }
+        let key = DueCheck.entityKey(kind, entityID)
+        let now = clock.nowMilliseconds()
+        early.withLock { pending in
+            if pending.count >= Self.earlyLimit {
+                pending = pending.filter { now - $0.value.askedAt < Self.earlyFreshnessMilliseconds }
+            }
+            guard pending[key] == nil, pending.count < Self.earlyLimit else { return }
+            pending[key] = EarlyAnswer(askedAt: now, answer: Task { await self.lookup(kind, id: entityID) })
+        }
+    }
+
+    /// Early questions not yet taken by a due check.
+    var earlyQuestions: Int { early.withLock { $0.count } }
+
+    /// The early answer for `check`, if one was asked recently enough.
+    private func earlyAnswer(for check: DueCheck) -> Task<PayopAnswer, Never>? {
+        guard asksEarly, let taken = early.withLock({ $0.removeValue(forKey: check.entityKey) }) else { return nil }
+        return clock.nowMilliseconds() - taken.askedAt < Self.earlyFreshnessMilliseconds ? taken.answer : nil
+    }
+
     private func answers(for checks: [DueCheck]) async -> [PayopAnswer] {
+        guard asksEarly else { return await ask(checks) }
+        var answers = [PayopAnswer?](repeating: nil, count: checks.count)
+        for (index, check) in checks.enumerated() {
+            if let answer = earlyAnswer(for: check) { answers[index] = await answer.value }
+        }
+        let unanswered = checks.indices.filter { answers[$0] == nil }
+        for (index, answer) in zip(unanswered, await ask(unanswered.map { checks[$0] })) { answers[index] = answer }
+        return answers.map { $0 ?? .notFound }
+    }
+
+    /// One entity's question.
+    private func lookup(_ kind: IPNKind, id: String) async -> PayopAnswer {
+        await ask([DueCheck.about(kind, id)])[0]
+    }
+
+    private func ask(_ checks: [DueCheck]) async -> [PayopAnswer] {
+        guard !checks.isEmpty else { return [] }
         do {
             if checks.count == 1, let check = checks.first {
                 let record = try await payop.lookup(check.kind, id: check.entityID)
@@ -144,7 +201,7 @@ public final class Verifier: Sendable {
                     answers.append(.record(record))
                 } else {
                     // Absent from the list is not proof: the filter endpoint may page or lag. Ask alone.
-                    answers += await self.answers(for: [check])
+                    answers += await ask([check])
                 }
             }
             return answers
