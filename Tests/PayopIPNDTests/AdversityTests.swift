@@ -560,6 +560,62 @@ final class LeasingStore: DeliveryStore {
         #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
     }
 
+    /// A shared log whose lease on a finished run lapsed while its outcome could not be written: the
+    /// log offers the delivery to be taken over, and the daemon that ran it must not take its own run.
+    final class LapsedStore: DeliveryStore {
+        let base: SQLiteEventLog
+        let failures = Mutex(3)
+        let claims = Mutex<[Int64]>([])
+        init(_ base: SQLiteEventLog) { self.base = base }
+
+        func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+            let lapsed = try await base.deliveries(state: "running", hook: nil, limit: limit)
+            return try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit) + lapsed
+        }
+        func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
+            try await base.nextRunnableDelivery(hooks: hooks)
+        }
+        func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+            claims.withLock { $0.append(id) }
+            return try await base.claimDelivery(id: id, now: now)
+        }
+        func finishDelivery(
+            id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+        ) async throws(EventLogError) -> DeliveryProgress.End? {
+            if failures.withLock({ left in defer { left -= 1 }; return left > 0 }) {
+                throw EventLogError(.unavailable, "the server is away")
+            }
+            return try await base.finishDelivery(
+                id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
+        }
+        func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
+            try await base.interruptDelivery(id: id, attempt: attempt, now: now)
+        }
+        func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
+            try await base.orphanedDeliveries(configured: configured)
+        }
+    }
+
+    @Test func aRunWhoseOutcomeIsNotWrittenYetIsNeverClaimedAgainByItsOwnDaemon() async throws {
+        let (dir, clock, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        let store = LapsedStore(log)
+        let runner = RecordingHookRunner { _ in HookResult(outcome: .delivered, exitCode: 0) }
+        let dispatcher = Shared<Dispatcher?>(nil)
+        let respawned = Mutex(0)
+        let made = testDispatcher(log, store: store, runner: runner, clock: clock) { _ in
+            // While the outcome waits for the log, the dispatcher's loop runs its passes.
+            guard let dispatcher = dispatcher.withLock({ $0 }) else { return }
+            _ = try? await dispatcher.startDue { _, _ in respawned.withLock { $0 += 1 } }
+        }
+        dispatcher.withLock { $0 = made }
+        #expect(try await made.dispatchDue() == 1)
+        #expect(runner.all.count == 1)
+        #expect(respawned.withLock { $0 } == 0)
+        #expect(store.claims.withLock { $0 }.count == 1)
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
+    }
+
     @Test func theSQLiteLogNeverAsksForRenewals() async throws {
         let (dir, _, log) = try await logWithOneDueDelivery()
         defer { withExtendedLifetime(dir) { log.close() } }

@@ -207,6 +207,28 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         #expect(lines.count == 3)
     }
 
+    @Test func laterStatusStartsAsSoonAsTheEarlierOnesOutcomeIsWrittenNotAtTheNextRecheck() async throws {
+        let h = try DeliveryHarness(hooks: [commandHook("fulfil", "/bin/true")])
+        try await h.verifiedEvent(order: "A-1", status: "wait")
+        try await h.verifiedEvent(order: "A-1", status: "success")
+        // The dispatcher's loop, told to look at the log unprompted only once an hour: the second
+        // delivery can only start because the first one's written outcome wakes it.
+        let service = DispatcherService(
+            dispatcher: h.dispatcher(), clock: h.clock, logger: quietLogger, shutdownGrace: .seconds(1),
+            recheck: .seconds(3600))
+        let group = ServiceGroup(services: [service], logger: quietLogger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            let deadline = ContinuousClock.now + .seconds(20)
+            while try await h.log.deliveries(state: "delivered", hook: nil, limit: 5).count < 2, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        #expect(try await h.log.deliveries(state: "delivered", hook: nil, limit: 5).count == 2)
+    }
+
     @Test func deliveryRunningWhenTheDaemonDiedRunsAgainAfterRestart() async throws {
         let dir = try TemporaryDirectory()
         let hook = try script(dir, "ok", "echo \"$PAYOP_ATTEMPT\" >> '\(dir.file("runs"))'")

@@ -44,8 +44,11 @@ public final class Dispatcher: Sendable {
     private let pause: @Sendable (Duration) async -> Void
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
-    /// Hooks running now (until their process exits): delivery id -> hook name.
-    private let inFlight = Mutex<[Int64: String]>([:])
+    /// Runs of this dispatcher, from their claim until their outcome is written: delivery id -> the
+    /// hook, and whether its process still runs (only those count against the hook's limit). A run whose
+    /// hook has exited keeps its entry until the outcome is written, so that it is never claimed again
+    /// meanwhile (a shared log's lease may lapse while the log is unreachable).
+    private let inFlight = Mutex<[Int64: (hook: String, running: Bool)]>([:])
     private let orphans = Mutex<[String: Int]>([:])
     /// Deliveries looked at per pass.
     static let batch = 64
@@ -71,10 +74,17 @@ public final class Dispatcher: Sendable {
 
     public var running: Int { inFlight.withLock { $0.count } }
 
+    /// Runs of `hook` whose process runs now.
+    private static func busy(_ runs: [Int64: (hook: String, running: Bool)], _ hook: String) -> Int {
+        runs.values.count { $0.hook == hook && $0.running }
+    }
+
     /// Configured hooks that may start another run now.
     private func openHooks() -> [String: HookConfig] {
         let limit = policy.withLock { $0.perHookConcurrency }
-        let busy = inFlight.withLock { Dictionary($0.values.map { ($0, 1) }, uniquingKeysWith: +) }
+        let busy = inFlight.withLock { runs in
+            Dictionary(runs.values.filter(\.running).map { ($0.hook, 1) }, uniquingKeysWith: +)
+        }
         var open: [String: HookConfig] = [:]
         for hook in hooks() where open[hook.name] == nil && busy[hook.name, default: 0] < limit {
             open[hook.name] = hook
@@ -95,10 +105,8 @@ public final class Dispatcher: Sendable {
         for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: Self.batch) {
             guard let hook = open[delivery.hook] else { continue }
             let admit = inFlight.withLock { running -> Bool in
-                guard running[delivery.id] == nil, running.values.count(where: { $0 == hook.name }) < limit else {
-                    return false
-                }
-                running[delivery.id] = hook.name
+                guard running[delivery.id] == nil, Self.busy(running, hook.name) < limit else { return false }
+                running[delivery.id] = (hook.name, true)
                 return true
             }
             if admit { admitted.append((delivery.id, hook)) }
@@ -166,9 +174,14 @@ public final class Dispatcher: Sendable {
         }
         // The hook has exited: its slot is free for the next run while the outcome is written (the
         // delivery stays `running` in the log until then, so nothing later of its entity overtakes it,
-        // and its next claim shares the outcome's group commit instead of waiting for it).
-        release(claim.delivery.id)
+        // and the next claim shares the outcome's group commit instead of waiting for it).
+        inFlight.withLock { $0[claim.delivery.id]?.running = false }
         signal.signal()
+        defer {
+            // Written (or given up at shutdown): a later run of its entity may start now.
+            release(claim.delivery.id)
+            signal.signal()
+        }
         var metadata: Logger.Metadata = [
             "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
             "attempt": "\(claim.attempt)",
