@@ -437,7 +437,7 @@ struct DeliveryHarnessView {
             HookInvocation(
                 deliveryID: 1, hook: commandHook("loud", hook), event: event, body: [], attempt: 1,
                 killGraceSeconds: 0.1))
-        #expect(result.outcome == .delivered)
+        #expect(result.outcome == .delivered, "\(result.error ?? "")")
         #expect(result.output.utf8.count < HookResult.maxOutputBytes + 100)
         #expect(result.output.hasSuffix("[... \(5_000_000 - HookResult.maxOutputBytes) more bytes not kept]"))
     }
@@ -510,6 +510,45 @@ struct DeliveryHarnessView {
         let notExecutable = dir.file("plain")
         try "#!/bin/sh\n".write(toFile: notExecutable, atomically: true, encoding: .utf8)
         #expect(await runOnce(notExecutable).error == "could not run \(notExecutable): Permission denied")
+    }
+
+    @Test func withoutPidfdsEachHookIsWaitedForOnItsOwnThreadAndCanStillBeStopped() async throws {
+        let fallback: (HookProcess) -> Void = { $0.reapOnItsOwnThread() }
+        let exits = try HookProcess.spawn(
+            argv: ["/bin/sh", "-c", "exit 3"], environment: [], input: [], output: 2, watch: fallback)
+        #expect(HookProcess.Termination(status: await exits.exitStatus) == .exited(3))
+        let sleeper = try HookProcess.spawn(
+            argv: ["/bin/sleep", "30"], environment: [], input: [], output: 2, watch: fallback)
+        // Signalling does not wait for the process (the waiting thread holds no lock).
+        let before = ContinuousClock.now
+        sleeper.signalGroup(0)
+        #expect(ContinuousClock.now - before < .seconds(1))
+        sleeper.terminate(grace: .seconds(5))
+        #expect(HookProcess.Termination(status: await sleeper.exitStatus) == .signaled(SIGTERM))
+    }
+
+    @Test func whatATimedOutHookLeavesBehindIgnoringSIGTERMIsKilledWithIt() async throws {
+        let dir = try TemporaryDirectory()
+        let pidFile = dir.file("child")
+        let hook = try script(dir, "stubborn", "sh -c 'trap \"\" TERM; exec sleep 30' & echo $! > '\(pidFile)'; wait")
+        let event = Event(
+            id: "evt_stubborn", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
+            receivedAt: 0, duplicates: 0)
+        // A long kill grace: the child must die when the hook is reaped, not when the grace ends.
+        let result = await CommandHookRunner(path: "/usr/bin:/bin").run(
+            HookInvocation(
+                deliveryID: 1, hook: commandHook("stubborn", hook, timeout: 0.5), event: event, body: [], attempt: 1,
+                killGraceSeconds: 30))
+        #expect(result.error?.hasPrefix("timed out after 0.5 s") == true, "\(result.error ?? "")")
+        let child = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+        func alive() -> Bool {
+            // Gone, or a zombie waiting for whoever inherited it.
+            guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8) else { return false }
+            return !stat.contains(") Z ")
+        }
+        let deadline = ContinuousClock.now + .seconds(5)
+        while alive(), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!alive())
     }
 
     @Test func manyHooksExitingTogetherAreEachReapedOnceWithTheirOwnStatus() async throws {

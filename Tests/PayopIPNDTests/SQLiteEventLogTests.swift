@@ -213,5 +213,12 @@ import Testing
             id: "evt_raw", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
             receivedAt: 0, duplicates: 0, ipn: raw)
         #expect(String(decoding: event.hookBody, as: UTF8.self).contains(#""ipn":{"amount": 10.50, "b": [1,2], "a": "x"}"#))
+        // A stored body that is not one JSON value (an older log's) is null, never spliced in.
+        for broken in ["", "{", "{} {}", "not json", "{\"a\":1,\"a\":2}"] {
+            var old = event
+            old.ipn = Array(broken.utf8)
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(old.hookBody)) as? [String: Any])
+            #expect(object["ipn"] is NSNull, "\(broken)")
+        }
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import PayopSimulator
+import Synchronization
 import Testing
 
 @testable import PayopIPND
@@ -327,10 +328,74 @@ import Testing
         // Copies of decided events never take theirs: what waits is bounded, and old ones make room.
         let on = try Setup(asksEarly: true)
         defer { on.log.close() }
-        for n in 0..<(Verifier.earlyLimit + 50) { on.verifier.askEarly(.checkout, entityID: "copy-\(n)") }
-        #expect(on.verifier.earlyQuestions == Verifier.earlyLimit)
+        for n in 0..<(Verifier.earlyLimit + 50) {
+            on.verifier.askEarly(.checkout, entityID: "copy-\(n)")
+            await Task.yield()
+        }
+        #expect((1...Verifier.earlyLimit).contains(on.verifier.earlyQuestions))
         on.clock.advance(milliseconds: Verifier.earlyFreshnessMilliseconds)
-        on.verifier.askEarly(.checkout, entityID: "fresh")
-        #expect(on.verifier.earlyQuestions == 1)
+        for n in 0..<(Verifier.earlyLimit + 50) { on.verifier.askEarly(.checkout, entityID: "later-\(n)") }
+        #expect(on.verifier.earlyQuestions <= Verifier.earlyLimit)
+    }
+
+    @Test func aNewerIPNReplacesTheEarlyQuestionOfAnOlderOneAboutTheSameEntity() async throws {
+        // Payop says pending until the payment is accepted, a second in.
+        final class ChangingPayop: PayopAPI {
+            let clock: TestClock
+            let acceptedAt: Int64
+            let asked = Mutex(0)
+            init(clock: TestClock) {
+                self.clock = clock
+                acceptedAt = clock.nowMilliseconds() + 1_000
+            }
+            func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
+                asked.withLock { $0 += 1 }
+                let state = clock.nowMilliseconds() >= acceptedAt ? 2 : 1
+                return PayopRecord(kind: kind, id: id, status: .status(kind: kind, state: state, errorMessage: nil))
+            }
+            func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord] {
+                var records: [PayopRecord] = []
+                for id in ids { if let record = try await lookup(.checkout, id: id) { records.append(record) } }
+                return records
+            }
+        }
+        let s = try Setup(asksEarly: true)
+        defer { s.log.close() }
+        let payop = ChangingPayop(clock: s.clock)
+        let verifier = Verifier(
+            store: s.log, payop: payop,
+            policy: VerificationPolicy(
+                backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter),
+                notFoundRetryMilliseconds: 0, reconcileIntervalMilliseconds: 60_000),
+            clock: s.clock, logger: quietLogger, asksEarly: true)
+        // A copy of an older IPN about the entity is asked about while Payop still says pending ...
+        verifier.askEarly(.checkout, entityID: "tx-same")
+        while payop.asked.withLock({ $0 }) < 1 { await Task.yield() }
+        // ... then Payop accepts it and sends the accepted IPN, whose question replaces that one.
+        s.clock.advance(milliseconds: 1_500)
+        let body = checkoutBody(transaction: "tx-same", state: 2)
+        let ipn = IncomingIPN(
+            receivedAt: s.clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+            notification: try NotificationParser.parse(body).get(), verifiedBySignature: false)
+        verifier.askEarly(.checkout, entityID: "tx-same")
+        _ = try await s.log.ingest(ipn)
+        #expect(verifier.earlyQuestions == 1)
+        s.clock.advance(milliseconds: 300)  // the first question is still "fresh": only replacing it helps
+        #expect(try await verifier.verifyDue() == 1)
+        #expect(try await s.log.events(.init(state: "verified", limit: 10)).count == 1)
+        #expect(payop.asked.withLock { $0 } == 2)
+    }
+
+    @Test func noEarlyQuestionsWhileTheVerifierIsBehind() async throws {
+        let s = try Setup(asksEarly: true)
+        defer { s.log.close() }
+        for n in 0..<3 { #expect(await s.post("tx-\(n)") == .accepted) }
+        for _ in 0..<1000 where s.payop.asked.withLock({ $0 }) < 3 { await Task.yield() }
+        #expect(try await s.verifier.verifyDue(batch: 2) == 2)  // a full batch: behind
+        s.verifier.askEarly(.checkout, entityID: "tx-3")
+        #expect(s.verifier.earlyQuestions == 1)  // tx-2's, not yet taken; none for tx-3
+        #expect(try await s.verifier.verifyDue(batch: 2) == 1)  // caught up
+        s.verifier.askEarly(.checkout, entityID: "tx-4")
+        #expect(s.verifier.earlyQuestions == 1)
     }
 }

@@ -84,13 +84,16 @@ public struct CommandHookRunner: HookRunner {
 final class OutputPipe: Sendable {
     /// The descriptor the hook writes to; closed by `finish`.
     let writeEnd: Int32
+    /// Ours until the event loop has taken it.
+    private let readEnd: Int32
     private let channel: EventLoopFuture<any Channel>
     private let captured: NIOLockedValueBox<BoundedCapture>
     private let ended: EventLoopPromise<Void>
 
-    private init(writeEnd: Int32, channel: EventLoopFuture<any Channel>, captured: NIOLockedValueBox<BoundedCapture>,
-                 ended: EventLoopPromise<Void>) {
+    private init(writeEnd: Int32, readEnd: Int32, channel: EventLoopFuture<any Channel>,
+                 captured: NIOLockedValueBox<BoundedCapture>, ended: EventLoopPromise<Void>) {
         self.writeEnd = writeEnd
+        self.readEnd = readEnd
         self.channel = channel
         self.captured = captured
         self.ended = ended
@@ -111,7 +114,7 @@ final class OutputPipe: Sendable {
                 }
             }
             .takingOwnershipOfDescriptor(input: fds[0])
-        return OutputPipe(writeEnd: fds[1], channel: channel, captured: captured, ended: ended)
+        return OutputPipe(writeEnd: fds[1], readEnd: fds[0], channel: channel, captured: captured, ended: ended)
     }
 
     /// Once the hook has exited: what it wrote, read until the pipe ends or, when something it left
@@ -119,7 +122,9 @@ final class OutputPipe: Sendable {
     func finish() async -> String {
         close(writeEnd)
         guard let channel = try? await channel.get() else {
-            ended.fail(ChannelError.ioOnClosedChannel)  // never registered: nothing to wait for
+            // Never registered: the read end is still ours, and there is nothing to wait for.
+            close(readEnd)
+            ended.fail(ChannelError.ioOnClosedChannel)
             return captured.withLockedValue { $0.text }
         }
         let loop = channel.eventLoop

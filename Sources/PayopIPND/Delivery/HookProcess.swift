@@ -17,6 +17,10 @@ final class HookProcess: Sendable {
     private struct State {
         var status: Int32?
         var waiters: [CheckedContinuation<Int32, Never>] = []
+        /// Timed out or stopped by shutdown: what the hook leaves behind dies with it.
+        var terminating = false
+        /// Writes the part of a large body the pipe could not hold; closed once the hook has exited.
+        var stdinWriter: EventLoopFuture<any Channel>?
     }
     private let state = Mutex(State())
 
@@ -43,36 +47,68 @@ final class HookProcess: Sendable {
         }
     }
 
-    /// SIGTERM to the group now, SIGKILL after `grace` if the hook has not exited by then.
+    /// SIGTERM to the group now, SIGKILL after `grace` if the hook has not exited by then; whatever of
+    /// the group outlives the hook is killed when the hook is reaped.
     func terminate(grace: TimeAmount) {
+        state.withLock { $0.terminating = true }
         signalGroup(SIGTERM)
         MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: grace) { self.signalGroup(SIGKILL) }
     }
 
-    /// Reaps the process if it has exited; true when it was (the reaper then forgets it).
-    fileprivate func reap(blocking: Bool = false) -> Bool {
+    /// Reaps the process if it has exited, without waiting; true when it was (the reaper then forgets it).
+    fileprivate func reap() -> Bool {
         var raw: Int32 = 0
-        let waiters = state.withLock { state -> [CheckedContinuation<Int32, Never>]? in
+        let reaped = state.withLock { state -> (waiters: [CheckedContinuation<Int32, Never>], writer: EventLoopFuture<any Channel>?)? in
+            guard state.status == nil else { return ([], nil) }  // reaped before
+            guard Self.hasExited(pid) else { return nil }
+            // The leader is a zombie until reaped, so its group id is still the hook's own.
+            if state.terminating { _ = kill(-pid, SIGKILL) }
             while true {
-                let reaped = waitpid(pid, &raw, blocking ? 0 : WNOHANG)
-                if reaped == pid { break }
-                if reaped < 0, errno == EINTR { continue }
-                if reaped == 0 { return nil }
+                let result = waitpid(pid, &raw, WNOHANG)
+                if result == pid { break }
+                if result < 0, errno == EINTR { continue }
+                if result == 0 { return nil }
                 raw = 127 << 8  // ECHILD: someone else reaped it; report a failure, never hang.
                 break
             }
             state.status = raw
-            defer { state.waiters = [] }
-            return state.waiters
+            defer {
+                state.waiters = []
+                state.stdinWriter = nil
+            }
+            return (state.waiters, state.stdinWriter)
         }
-        guard let waiters else { return false }
-        for waiter in waiters { waiter.resume(returning: raw) }
+        guard let reaped else { return false }
+        reaped.writer?.whenSuccess { $0.close(promise: nil) }
+        for waiter in reaped.waiters { waiter.resume(returning: raw) }
         return true
+    }
+
+    /// Whether the child has exited (it is then a zombie, not reaped: WNOWAIT).
+    private static func hasExited(_ pid: pid_t, wait: Bool = false) -> Bool {
+        var info = siginfo_t()
+        while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT | (wait ? 0 : WNOHANG)) != 0 {
+            if errno != EINTR { return true }  // ECHILD: nothing to wait for; let waitpid say so
+        }
+        return info._sifields._sigchld.si_pid == pid
+    }
+
+    /// The reaper's fallback where pidfds do not exist: one thread blocked until this process exits
+    /// (holding no lock meanwhile), then reaping it.
+    func reapOnItsOwnThread() {
+        let thread = Thread {
+            while !(Self.hasExited(self.pid, wait: true) && self.reap()) {}
+        }
+        thread.name = "payop-ipnd.hook-wait"
+        thread.start()
     }
 
     /// Starts `argv` (argv[0] an absolute path) with `environment` as its whole environment, `input`
     /// as its stdin and `output` as its stdout and stderr.
-    static func spawn(argv: [String], environment: [String], input: [UInt8], output: Int32) throws(SystemError) -> HookProcess {
+    static func spawn(
+        argv: [String], environment: [String], input: [UInt8], output: Int32,
+        watch: (HookProcess) -> Void = ProcessReaper.shared.watch
+    ) throws(SystemError) -> HookProcess {
         var fds: [Int32] = [0, 0]
         guard systemPipe2(&fds, O_CLOEXEC) == 0 else { throw SystemError(errno) }
         let (readEnd, writeEnd) = (fds[0], fds[1])
@@ -118,38 +154,47 @@ final class HookProcess: Sendable {
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
         var pid = pid_t()
-        let spawned = withCStrings(argv) { argvPointers in
-            withCStrings(environment) { environmentPointers in
-                posix_spawn(&pid, argv[0], &actions, &attributes, argvPointers, environmentPointers)
+        var spawned: Int32 = 0
+        for attempt in 0..<5 {
+            spawned = withCStrings(argv) { argvPointers in
+                withCStrings(environment) { environmentPointers in
+                    posix_spawn(&pid, argv[0], &actions, &attributes, argvPointers, environmentPointers)
+                }
             }
+            // ETXTBSY: a script just written is still open for writing in a process another thread is
+            // starting (it holds the descriptor until its own exec); that passes in microseconds.
+            guard spawned == ETXTBSY, attempt < 4 else { break }
+            usleep(1_000)
         }
         guard spawned == 0 else {
             close(writeEnd)
             throw SystemError(spawned)
         }
+        let process = HookProcess(pid: pid)
         if written < input.count {
-            writeRest(Array(input[written...]), to: writeEnd)
+            let writer = writeRest(Array(input[written...]), to: writeEnd)
+            process.state.withLock { $0.stdinWriter = writer }
         } else {
             close(writeEnd)
         }
-        let process = HookProcess(pid: pid)
-        ProcessReaper.shared.watch(process)
+        watch(process)
         return process
     }
 
     /// The part of a large body the pipe could not hold, written from an event loop as the hook reads.
-    private static func writeRest(_ rest: [UInt8], to descriptor: Int32) {
-        NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+    private static func writeRest(_ rest: [UInt8], to descriptor: Int32) -> EventLoopFuture<any Channel> {
+        let writer = NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .takingOwnershipOfDescriptor(output: descriptor)
-            .whenComplete { result in
-                switch result {
-                case .success(let channel):
-                    // A hook that stops reading ends the write (EPIPE); that is not the run's failure.
-                    channel.writeAndFlush(ByteBuffer(bytes: rest)).whenComplete { _ in channel.close(promise: nil) }
-                case .failure:
-                    close(descriptor)
-                }
+        writer.whenComplete { result in
+            switch result {
+            case .success(let channel):
+                // A hook that stops reading ends the write (EPIPE); that is not the run's failure.
+                channel.writeAndFlush(ByteBuffer(bytes: rest)).whenComplete { _ in channel.close(promise: nil) }
+            case .failure:
+                close(descriptor)
             }
+        }
+        return writer
     }
 
     private static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
@@ -169,12 +214,6 @@ final class HookProcess: Sendable {
         }
     }
 
-    /// The reaper's fallback where pidfds do not exist: one thread blocked in waitpid for this process.
-    fileprivate func reapOnItsOwnThread() {
-        let thread = Thread { _ = self.reap(blocking: true) }
-        thread.name = "payop-ipnd.hook-wait"
-        thread.start()
-    }
 }
 
 /// One thread that learns of every hook's exit: it polls a pidfd per running hook (readable once the
@@ -215,16 +254,24 @@ final class ProcessReaper: @unchecked Sendable {
             let entries = lock.withLock { Array(watched) }
             var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             fds += entries.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
-            guard poll(&fds, nfds_t(fds.count), -1) > 0 else { continue }  // EINTR
+            guard poll(&fds, nfds_t(fds.count), -1) > 0 else {
+                if errno != EINTR { usleep(10_000) }  // never a hot loop, whatever poll says
+                continue
+            }
             if fds[0].revents != 0 {
                 while read(wakeRead, &drain, drain.count) > 0 {}
             }
+            var unreaped = false
             for (index, entry) in entries.enumerated() where fds[index + 1].revents != 0 {
                 if entry.value.reap() {
                     lock.withLock { _ = watched.removeValue(forKey: entry.key) }
                     close(entry.key)
+                } else {
+                    unreaped = true
                 }
             }
+            // Readable but not reapable (a debugger holds the exited hook): look again shortly, not at once.
+            if unreaped { usleep(10_000) }
         }
     }
 }

@@ -53,6 +53,12 @@ public final class Verifier: Sendable {
     static let earlyFreshnessMilliseconds: Int64 = 2_000
     /// Early questions waiting to be used at most (IPN copies of decided events never use theirs).
     static let earlyLimit = 256
+    /// Early questions on their way to Payop at once, besides the verifier's own.
+    static let earlyConcurrency = concurrency
+    private let earlyInFlight = Atomic<Int>(0)
+    /// The last pass found a full batch due: early answers would be stale before a pass reached them,
+    /// so none are asked until the verifier has caught up.
+    private let behind = Atomic<Bool>(false)
 
     public init(
         store: any VerificationStore, payop: any PayopAPI, policy: VerificationPolicy,
@@ -86,7 +92,9 @@ public final class Verifier: Sendable {
         }
         let now = clock.nowMilliseconds()
         var entities = Set<String>()
-        let due = try await store.dueChecks(now: now, limit: batch).filter { entities.insert($0.entityKey).inserted }
+        let found = try await store.dueChecks(now: now, limit: batch)
+        behind.store(found.count >= batch, ordering: .relaxed)
+        let due = found.filter { entities.insert($0.entityKey).inserted }
         let policy = policy.withLock { $0 }
         let checkouts = due.filter { $0.kind == .checkout }
         var questions: [[DueCheck]] =
@@ -146,16 +154,33 @@ public final class Verifier: Sendable {
     /// question about it then takes this answer (asked after the IPN arrived, so no staler than asking
     /// a millisecond later) instead of asking only once the commit is done. Only where one daemon owns
     /// the log (a shared log's questions are claimed first, and answered only after the claim).
+    ///
+    /// Bounded: at most `earlyConcurrency` on their way and `earlyLimit` waiting, none while the
+    /// verifier is behind (they would be stale by the time it got to them, and asked twice); a newer IPN
+    /// about the same entity replaces the older one's question, so its check gets an answer asked after it.
     public func askEarly(_ kind: IPNKind, entityID: String) {
-        guard asksEarly, payop.unusableReason == nil else { return }
+        guard asksEarly, payop.unusableReason == nil, !behind.load(ordering: .relaxed),
+            earlyInFlight.load(ordering: .relaxed) < Self.earlyConcurrency
+        else { return }
         let key = DueCheck.entityKey(kind, entityID)
         let now = clock.nowMilliseconds()
         early.withLock { pending in
             if pending.count >= Self.earlyLimit {
-                pending = pending.filter { now - $0.value.askedAt < Self.earlyFreshnessMilliseconds }
+                pending = pending.filter { entry in
+                    let fresh = now - entry.value.askedAt < Self.earlyFreshnessMilliseconds
+                    if !fresh { entry.value.answer.cancel() }
+                    return fresh
+                }
             }
-            guard pending[key] == nil, pending.count < Self.earlyLimit else { return }
-            pending[key] = EarlyAnswer(askedAt: now, answer: Task { await self.lookup(kind, id: entityID) })
+            guard pending[key] != nil || pending.count < Self.earlyLimit else { return }
+            pending[key]?.answer.cancel()
+            earlyInFlight.add(1, ordering: .relaxed)
+            pending[key] = EarlyAnswer(
+                askedAt: now,
+                answer: Task {
+                    defer { earlyInFlight.subtract(1, ordering: .relaxed) }
+                    return await self.lookup(kind, id: entityID)
+                })
         }
     }
 
@@ -206,8 +231,11 @@ public final class Verifier: Sendable {
             }
             return answers
         } catch {
-            noteAccess(error)
-            metrics?.payopError(code: error.code.rawValue)
+            // An early question replaced by a newer one is cancelled: not Payop's error.
+            if !Task.isCancelled {
+                noteAccess(error)
+                metrics?.payopError(code: error.code.rawValue)
+            }
             return checks.map { _ in .unanswered(code: error.code.rawValue, detail: error.description) }
         }
     }
