@@ -35,5 +35,5 @@ for i in range(5):
     time.sleep(2)
     rss = int([l for l in open(f"/proc/{p.pid}/status") if l.startswith("VmRSS")][0].split()[1]) / 1024
     p.terminate(); p.wait()
-    print(f"start -> READY=1: {ready:.0f} ms (target < 200), idle RSS: {rss:.1f} MB (target < 50)")
+    print(f"start -> READY=1: {ready:.0f} ms (target < 100), idle RSS: {rss:.1f} MB (target < 50)")
 PY
