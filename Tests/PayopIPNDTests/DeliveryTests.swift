@@ -430,26 +430,22 @@ struct DeliveryHarnessView {
     @Test func hugeOutputIsReadAndDroppedNotStored() async throws {
         let dir = try TemporaryDirectory()
         let hook = try script(dir, "loud", "head -c 5000000 /dev/zero | tr '\\0' a; exit 0")
-        let event = Event(
-            id: "evt_loud", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
-            receivedAt: 0, duplicates: 0)
-        let result = await CommandHookRunner(path: "/usr/bin:/bin").run(
-            HookInvocation(
-                deliveryID: 1, hook: commandHook("loud", hook), event: event, body: [], attempt: 1,
-                killGraceSeconds: 0.1))
+        let result = await runOnce(hook, body: [])
         #expect(result.outcome == .delivered, "\(result.error ?? "")")
         #expect(result.output.utf8.count < HookResult.maxOutputBytes + 100)
         #expect(result.output.hasSuffix("[... \(5_000_000 - HookResult.maxOutputBytes) more bytes not kept]"))
     }
 
-    private func runOnce(_ path: String, body: [UInt8] = Array("{}".utf8), timeout: Double = 10) async -> HookResult {
+    private func runOnce(
+        _ path: String, body: [UInt8] = Array("{}".utf8), timeout: Double = 10, killGrace: Double = 0.1
+    ) async -> HookResult {
         let event = Event(
             id: "evt_spawn", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
             receivedAt: 0, duplicates: 0)
         return await CommandHookRunner(path: "/usr/bin:/bin").run(
             HookInvocation(
                 deliveryID: 1, hook: commandHook("spawn", path, timeout: timeout), event: event, body: body, attempt: 1,
-                killGraceSeconds: 0.1))
+                killGraceSeconds: killGrace))
     }
 
     @Test func hookStartsWithEverySignalAtItsDefaultAndNoneBlocked() async throws {
@@ -531,14 +527,8 @@ struct DeliveryHarnessView {
         let dir = try TemporaryDirectory()
         let pidFile = dir.file("child")
         let hook = try script(dir, "stubborn", "sh -c 'trap \"\" TERM; exec sleep 30' & echo $! > '\(pidFile)'; wait")
-        let event = Event(
-            id: "evt_stubborn", kind: "checkout", status: "accepted", state: "verified", source: "ipn", legacy: false,
-            receivedAt: 0, duplicates: 0)
         // A long kill grace: the child must die when the hook is reaped, not when the grace ends.
-        let result = await CommandHookRunner(path: "/usr/bin:/bin").run(
-            HookInvocation(
-                deliveryID: 1, hook: commandHook("stubborn", hook, timeout: 0.5), event: event, body: [], attempt: 1,
-                killGraceSeconds: 30))
+        let result = await runOnce(hook, body: [], timeout: 0.5, killGrace: 30)
         #expect(result.error?.hasPrefix("timed out after 0.5 s") == true, "\(result.error ?? "")")
         let child = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         func alive() -> Bool {
