@@ -616,6 +616,56 @@ final class LeasingStore: DeliveryStore {
         #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
     }
 
+    /// One claim of a pass is refused by the log (the others are recorded): the recorded ones must run.
+    final class OneClaimRefusedStore: DeliveryStore {
+        let base: SQLiteEventLog
+        let refused = Mutex<Int64?>(nil)
+        init(_ base: SQLiteEventLog) { self.base = base }
+
+        func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+            try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
+        }
+        func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
+            try await base.nextRunnableDelivery(hooks: hooks)
+        }
+        func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+            let refuse = refused.withLock { first in
+                defer { first = first ?? id }
+                return first == nil  // the first claim asked for, once
+            }
+            if refuse { throw EventLogError(.unavailable, "the log refused this one") }
+            return try await base.claimDelivery(id: id, now: now)
+        }
+        func finishDelivery(
+            id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+        ) async throws(EventLogError) -> DeliveryProgress.End? {
+            try await base.finishDelivery(
+                id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
+        }
+        func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
+            try await base.interruptDelivery(id: id, attempt: attempt, now: now)
+        }
+        func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
+            try await base.orphanedDeliveries(configured: configured)
+        }
+    }
+
+    @Test func whatAPassClaimedRunsEvenWhenAnotherClaimOfThePassFails() async throws {
+        let (dir, clock, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        try await ingestSigned(log, clock: clock, order: "2084")
+        let store = OneClaimRefusedStore(log)
+        let runner = RecordingHookRunner { _ in HookResult(outcome: .delivered, exitCode: 0) }
+        let dispatcher = testDispatcher(log, store: store, runner: runner, clock: clock)
+        await #expect(throws: EventLogError.self) { try await dispatcher.dispatchDue() }
+        // The claimed one ran and was recorded; none is left running with nobody to run it.
+        #expect(runner.all.count == 1)
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
+        #expect(try await log.deliveries(state: "running", hook: nil, limit: 5).isEmpty)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(runner.all.count == 2)
+    }
+
     @Test func theSQLiteLogNeverAsksForRenewals() async throws {
         let (dir, _, log) = try await logWithOneDueDelivery()
         defer { withExtendedLifetime(dir) { log.close() } }

@@ -61,7 +61,10 @@ final class Scenario {
     var log: SQLiteEventLog
     var verifier: Verifier!
     var dispatcher: Dispatcher!
-    var locker: DatabaseQueue?
+    /// The other writer that locks the log (a backup, say); the stages reach it through this box, so
+    /// locking does not replace them (a replaced dispatcher would drop the runs the log claimed for it).
+    let lockerBox = Shared<DatabaseQueue?>(nil)
+    var locker: DatabaseQueue? { lockerBox.withLock { $0 } }
     let locked = Shared(false)
     /// IPN bodies Payop still has to get a 200 for, and copies it may send again.
     var outbox: [Data] = []
@@ -103,7 +106,7 @@ final class Scenario {
         verifier = Verifier(
             store: log, payop: payop, policy: Self.policy, clock: clock, logger: quietLogger, asksEarly: seed % 2 == 0)
         let locked = locked
-        let locker = locker
+        let lockerBox = lockerBox
         dispatcher = Dispatcher(
             store: log, runner: runner, hooks: { [log] in log.hooks },
             policy: DeliveryPolicy(
@@ -113,7 +116,7 @@ final class Scenario {
             pause: { _ in
                 // The other writer finishes (a backup ends) while the dispatcher waits to record an outcome.
                 if locked.withLock({ $0 }) {
-                    try? await locker?.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
+                    try? await lockerBox.withLock({ $0 })?.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
                     locked.withLock { $0 = false }
                 }
             })
@@ -192,10 +195,9 @@ final class Scenario {
         configuration.allowsUnsafeTransactions = true
         configuration.busyMode = .timeout(1)
         let queue = try locker ?? DatabaseQueue(path: dir.file("events.sqlite3"), configuration: configuration)
-        locker = queue
+        lockerBox.withLock { $0 = queue }
         try queue.writeWithoutTransaction { db in try db.execute(sql: "BEGIN IMMEDIATE") }
         locked.withLock { $0 = true }
-        makeStages()
         trace.append("lock")
     }
 

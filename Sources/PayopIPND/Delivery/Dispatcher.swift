@@ -278,12 +278,19 @@ public final class Dispatcher: Sendable {
         var total = 0
         while true {
             var spawned: [(DeliveryClaim, HookConfig)] = []
-            let started = try await startDue { spawned.append(($0, $1)) }
+            let pass: Result<Int, EventLogError>
+            do throws(EventLogError) {
+                pass = .success(try await startDue { spawned.append(($0, $1)) })
+            } catch {
+                pass = .failure(error)
+            }
+            // What was claimed runs, even when a later claim of the pass failed: it is recorded running.
             await withDiscardingTaskGroup { group in
                 for (claim, hook) in spawned {
                     group.addTask { await self.execute(claim, hook: hook) }
                 }
             }
+            let started = try pass.get()
             total += started
             if started == 0 { return total }
         }
