@@ -616,6 +616,27 @@ final class LeasingStore: DeliveryStore {
         #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
     }
 
+    @Test func anOutcomeStillBeingWrittenWhenTheDaemonStopsIsWrittenNotCutOff() async throws {
+        let (dir, clock, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        let store = LapsedStore(log)  // the outcome's first writes fail
+        let runner = RecordingHookRunner { _ in HookResult(outcome: .delivered, exitCode: 0) }
+        let group = Shared<ServiceGroup?>(nil)
+        // The hook has exited; while its outcome waits for the log, the daemon is told to stop, and the
+        // log stays away longer than the shutdown grace (0.2 s).
+        let dispatcher = testDispatcher(log, store: store, runner: runner, clock: clock) { _ in
+            await group.withLock({ $0 })?.triggerGracefulShutdown()
+            try? await Task.sleep(for: .milliseconds(300))
+        }
+        let service = DispatcherService(
+            dispatcher: dispatcher, clock: clock, logger: quietLogger, shutdownGrace: .milliseconds(200))
+        let made = ServiceGroup(services: [service], logger: quietLogger)
+        group.withLock { $0 = made }
+        try await made.run()
+        #expect(runner.all.count == 1)
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
+    }
+
     /// One claim of a pass is refused by the log (the others are recorded): the recorded ones must run.
     final class OneClaimRefusedStore: DeliveryStore {
         let base: SQLiteEventLog

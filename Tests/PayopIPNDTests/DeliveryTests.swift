@@ -526,10 +526,14 @@ struct DeliveryHarnessView {
     @Test func whatATimedOutHookLeavesBehindIgnoringSIGTERMIsKilledWithIt() async throws {
         let dir = try TemporaryDirectory()
         let pidFile = dir.file("child")
-        let hook = try script(dir, "stubborn", "sh -c 'trap \"\" TERM; exec sleep 30' & echo $! > '\(pidFile)'; wait")
+        // The child writes its pid once it ignores SIGTERM; the hook waits for that before it waits on.
+        let hook = try script(
+            dir, "stubborn",
+            "sh -c 'trap \"\" TERM; echo $$ > \(pidFile).tmp; mv \(pidFile).tmp \(pidFile); exec sleep 30' & "
+                + "while [ ! -e '\(pidFile)' ]; do sleep 0.01; done; wait")
         // A long kill grace: the child must die when the hook is reaped, not when the grace ends.
-        let result = await runOnce(hook, body: [], timeout: 0.5, killGrace: 30)
-        #expect(result.error?.hasPrefix("timed out after 0.5 s") == true, "\(result.error ?? "")")
+        let result = await runOnce(hook, body: [], timeout: 2, killGrace: 30)
+        #expect(result.error?.hasPrefix("timed out after 2.0 s") == true, "\(result.error ?? "")")
         let child = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         func alive() -> Bool {
             // Gone, or a zombie waiting for whoever inherited it.

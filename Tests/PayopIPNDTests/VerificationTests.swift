@@ -262,6 +262,15 @@ import Testing
     }
 }
 
+/// Payop taking its time: every question waits until cancelled.
+final class StalledPayop: PayopAPI {
+    func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
+        while !Task.isCancelled { try? await Task.sleep(for: .seconds(3600)) }
+        throw PayopError(.unavailable, "cancelled")
+    }
+    func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord] { [] }
+}
+
 @Suite struct VerifierEarlyQuestionTests {
     struct Setup {
         let dir: TemporaryDirectory
@@ -271,11 +280,11 @@ import Testing
         let verifier: Verifier
         let ingress: IPNIngress
 
-        init(asksEarly: Bool) throws {
+        init(asksEarly: Bool, payop other: (any PayopAPI)? = nil) throws {
             dir = try TemporaryDirectory()
             log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
             let verifier = Verifier(
-                store: log, payop: payop,
+                store: log, payop: other ?? payop,
                 policy: VerificationPolicy(
                     backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter),
                     notFoundRetryMilliseconds: 0, reconcileIntervalMilliseconds: 60_000),
@@ -328,14 +337,25 @@ import Testing
         // Copies of decided events never take theirs: what waits is bounded, and old ones make room.
         let on = try Setup(asksEarly: true)
         defer { on.log.close() }
-        for n in 0..<(Verifier.earlyLimit + 50) {
-            on.verifier.askEarly(.checkout, entityID: "copy-\(n)")
-            await Task.yield()
+        func drained() async {
+            while on.verifier.earlyQuestionsInFlight > 0 { await Task.yield() }
         }
-        #expect((1...Verifier.earlyLimit).contains(on.verifier.earlyQuestions))
+        for n in 0..<(Verifier.earlyLimit + 50) {
+            await drained()
+            on.verifier.askEarly(.checkout, entityID: "copy-\(n)")
+        }
+        await drained()
+        #expect(on.verifier.earlyQuestions == Verifier.earlyLimit)
+        // Once they are stale they make room.
         on.clock.advance(milliseconds: Verifier.earlyFreshnessMilliseconds)
-        for n in 0..<(Verifier.earlyLimit + 50) { on.verifier.askEarly(.checkout, entityID: "later-\(n)") }
-        #expect(on.verifier.earlyQuestions <= Verifier.earlyLimit)
+        on.verifier.askEarly(.checkout, entityID: "fresh")
+        #expect(on.verifier.earlyQuestions == 1)
+        // At most `earlyConcurrency` on their way at once, however many IPNs arrive together.
+        let slow = try Setup(asksEarly: true, payop: StalledPayop())
+        defer { slow.log.close() }
+        for n in 0..<50 { slow.verifier.askEarly(.checkout, entityID: "burst-\(n)") }
+        #expect(slow.verifier.earlyQuestions == Verifier.earlyConcurrency)
+        #expect(slow.verifier.earlyQuestionsInFlight == Verifier.earlyConcurrency)
     }
 
     @Test func aNewerIPNReplacesTheEarlyQuestionOfAnOlderOneAboutTheSameEntity() async throws {

@@ -36,13 +36,24 @@ public struct CommandHookRunner: HookRunner {
         } catch {
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "cannot capture the hook's output: \(error)")
         }
-        let process: HookProcess
-        do {
-            process = try HookProcess.spawn(
-                argv: argv, environment: environment, input: invocation.body, output: capture.writeEnd)
-        } catch {
+        var process: HookProcess?
+        for attempt in 0..<5 {
+            do {
+                process = try HookProcess.spawn(
+                    argv: argv, environment: environment, input: invocation.body, output: capture.writeEnd)
+                break
+            } catch where error.code == ETXTBSY && attempt < 4 {
+                // A script just written is still open for writing in a process another thread is starting
+                // (it holds the descriptor until its own exec): gone in moments.
+                try? await Task.sleep(for: .milliseconds(10))
+            } catch {
+                _ = await capture.finish()
+                return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
+            }
+        }
+        guard let process else {
             _ = await capture.finish()
-            return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
+            return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): busy")
         }
         // Past the timeout, or when the daemon stops, the whole process group is terminated: SIGTERM,
         // then SIGKILL after the grace.
@@ -84,16 +95,18 @@ public struct CommandHookRunner: HookRunner {
 final class OutputPipe: Sendable {
     /// The descriptor the hook writes to; closed by `finish`.
     let writeEnd: Int32
-    /// Ours until the event loop has taken it.
+    /// Ours until the event loop has taken it (`owned`).
     private let readEnd: Int32
+    private let owned: OwnershipFlag
     private let channel: EventLoopFuture<any Channel>
     private let captured: NIOLockedValueBox<BoundedCapture>
     private let ended: EventLoopPromise<Void>
 
-    private init(writeEnd: Int32, readEnd: Int32, channel: EventLoopFuture<any Channel>,
+    private init(writeEnd: Int32, readEnd: Int32, owned: OwnershipFlag, channel: EventLoopFuture<any Channel>,
                  captured: NIOLockedValueBox<BoundedCapture>, ended: EventLoopPromise<Void>) {
         self.writeEnd = writeEnd
         self.readEnd = readEnd
+        self.owned = owned
         self.channel = channel
         self.captured = captured
         self.ended = ended
@@ -107,14 +120,17 @@ final class OutputPipe: Sendable {
         let group = MultiThreadedEventLoopGroup.singleton
         let captured = NIOLockedValueBox(BoundedCapture())
         let ended = group.next().makePromise(of: Void.self)
+        let owned = OwnershipFlag()
         let channel = NIOPipeBootstrap(group: group)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                owned.set()
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(CaptureHandler(captured: captured, ended: ended))
                 }
             }
             .takingOwnershipOfDescriptor(input: fds[0])
-        return OutputPipe(writeEnd: fds[1], readEnd: fds[0], channel: channel, captured: captured, ended: ended)
+        return OutputPipe(
+            writeEnd: fds[1], readEnd: fds[0], owned: owned, channel: channel, captured: captured, ended: ended)
     }
 
     /// Once the hook has exited: what it wrote, read until the pipe ends or, when something it left
@@ -122,8 +138,8 @@ final class OutputPipe: Sendable {
     func finish() async -> String {
         close(writeEnd)
         guard let channel = try? await channel.get() else {
-            // Never registered: the read end is still ours, and there is nothing to wait for.
-            close(readEnd)
+            // Never registered: the read end is still ours unless NIO took it, and there is nothing to wait for.
+            owned.closeUnlessOwned(readEnd)
             ended.fail(ChannelError.ioOnClosedChannel)
             return captured.withLockedValue { $0.text }
         }

@@ -72,7 +72,10 @@ public final class Dispatcher: Sendable {
 
     public func reload(_ newPolicy: DeliveryPolicy) { policy.withLock { $0 = newPolicy } }
 
+    /// Runs in progress: hooks running, and outcomes being written.
     public var running: Int { inFlight.withLock { $0.count } }
+    /// Hook processes running now (what shutdown waits for, then stops).
+    public var runningHooks: Int { inFlight.withLock { $0.values.count(where: \.running) } }
 
     /// Runs of `hook` whose process runs now.
     private static func busy(_ runs: [Int64: (hook: String, running: Bool)], _ hook: String) -> Int {
@@ -347,14 +350,15 @@ struct DispatcherService: Service {
             } onGracefulShutdown: {
                 dispatcher.signal.signal()
             }
-            // Shutting down: give running hooks their grace, then stop them.
+            // Shutting down: give running hooks their grace, then stop them. Outcomes of hooks that have
+            // exited are being written meanwhile and are not cut off: the group waits for them.
             let deadline = ContinuousClock.now + shutdownGrace
-            while dispatcher.running > 0, ContinuousClock.now < deadline, !Task.isCancelled {
+            while dispatcher.runningHooks > 0, ContinuousClock.now < deadline, !Task.isCancelled {
                 await dispatcher.signal.wait(timeout: deadline - ContinuousClock.now)
             }
-            if dispatcher.running > 0 {
+            if dispatcher.runningHooks > 0 {
                 logger.warning(
-                    "stopping hooks still running after the shutdown grace", metadata: ["count": "\(dispatcher.running)"])
+                    "stopping hooks still running after the shutdown grace", metadata: ["count": "\(dispatcher.runningHooks)"])
                 group.cancelAll()
             }
         }

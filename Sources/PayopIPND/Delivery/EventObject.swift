@@ -70,7 +70,7 @@ extension Event: Encodable {
         try c.encode(Timestamp.format(milliseconds: receivedAt), forKey: .receivedAt)
         try c.encode(verifiedAt.map { Timestamp.format(milliseconds: $0) }, forKey: .verifiedAt)
         try c.encode(duplicates, forKey: .duplicates)
-        try c.encode(ipn.flatMap { try? sharedJSONDecoder.decode(JSONValue.self, from: Data($0)) }, forKey: .ipn)
+        try c.encode(ipn.flatMap(Self.storedIPN), forKey: .ipn)
     }
 }
 
@@ -81,6 +81,12 @@ extension Event {
     /// a log written before that check might hold, is null). Written by hand because this is
     /// on every delivery's path, where JSONEncoder with sorted keys and the IPN's round trip were a
     /// tenth of the daemon's CPU; a test holds it to the same object as the `Encodable` form.
+    /// A stored IPN body as a value, when it is one JSON value by the strict parser's rules (as at the door).
+    static func storedIPN(_ body: [UInt8]) -> JSONValue? {
+        guard StrictJSON.value(body) != nil else { return nil }
+        return try? sharedJSONDecoder.decode(JSONValue.self, from: Data(body))
+    }
+
     public var hookBody: [UInt8] {
         var out = JSONWriter()
         out.object { o in

@@ -60,9 +60,11 @@ final class HookProcess: Sendable {
         var raw: Int32 = 0
         let reaped = state.withLock { state -> (waiters: [CheckedContinuation<Int32, Never>], writer: EventLoopFuture<any Channel>?)? in
             guard state.status == nil else { return ([], nil) }  // reaped before
-            guard Self.hasExited(pid) else { return nil }
-            // The leader is a zombie until reaped, so its group id is still the hook's own.
-            if state.terminating { _ = kill(-pid, SIGKILL) }
+            let exit = Self.exitState(pid)
+            guard exit != .running else { return nil }
+            // The leader is a zombie until reaped, so its group id is still the hook's own (not when
+            // something else reaped it: then the id may be anyone's).
+            if state.terminating, exit == .exited { _ = kill(-pid, SIGKILL) }
             while true {
                 let result = waitpid(pid, &raw, WNOHANG)
                 if result == pid { break }
@@ -84,20 +86,23 @@ final class HookProcess: Sendable {
         return true
     }
 
-    /// Whether the child has exited (it is then a zombie, not reaped: WNOWAIT).
-    private static func hasExited(_ pid: pid_t, wait: Bool = false) -> Bool {
+    private enum ExitState { case running, exited, gone }
+
+    /// Whether the child has exited (it is then a zombie, not reaped: WNOWAIT), or is gone (ECHILD:
+    /// reaped by someone else).
+    private static func exitState(_ pid: pid_t, wait: Bool = false) -> ExitState {
         var info = siginfo_t()
         while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT | (wait ? 0 : WNOHANG)) != 0 {
-            if errno != EINTR { return true }  // ECHILD: nothing to wait for; let waitpid say so
+            if errno != EINTR { return .gone }
         }
-        return info._sifields._sigchld.si_pid == pid
+        return info._sifields._sigchld.si_pid == pid ? .exited : .running
     }
 
     /// The reaper's fallback where pidfds do not exist: one thread blocked until this process exits
     /// (holding no lock meanwhile), then reaping it.
     func reapOnItsOwnThread() {
         let thread = Thread {
-            while !(Self.hasExited(self.pid, wait: true) && self.reap()) {}
+            while !(Self.exitState(self.pid, wait: true) != .running && self.reap()) {}
         }
         thread.name = "payop-ipnd.hook-wait"
         thread.start()
@@ -154,17 +159,10 @@ final class HookProcess: Sendable {
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
         var pid = pid_t()
-        var spawned: Int32 = 0
-        for attempt in 0..<5 {
-            spawned = withCStrings(argv) { argvPointers in
-                withCStrings(environment) { environmentPointers in
-                    posix_spawn(&pid, argv[0], &actions, &attributes, argvPointers, environmentPointers)
-                }
+        let spawned = withCStrings(argv) { argvPointers in
+            withCStrings(environment) { environmentPointers in
+                posix_spawn(&pid, argv[0], &actions, &attributes, argvPointers, environmentPointers)
             }
-            // ETXTBSY: a script just written is still open for writing in a process another thread is
-            // starting (it holds the descriptor until its own exec); that passes in microseconds.
-            guard spawned == ETXTBSY, attempt < 4 else { break }
-            usleep(1_000)
         }
         guard spawned == 0 else {
             close(writeEnd)
@@ -183,7 +181,12 @@ final class HookProcess: Sendable {
 
     /// The part of a large body the pipe could not hold, written from an event loop as the hook reads.
     private static func writeRest(_ rest: [UInt8], to descriptor: Int32) -> EventLoopFuture<any Channel> {
+        let owned = OwnershipFlag()
         let writer = NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                owned.set()
+                return channel.eventLoop.makeSucceededVoidFuture()
+            }
             .takingOwnershipOfDescriptor(output: descriptor)
         writer.whenComplete { result in
             switch result {
@@ -191,7 +194,7 @@ final class HookProcess: Sendable {
                 // A hook that stops reading ends the write (EPIPE); that is not the run's failure.
                 channel.writeAndFlush(ByteBuffer(bytes: rest)).whenComplete { _ in channel.close(promise: nil) }
             case .failure:
-                close(descriptor)
+                owned.closeUnlessOwned(descriptor)
             }
         }
         return writer
@@ -273,6 +276,16 @@ final class ProcessReaper: @unchecked Sendable {
             // Readable but not reapable (a debugger holds the exited hook): look again shortly, not at once.
             if unreaped { usleep(10_000) }
         }
+    }
+}
+
+/// Whether NIO took a descriptor handed to a bootstrap: once its channel exists (the initializer ran),
+/// NIO closes it on any later failure, and closing it again could close another file's new descriptor.
+final class OwnershipFlag: Sendable {
+    private let owned = Atomic<Bool>(false)
+    func set() { owned.store(true, ordering: .releasing) }
+    func closeUnlessOwned(_ descriptor: Int32) {
+        if !owned.load(ordering: .acquiring) { close(descriptor) }
     }
 }
 

@@ -159,9 +159,7 @@ public final class Verifier: Sendable {
     /// verifier is behind (they would be stale by the time it got to them, and asked twice); a newer IPN
     /// about the same entity replaces the older one's question, so its check gets an answer asked after it.
     public func askEarly(_ kind: IPNKind, entityID: String) {
-        guard asksEarly, payop.unusableReason == nil, !behind.load(ordering: .relaxed),
-            earlyInFlight.load(ordering: .relaxed) < Self.earlyConcurrency
-        else { return }
+        guard asksEarly, payop.unusableReason == nil, !behind.load(ordering: .relaxed) else { return }
         let key = DueCheck.entityKey(kind, entityID)
         let now = clock.nowMilliseconds()
         early.withLock { pending in
@@ -172,7 +170,10 @@ public final class Verifier: Sendable {
                     return fresh
                 }
             }
-            guard pending[key] != nil || pending.count < Self.earlyLimit else { return }
+            // Checked under the lock every increment takes: the bound is exact across event loops.
+            guard earlyInFlight.load(ordering: .relaxed) < Self.earlyConcurrency,
+                pending[key] != nil || pending.count < Self.earlyLimit
+            else { return }
             pending[key]?.answer.cancel()
             earlyInFlight.add(1, ordering: .relaxed)
             pending[key] = EarlyAnswer(
@@ -184,8 +185,9 @@ public final class Verifier: Sendable {
         }
     }
 
-    /// Early questions not yet taken by a due check.
+    /// Early questions not yet taken by a due check, and those of them still on their way to Payop.
     var earlyQuestions: Int { early.withLock { $0.count } }
+    var earlyQuestionsInFlight: Int { earlyInFlight.load(ordering: .relaxed) }
 
     /// The early answer for `check`, if one was asked recently enough.
     private func earlyAnswer(for check: DueCheck) -> Task<PayopAnswer, Never>? {
