@@ -637,6 +637,65 @@ final class LeasingStore: DeliveryStore {
         #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
     }
 
+    @Test func aSharedLogsClaimIsRenewedUntilTheOutcomeIsWrittenNotOnlyWhileTheHookRuns() async throws {
+        let (dir, clock, log) = try await logWithOneDueDelivery()
+        defer { withExtendedLifetime(dir) { log.close() } }
+        /// A shared log's leases, whose outcome write fails three times first; it records what happened in order.
+        final class SlowOutcomeStore: DeliveryStore {
+            let base: SQLiteEventLog
+            let journal = Mutex<[String]>([])
+            let failures = Mutex(3)
+            init(_ base: SQLiteEventLog) { self.base = base }
+            var leaseRenewal: Duration? { .seconds(20) }
+            func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
+                journal.withLock { $0.append("renew") }
+                return true
+            }
+            func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+                try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
+            }
+            func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
+                try await base.nextRunnableDelivery(hooks: hooks)
+            }
+            func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+                try await base.claimDelivery(id: id, now: now)
+            }
+            func finishDelivery(
+                id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+            ) async throws(EventLogError) -> DeliveryProgress.End? {
+                if failures.withLock({ left in defer { left -= 1 }; return left > 0 }) {
+                    journal.withLock { $0.append("outcome refused") }
+                    throw EventLogError(.unavailable, "the server is away")
+                }
+                journal.withLock { $0.append("outcome written") }
+                return try await base.finishDelivery(
+                    id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
+            }
+            func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
+                try await base.interruptDelivery(id: id, attempt: attempt, now: now)
+            }
+            func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
+                try await base.orphanedDeliveries(configured: configured)
+            }
+        }
+        let store = SlowOutcomeStore(log)
+        let runner = RecordingHookRunner { _ in
+            store.journal.withLock { $0.append("hook exited") }
+            return HookResult(outcome: .delivered, exitCode: 0)
+        }
+        // Each wait lets the renewals' loop run once before the outcome is tried again.
+        let dispatcher = testDispatcher(log, store: store, runner: runner, clock: clock) { _ in
+            let seen = store.journal.withLock { $0.count }
+            for _ in 0..<10_000 where store.journal.withLock({ $0.count }) == seen { await Task.yield() }
+        }
+        #expect(try await dispatcher.dispatchDue() == 1)
+        let journal = store.journal.withLock { $0 }
+        let exited = try #require(journal.firstIndex(of: "hook exited"))
+        let written = try #require(journal.firstIndex(of: "outcome written"))
+        #expect(journal[exited..<written].contains("renew"), "\(journal)")
+        #expect(try await log.deliveries(state: "delivered", hook: nil, limit: 5).count == 1)
+    }
+
     /// One claim of a pass is refused by the log (the others are recorded): the recorded ones must run.
     final class OneClaimRefusedStore: DeliveryStore {
         let base: SQLiteEventLog

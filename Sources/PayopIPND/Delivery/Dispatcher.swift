@@ -157,24 +157,11 @@ public final class Dispatcher: Sendable {
         let invocation = HookInvocation(
             deliveryID: claim.delivery.id, hook: hook, event: claim.event, body: claim.event.hookBody,
             attempt: claim.attempt, killGraceSeconds: policy.killGraceSeconds)
-        let result: HookResult
-        if let every = store.leaseRenewal {
-            result = await withTaskGroup(of: HookResult?.self) { group in
-                group.addTask { [runner] in await runner.run(invocation) }
-                group.addTask {
-                    await self.renewWhileRunning(claim, every: every)
-                    return nil
-                }
-                var finished: HookResult?
-                for await outcome in group where outcome != nil {
-                    finished = outcome
-                    group.cancelAll()  // the renewals; the run is over
-                }
-                return finished ?? HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "the run ended unseen")
-            }
-        } else {
-            result = await runner.run(invocation)
-        }
+        // On a shared log the claim is a lease, renewed until the outcome is written (not only while the
+        // hook runs): an outcome that takes a while to write must not let another daemon run it again.
+        let renewals = store.leaseRenewal.map { every in Task { await self.renewWhileRunning(claim, every: every) } }
+        defer { renewals?.cancel() }
+        let result = await runner.run(invocation)
         // The hook has exited: its slot is free for the next run while the outcome is written (the
         // delivery stays `running` in the log until then, so nothing later of its entity overtakes it,
         // and the next claim shares the outcome's group commit instead of waiting for it).
@@ -220,9 +207,9 @@ public final class Dispatcher: Sendable {
         }
     }
 
-    /// While a hook runs on a shared log: renews the claim so no other daemon takes the delivery over
-    /// as abandoned. A lost claim is logged; the run goes on (at least once), and its outcome is
-    /// recorded only if the attempt is still ours.
+    /// While a hook runs on a shared log, and until its outcome is written: renews the claim so no other
+    /// daemon takes the delivery over as abandoned. A lost claim is logged; the run goes on (at least
+    /// once), and its outcome is recorded only if the attempt is still ours.
     private func renewWhileRunning(_ claim: DeliveryClaim, every interval: Duration) async {
         var lost = false
         while !Task.isCancelled {
