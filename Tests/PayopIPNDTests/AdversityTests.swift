@@ -477,24 +477,14 @@ func logWithOneDueDelivery() async throws -> (TemporaryDirectory, TestClock, SQL
     return (dir, clock, log)
 }
 
-/// A shared log's claims: the SQLite log's deliveries, with leases that must be renewed while a hook runs.
-final class LeasingStore: DeliveryStore {
+/// The SQLite log's deliveries behind a store whose parts a test replaces (subclasses override what
+/// they change: leases, refusals, slow writes).
+class ForwardingDeliveryStore: DeliveryStore, @unchecked Sendable {
     let base: SQLiteEventLog
-    let renewals = Mutex<[Int]>([])  // the attempt each renewal was for
-    let keep: Bool
+    init(_ base: SQLiteEventLog) { self.base = base }
 
-    init(_ base: SQLiteEventLog, keep: Bool = true) {
-        self.base = base
-        self.keep = keep
-    }
-
-    var leaseRenewal: Duration? { .seconds(20) }
-    func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
-        renewals.withLock { $0.append(attempt) }
-        return keep
-    }
-    var count: Int { renewals.withLock { $0.count } }
-
+    var leaseRenewal: Duration? { nil }
+    func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool { true }
     func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
         try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
     }
@@ -516,6 +506,24 @@ final class LeasingStore: DeliveryStore {
     func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
         try await base.orphanedDeliveries(configured: configured)
     }
+}
+
+/// A shared log's claims: the SQLite log's deliveries, with leases that must be renewed while a hook runs.
+final class LeasingStore: ForwardingDeliveryStore, @unchecked Sendable {
+    let renewals = Mutex<[Int]>([])  // the attempt each renewal was for
+    let keep: Bool
+
+    init(_ base: SQLiteEventLog, keep: Bool = true) {
+        self.keep = keep
+        super.init(base)
+    }
+
+    override var leaseRenewal: Duration? { .seconds(20) }
+    override func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
+        renewals.withLock { $0.append(attempt) }
+        return keep
+    }
+    var count: Int { renewals.withLock { $0.count } }
 }
 
 @Suite struct LeaseRenewalTests {
@@ -562,37 +570,26 @@ final class LeasingStore: DeliveryStore {
 
     /// A shared log whose lease on a finished run lapsed while its outcome could not be written: the
     /// log offers the delivery to be taken over, and the daemon that ran it must not take its own run.
-    final class LapsedStore: DeliveryStore {
-        let base: SQLiteEventLog
+    final class LapsedStore: ForwardingDeliveryStore, @unchecked Sendable {
         let failures = Mutex(3)
         let claims = Mutex<[Int64]>([])
-        init(_ base: SQLiteEventLog) { self.base = base }
 
-        func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+        override func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
             let lapsed = try await base.deliveries(state: "running", hook: nil, limit: limit)
             return try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit) + lapsed
         }
-        func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
-            try await base.nextRunnableDelivery(hooks: hooks)
-        }
-        func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+        override func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
             claims.withLock { $0.append(id) }
             return try await base.claimDelivery(id: id, now: now)
         }
-        func finishDelivery(
+        override func finishDelivery(
             id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
         ) async throws(EventLogError) -> DeliveryProgress.End? {
             if failures.withLock({ left in defer { left -= 1 }; return left > 0 }) {
                 throw EventLogError(.unavailable, "the server is away")
             }
-            return try await base.finishDelivery(
+            return try await super.finishDelivery(
                 id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
-        }
-        func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
-            try await base.interruptDelivery(id: id, attempt: attempt, now: now)
-        }
-        func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
-            try await base.orphanedDeliveries(configured: configured)
         }
     }
 
@@ -641,26 +638,15 @@ final class LeasingStore: DeliveryStore {
         let (dir, clock, log) = try await logWithOneDueDelivery()
         defer { withExtendedLifetime(dir) { log.close() } }
         /// A shared log's leases, whose outcome write fails three times first; it records what happened in order.
-        final class SlowOutcomeStore: DeliveryStore {
-            let base: SQLiteEventLog
+        final class SlowOutcomeStore: ForwardingDeliveryStore, @unchecked Sendable {
             let journal = Mutex<[String]>([])
             let failures = Mutex(3)
-            init(_ base: SQLiteEventLog) { self.base = base }
-            var leaseRenewal: Duration? { .seconds(20) }
-            func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
+            override var leaseRenewal: Duration? { .seconds(20) }
+            override func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool {
                 journal.withLock { $0.append("renew") }
                 return true
             }
-            func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
-                try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
-            }
-            func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
-                try await base.nextRunnableDelivery(hooks: hooks)
-            }
-            func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
-                try await base.claimDelivery(id: id, now: now)
-            }
-            func finishDelivery(
+            override func finishDelivery(
                 id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
             ) async throws(EventLogError) -> DeliveryProgress.End? {
                 if failures.withLock({ left in defer { left -= 1 }; return left > 0 }) {
@@ -668,14 +654,8 @@ final class LeasingStore: DeliveryStore {
                     throw EventLogError(.unavailable, "the server is away")
                 }
                 journal.withLock { $0.append("outcome written") }
-                return try await base.finishDelivery(
+                return try await super.finishDelivery(
                     id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
-            }
-            func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
-                try await base.interruptDelivery(id: id, attempt: attempt, now: now)
-            }
-            func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
-                try await base.orphanedDeliveries(configured: configured)
             }
         }
         let store = SlowOutcomeStore(log)
@@ -697,36 +677,16 @@ final class LeasingStore: DeliveryStore {
     }
 
     /// One claim of a pass is refused by the log (the others are recorded): the recorded ones must run.
-    final class OneClaimRefusedStore: DeliveryStore {
-        let base: SQLiteEventLog
+    final class OneClaimRefusedStore: ForwardingDeliveryStore, @unchecked Sendable {
         let refused = Mutex<Int64?>(nil)
-        init(_ base: SQLiteEventLog) { self.base = base }
 
-        func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
-            try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
-        }
-        func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
-            try await base.nextRunnableDelivery(hooks: hooks)
-        }
-        func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
+        override func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
             let refuse = refused.withLock { first in
                 defer { first = first ?? id }
                 return first == nil  // the first claim asked for, once
             }
             if refuse { throw EventLogError(.unavailable, "the log refused this one") }
             return try await base.claimDelivery(id: id, now: now)
-        }
-        func finishDelivery(
-            id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
-        ) async throws(EventLogError) -> DeliveryProgress.End? {
-            try await base.finishDelivery(
-                id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
-        }
-        func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
-            try await base.interruptDelivery(id: id, attempt: attempt, now: now)
-        }
-        func orphanedDeliveries(configured: [String]) async throws(EventLogError) -> [String: Int] {
-            try await base.orphanedDeliveries(configured: configured)
         }
     }
 
