@@ -1,8 +1,8 @@
 import Foundation
 import NIOConcurrencyHelpers
-import Synchronization
 import NIOCore
 import NIOPosix
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -36,24 +36,12 @@ public struct CommandHookRunner: HookRunner {
         } catch {
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "cannot capture the hook's output: \(error)")
         }
-        var process: HookProcess?
-        for attempt in 0..<5 {
-            do {
-                process = try HookProcess.spawn(
-                    argv: argv, environment: environment, input: invocation.body, output: capture.writeEnd)
-                break
-            } catch where error.code == ETXTBSY && attempt < 4 {
-                // A script just written is still open for writing in a process another thread is starting
-                // (it holds the descriptor until its own exec): gone in moments.
-                try? await Task.sleep(for: .milliseconds(10))
-            } catch {
-                _ = await capture.finish()
-                return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
-            }
-        }
-        guard let process else {
+        let process: HookProcess
+        do {
+            process = try await Self.spawn(argv: argv, environment: environment, input: invocation.body, output: capture)
+        } catch {
             _ = await capture.finish()
-            return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): busy")
+            return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
         }
         // Past the timeout, or when the daemon stops, the whole process group is terminated: SIGTERM,
         // then SIGKILL after the grace.
@@ -85,6 +73,22 @@ public struct CommandHookRunner: HookRunner {
         case .signaled(let signal):
             return HookResult(
                 outcome: .failed(retryAfterMilliseconds: nil), error: "killed by signal \(signal)", output: output)
+        }
+    }
+
+    /// Starts the hook, trying again on ETXTBSY: a script just written is still open for writing in a
+    /// process another thread is starting (it holds the descriptor until its own exec), gone in moments.
+    private static func spawn(argv: [String], environment: [String], input: [UInt8], output: OutputPipe)
+        async throws(SystemError) -> HookProcess
+    {
+        var attempt = 1
+        while true {
+            do {
+                return try HookProcess.spawn(argv: argv, environment: environment, input: input, output: output.writeEnd)
+            } catch where error.code == ETXTBSY && attempt < 5 {
+                attempt += 1
+                try? await Task.sleep(for: .milliseconds(10))
+            }
         }
     }
 }

@@ -70,23 +70,20 @@ extension Event: Encodable {
         try c.encode(Timestamp.format(milliseconds: receivedAt), forKey: .receivedAt)
         try c.encode(verifiedAt.map { Timestamp.format(milliseconds: $0) }, forKey: .verifiedAt)
         try c.encode(duplicates, forKey: .duplicates)
-        try c.encode(ipn.flatMap(Self.storedIPN), forKey: .ipn)
+        try c.encode(wellFormedIPN.flatMap { try? sharedJSONDecoder.decode(JSONValue.self, from: Data($0)) }, forKey: .ipn)
     }
 }
 
 extension Event {
+    /// The stored IPN body when it is one JSON value by the strict parser's rules, as at the door (a log
+    /// written before that check might hold one that is not): what both forms of the event object show.
+    var wellFormedIPN: [UInt8]? { ipn.flatMap { StrictJSON.value($0) == nil ? nil : $0 } }
+
     /// The event object as hooks get it (a command's stdin, a url hook's body): the keys of `encode(to:)`
     /// in sorted order, and `ipn` the stored body spliced in as received, not decoded and encoded again
-    /// (checked with the strict parser first, as at the door: a body that is not one JSON value, which
-    /// a log written before that check might hold, is null). Written by hand because this is
-    /// on every delivery's path, where JSONEncoder with sorted keys and the IPN's round trip were a
-    /// tenth of the daemon's CPU; a test holds it to the same object as the `Encodable` form.
-    /// A stored IPN body as a value, when it is one JSON value by the strict parser's rules (as at the door).
-    static func storedIPN(_ body: [UInt8]) -> JSONValue? {
-        guard StrictJSON.value(body) != nil else { return nil }
-        return try? sharedJSONDecoder.decode(JSONValue.self, from: Data(body))
-    }
-
+    /// (null when it is not well formed). Written by hand because this is on every delivery's path,
+    /// where JSONEncoder with sorted keys and the IPN's round trip were a tenth of the daemon's CPU; a
+    /// test holds it to the same object as the `Encodable` form.
     public var hookBody: [UInt8] {
         var out = JSONWriter()
         out.object { o in
@@ -96,7 +93,7 @@ extension Event {
             o.member("error_message") { $0.string(errorMessage) }
             o.member("id") { $0.string(id) }
             o.member("invoice_id") { $0.string(invoiceID) }
-            o.member("ipn") { $0.raw(ipn.flatMap { StrictJSON.value($0) == nil ? nil : $0 }) }
+            o.member("ipn") { $0.raw(wellFormedIPN) }
             o.member("kind") { $0.string(kind) }
             o.member("legacy") { $0.bool(legacy) }
             o.member("order_id") { $0.string(orderID) }

@@ -216,7 +216,6 @@ final class HookProcess: Sendable {
             self = signal == 0 ? .exited((status >> 8) & 0xff) : .signaled(signal)
         }
     }
-
 }
 
 /// One thread that learns of every hook's exit: it polls a pidfd per running hook (readable once the

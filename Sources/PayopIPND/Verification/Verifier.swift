@@ -180,7 +180,7 @@ public final class Verifier: Sendable {
                 askedAt: now,
                 answer: Task {
                     defer { earlyInFlight.subtract(1, ordering: .relaxed) }
-                    return await self.lookup(kind, id: entityID)
+                    return await self.askPayop([DueCheck.about(kind, entityID)])[0]
                 })
         }
     }
@@ -196,22 +196,19 @@ public final class Verifier: Sendable {
     }
 
     private func answers(for checks: [DueCheck]) async -> [PayopAnswer] {
-        guard asksEarly else { return await ask(checks) }
+        guard asksEarly else { return await askPayop(checks) }
         var answers = [PayopAnswer?](repeating: nil, count: checks.count)
         for (index, check) in checks.enumerated() {
             if let answer = earlyAnswer(for: check) { answers[index] = await answer.value }
         }
         let unanswered = checks.indices.filter { answers[$0] == nil }
-        for (index, answer) in zip(unanswered, await ask(unanswered.map { checks[$0] })) { answers[index] = answer }
+        for (index, answer) in zip(unanswered, await askPayop(unanswered.map { checks[$0] })) { answers[index] = answer }
         return answers.map { $0 ?? .notFound }
     }
 
-    /// One entity's question.
-    private func lookup(_ kind: IPNKind, id: String) async -> PayopAnswer {
-        await ask([DueCheck.about(kind, id)])[0]
-    }
-
-    private func ask(_ checks: [DueCheck]) async -> [PayopAnswer] {
+    /// Payop's answers about `checks` (one entity, or a batch of checkouts), in their order; a failure
+    /// to get any is an answer too (`unanswered`).
+    private func askPayop(_ checks: [DueCheck]) async -> [PayopAnswer] {
         guard !checks.isEmpty else { return [] }
         do {
             if checks.count == 1, let check = checks.first {
@@ -228,7 +225,7 @@ public final class Verifier: Sendable {
                     answers.append(.record(record))
                 } else {
                     // Absent from the list is not proof: the filter endpoint may page or lag. Ask alone.
-                    answers += await ask([check])
+                    answers += await askPayop([check])
                 }
             }
             return answers
