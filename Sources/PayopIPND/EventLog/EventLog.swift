@@ -25,8 +25,6 @@ public protocol EventLog: EventStore, VerificationStore, DeliveryStore {
     /// The event with its history. `receiptBodies`: each copy's body too, cut to that many bytes;
     /// `receiptLimit`: the first copies only (a flood of copies stays cheap to show).
     func event(id: String, receiptBodies: Int?, receiptLimit: Int?) async throws(EventLogError) -> EventDetail?
-    /// The event object alone (what a hook receives).
-    func eventObject(id: String) async throws(EventLogError) -> Event?
     /// Newest first; `refusedOnly` keeps the 400 and 401 answers.
     func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt]
     func counts() async throws(EventLogError) -> (events: Int, receipts: Int)

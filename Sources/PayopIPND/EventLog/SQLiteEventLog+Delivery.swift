@@ -81,7 +81,7 @@ extension SQLiteEventLog {
 
     public func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
         guard !hooks.isEmpty else { return [] }
-        return try await read { db in
+        return try readInPlace { db in
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
@@ -96,7 +96,7 @@ extension SQLiteEventLog {
 
     public func nextRunnableDelivery(hooks: [String]) async throws(EventLogError) -> Int64? {
         guard !hooks.isEmpty else { return nil }
-        return try await read { db in
+        return try readInPlace { db in
             try Int64.fetchOne(
                 db.cachedStatement(
                     sql: "SELECT d.next_attempt_at \(Self.headOfLine(inDueOrder: true)) ORDER BY d.next_attempt_at LIMIT 1"),

@@ -3,7 +3,7 @@ import GRDB
 
 extension SQLiteEventLog {
     public func dueChecks(now: Int64, limit: Int) async throws(EventLogError) -> [DueCheck] {
-        try await read { db in
+        try readInPlace { db in
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
@@ -20,7 +20,7 @@ extension SQLiteEventLog {
     }
 
     public func nextCheckDue() async throws(EventLogError) -> Int64? {
-        try await read { db in
+        try readInPlace { db in
             try Int64.fetchOne(
                 db.cachedStatement(sql: "SELECT min(next_check_at) FROM events WHERE next_check_at IS NOT NULL"))
         }

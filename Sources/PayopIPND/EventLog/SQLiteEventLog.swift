@@ -117,16 +117,32 @@ public final class SQLiteEventLog: EventLog {
         try await writer.write(operation)
     }
 
+    /// A read on one of GRDB's reader queues: for operations' queries, which may scan.
     public func read<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError)
         -> T
     {
         do {
             return try await database.read(operation)
-        } catch let error as EventLogError {
-            throw error
         } catch {
-            throw EventLogError(.unavailable, "cannot read the event log", cause: error)
+            throw Self.readFailure(error)
         }
+    }
+
+    /// A read on the calling thread: for the stages' hot path, short lookups on an index with a limit.
+    ///
+    /// The hop to a reader queue and back (`read`) costs two thread wake-ups, more than such a read
+    /// itself: on a busy log the verifier's and the dispatcher's passes spent more time switching
+    /// threads than reading (README, Performance). A WAL reader never waits for the writer.
+    func readInPlace<T>(_ operation: (Database) throws -> T) throws(EventLogError) -> T {
+        do {
+            return try database.read(operation)
+        } catch {
+            throw Self.readFailure(error)
+        }
+    }
+
+    private static func readFailure(_ error: any Error) -> EventLogError {
+        error as? EventLogError ?? EventLogError(.unavailable, "cannot read the event log", cause: error)
     }
 
     /// Moves committed WAL frames into the database file. Runs from its own connection so the writer
@@ -297,14 +313,6 @@ public final class SQLiteEventLog: EventLog {
             return EventDetail(
                 event: Event(row: row), receipts: receipts, verificationAttempts: attempts, deliveries: deliveries,
                 deliveryAttempts: deliveryAttempts)
-        }
-    }
-
-    /// The event object alone (what a hook receives).
-    public func eventObject(id: String) async throws(EventLogError) -> Event? {
-        try await read { db in
-            try Row.fetchOne(db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [id])
-                .map(Event.init(row:))
         }
     }
 

@@ -538,14 +538,6 @@ public final class PostgresEventLog: EventStore, Service {
         }
     }
 
-    /// The event object alone (what a hook receives).
-    public func eventObject(id: String) async throws(EventLogError) -> Event? {
-        try await read("cannot read the event log") { connection, logger in
-            try await connection.query("\(unescaped: Event.select) WHERE events.id = \(id)", logger: logger)
-                .collect().first.map { try Event(postgres: $0.makeRandomAccess()) }
-        }
-    }
-
     /// Newest first; `refusedOnly` keeps the 400 and 401 answers.
     public func receipts(refusedOnly: Bool, since: Int64?, limit: Int) async throws(EventLogError) -> [Receipt] {
         try await read("cannot read the event log") { connection, logger in
