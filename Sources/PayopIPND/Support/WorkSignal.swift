@@ -1,11 +1,24 @@
+import Dispatch
 import Synchronization
 
 /// Wakes a background loop when there is new work, or lets it sleep until its next due time.
 /// Signals sent while nobody waits are remembered (once), so no wake-up is lost.
+///
+/// A wait is one continuation and no task: a busy stage waits hundreds of times a second, and a task
+/// group racing a `Task.sleep` cost five task switches per wait. Its timeout is one dispatch timer per
+/// signal, re-armed lazily: a timer that fires before the current waiter's deadline (it was set for an
+/// earlier wait that a signal ended) re-arms itself for the rest instead of waking the loop, so a busy
+/// stage pays about one timer per timeout, not one per wait.
 public final class WorkSignal: Sendable {
     private struct State {
         var pending = false
-        var waiter: CheckedContinuation<Void, Never>?
+        var waiter: UnsafeContinuation<Void, Never>?
+        /// When the waiter's timeout ends (uptime nanoseconds); nil: it waits for a signal only.
+        var deadline: UInt64?
+        /// Which wait `waiter` belongs to: a cancellation that comes after its wait ended touches nothing.
+        var generation: UInt64 = 0
+        /// The earliest armed timer, if any (uptime nanoseconds).
+        var timerAt: UInt64?
     }
 
     private let state = Mutex(State())
@@ -13,7 +26,7 @@ public final class WorkSignal: Sendable {
     public init() {}
 
     public func signal() {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+        let waiter = state.withLock { state -> UnsafeContinuation<Void, Never>? in
             guard let waiter = state.waiter else {
                 state.pending = true
                 return nil
@@ -27,35 +40,72 @@ public final class WorkSignal: Sendable {
     /// Returns on a signal, after `timeout` (nil: no timeout), or when the task is cancelled.
     public func wait(timeout: Duration?) async {
         if state.withLock({ state in defer { state.pending = false }; return state.pending }) { return }
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.waitForSignal() }
-            if let timeout {
-                group.addTask { try? await Task.sleep(for: timeout) }
-            }
-            await group.next()
-            group.cancelAll()
+        let deadline = timeout.map { DispatchTime.now().uptimeNanoseconds &+ Self.nanoseconds($0) }
+        let generation = state.withLock { state -> UInt64 in
+            state.generation &+= 1
+            return state.generation
         }
-    }
-
-    private func waitForSignal() async {
         await withTaskCancellationHandler {
-            await withCheckedContinuation { continuation in
-                let resumeNow = state.withLock { state -> Bool in
-                    if state.pending || Task.isCancelled {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+                let (resumeNow, arm) = state.withLock { state -> (Bool, UInt64?) in
+                    if state.pending || Task.isCancelled || state.generation != generation {
                         state.pending = false
-                        return true
+                        return (true, nil)
                     }
+                    if let deadline, deadline <= DispatchTime.now().uptimeNanoseconds { return (true, nil) }
                     state.waiter = continuation
-                    return false
+                    state.deadline = deadline
+                    return (false, Self.timerToArm(&state, for: deadline))
                 }
                 if resumeNow { continuation.resume() }
+                if let arm { armTimer(at: arm) }
             }
         } onCancel: {
-            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            let waiter = state.withLock { state -> UnsafeContinuation<Void, Never>? in
+                guard state.generation == generation else { return nil }
+                // Bumped: a cancellation that lands before the continuation is stored resumes it at once.
+                state.generation &+= 1
                 defer { state.waiter = nil }
                 return state.waiter
             }
             waiter?.resume()
         }
+    }
+
+    /// The time to arm a timer at for `deadline`, unless one already fires by then.
+    private static func timerToArm(_ state: inout State, for deadline: UInt64?) -> UInt64? {
+        guard let deadline else { return nil }
+        if let armed = state.timerAt, armed <= deadline { return nil }
+        state.timerAt = deadline
+        return deadline
+    }
+
+    private func armTimer(at uptime: UInt64) {
+        DispatchQueue.global().asyncAfter(deadline: DispatchTime(uptimeNanoseconds: uptime)) { [self] in
+            timerFired(armedAt: uptime)
+        }
+    }
+
+    /// Ends the wait whose deadline has passed; a wait with time left gets a timer for the rest.
+    private func timerFired(armedAt uptime: UInt64) {
+        let now = DispatchTime.now().uptimeNanoseconds
+        let (waiter, arm) = state.withLock { state -> (UnsafeContinuation<Void, Never>?, UInt64?) in
+            if state.timerAt == uptime { state.timerAt = nil }
+            guard state.waiter != nil, let deadline = state.deadline else { return (nil, nil) }
+            if deadline <= now {
+                defer { state.waiter = nil }
+                return (state.waiter, nil)
+            }
+            return (nil, Self.timerToArm(&state, for: deadline))
+        }
+        waiter?.resume()
+        if let arm { armTimer(at: arm) }
+    }
+
+    private static func nanoseconds(_ duration: Duration) -> UInt64 {
+        let (seconds, attoseconds) = duration.components
+        guard seconds >= 0 else { return 0 }
+        let whole = UInt64(clamping: seconds).multipliedReportingOverflow(by: 1_000_000_000)
+        return whole.overflow ? UInt64.max / 2 : whole.partialValue &+ UInt64(attoseconds / 1_000_000_000)
     }
 }

@@ -1,0 +1,101 @@
+import Testing
+
+@testable import PayopIPND
+
+/// The wake-up of every background stage: no signal lost, no timeout cut short or overslept, and a
+/// cancelled wait ends. Timeouts are real time here (the signal's own clock), kept short.
+@Suite struct WorkSignalTests {
+    @Test func signalSentWhileNobodyWaitsEndsTheNextWaitAtOnce() async {
+        let signal = WorkSignal()
+        signal.signal()
+        let started = ContinuousClock.now
+        await signal.wait(timeout: .seconds(30))
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test func signalIsRememberedOnceNotForEveryLaterWait() async {
+        let signal = WorkSignal()
+        signal.signal()
+        signal.signal()
+        await signal.wait(timeout: .seconds(30))
+        let started = ContinuousClock.now
+        await signal.wait(timeout: .milliseconds(50))
+        #expect(ContinuousClock.now - started >= .milliseconds(45))
+    }
+
+    @Test func signalWakesAWaiter() async {
+        let signal = WorkSignal()
+        let started = ContinuousClock.now
+        let signaller = Task {
+            try? await Task.sleep(for: .milliseconds(50))
+            signal.signal()
+        }
+        await signal.wait(timeout: .seconds(30))
+        await signaller.value
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test func timeoutEndsAWaitWithoutASignal() async {
+        let signal = WorkSignal()
+        let started = ContinuousClock.now
+        await signal.wait(timeout: .milliseconds(40))
+        let waited = ContinuousClock.now - started
+        #expect(waited >= .milliseconds(35))
+        #expect(waited < .seconds(5))
+    }
+
+    @Test func timerOfAnEarlierShorterWaitDoesNotCutALongerOneShort() async {
+        let signal = WorkSignal()
+        // The first wait arms a 150 ms timer; a signal ends it at about 20 ms, and the timer stays armed.
+        let signaller = Task {
+            try? await Task.sleep(for: .milliseconds(20))
+            signal.signal()
+        }
+        await signal.wait(timeout: .milliseconds(150))
+        await signaller.value
+        await signal.wait(timeout: .zero)  // a signal that came too late for it is not the point here
+        let started = ContinuousClock.now
+        await signal.wait(timeout: .milliseconds(400))
+        #expect(ContinuousClock.now - started >= .milliseconds(390))
+    }
+
+    @Test func shorterWaitAfterALongerOneGetsItsOwnTimer() async {
+        let signal = WorkSignal()
+        // The first wait arms a 30 s timer; a signal ends it long before.
+        let signaller = Task {
+            try? await Task.sleep(for: .milliseconds(50))
+            signal.signal()
+        }
+        await signal.wait(timeout: .seconds(30))
+        await signaller.value
+        let started = ContinuousClock.now
+        await signal.wait(timeout: .milliseconds(40))
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test func cancelledWaitEnds() async {
+        let signal = WorkSignal()
+        let started = ContinuousClock.now
+        let waiter = Task { await signal.wait(timeout: nil) }
+        waiter.cancel()
+        await waiter.value
+        #expect(ContinuousClock.now - started < .seconds(5))
+        // Nothing is left behind: a later wait still times out as asked, and a signal still counts.
+        await signal.wait(timeout: .milliseconds(20))
+        signal.signal()
+        let again = ContinuousClock.now
+        await signal.wait(timeout: .seconds(30))
+        #expect(ContinuousClock.now - again < .seconds(5))
+    }
+
+    @Test func waitInATaskAlreadyCancelledEndsAtOnce() async {
+        let signal = WorkSignal()
+        let waiter = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            let started = ContinuousClock.now
+            await signal.wait(timeout: nil)
+            return ContinuousClock.now - started
+        }
+        #expect(await waiter.value < .seconds(5))
+    }
+}
