@@ -3,11 +3,25 @@ import Testing
 @testable import PayopIPND
 
 @Suite struct StrictJSONTests {
-    /// Why `bytes` are refused, or nil when they parse.
+    /// Why `bytes` are refused, or nil when they parse. Checking them only, and building just a
+    /// selection of them, must refuse the same bytes for the same reason at the same place.
     func refusal(_ bytes: [UInt8]) -> StrictJSON.Reason? {
-        switch Result(catching: { () throws(StrictJSON.Failure) in try StrictJSON.parse(bytes) }) {
-        case .success: nil
-        case .failure(let failure): failure.reason
+        let whole = Self.failure { () throws(StrictJSON.Failure) in _ = try StrictJSON.parse(bytes) }
+        #expect(Self.failure { () throws(StrictJSON.Failure) in try StrictJSON.check(bytes) } == whole)
+        #expect(Self.failure { () throws(StrictJSON.Failure) in _ = try StrictJSON.parse(bytes, keeping: Self.partly) } == whole)
+        #expect(Self.failure { () throws(StrictJSON.Failure) in _ = try StrictJSON.parse(bytes, keeping: .members([:])) } == whole)
+        return whole?.reason
+    }
+
+    /// A selection that keeps some of the test bodies' members and leaves others out.
+    static let partly = StrictJSON.Selection.members(["a": .members(["b": .all]), "x": .all, "transaction": .members(["id": .all])])
+
+    static func failure(_ body: () throws(StrictJSON.Failure) -> Void) -> StrictJSON.Failure? {
+        do throws(StrictJSON.Failure) {
+            try body()
+            return nil
+        } catch {
+            return error
         }
     }
 

@@ -77,7 +77,7 @@ extension Event: Encodable {
 extension Event {
     /// The stored IPN body when it is one JSON value by the strict parser's rules, as at the door (a log
     /// written before that check might hold one that is not): what both forms of the event object show.
-    var wellFormedIPN: [UInt8]? { ipn.flatMap { StrictJSON.value($0) == nil ? nil : $0 } }
+    var wellFormedIPN: [UInt8]? { ipn.flatMap { StrictJSON.isValid($0) ? $0 : nil } }
 
     /// The event object as hooks get it (a command's stdin, a url hook's body): the keys of `encode(to:)`
     /// in sorted order, and `ipn` the stored body spliced in as received, not decoded and encoded again

@@ -21,10 +21,24 @@ public enum RefusalReason: String, Sendable, Error, Codable {
 /// Turns an IPN body into a typed `Notification` (README, Payop's side), or names why it cannot.
 public enum NotificationParser {
     public static func parse(_ body: some Collection<UInt8>) -> Result<Notification, RefusalReason> {
-        guard let json = StrictJSON.value(body) else { return .failure(.invalidJSON) }
+        guard let json = StrictJSON.value(body, keeping: fieldsRead) else { return .failure(.invalidJSON) }
         guard let members = json.objectValue else { return .failure(.notAnObject) }
         return classify(Envelope(members))
     }
+
+    /// The fields the four shapes are told apart and read by (`Envelope` below): the body is checked
+    /// whole, but only these are built, not a tree of everything Payop sends.
+    static let fieldsRead: StrictJSON.Selection = {
+        let transaction = StrictJSON.Selection.members([
+            "id": .all, "refundId": .all, "withdrawalId": .all, "state": .all, "order": .members(["id": .all]),
+            "amount": .all, "currency": .all, "error": .members(["message": .all]),
+        ])
+        return .members([
+            "invoice": .members(["id": .all, "txid": .all]), "transaction": transaction,
+            "sourceTransaction": transaction, "signature": .all, "orderId": .all, "status": .all, "amount": .all,
+            "currency": .all,
+        ])
+    }()
 
     private static func classify(_ body: Envelope) -> Result<Notification, RefusalReason> {
         if body.signature != nil, body.invoice?.id == nil {

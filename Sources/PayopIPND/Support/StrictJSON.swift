@@ -52,23 +52,56 @@ enum StrictJSON {
         var offset: Int
     }
 
-    /// The one JSON value `bytes` hold, or why they are not JSON.
-    static func parse(_ bytes: some Collection<UInt8>) throws(Failure) -> Value {
-        let result =
-            bytes.withContiguousStorageIfAvailable { buffer in
-                Result { () throws(Failure) -> Value in try parse(buffer) }
-            } ?? Array(bytes).withUnsafeBufferPointer { buffer in Result { () throws(Failure) -> Value in try parse(buffer) } }
-        return try result.get()
+    /// What of a value to build. Whatever is not built is still checked as strictly, duplicate keys
+    /// included: a selection changes what is kept, never what is refused.
+    struct Selection: Sendable {
+        /// nil: the whole value. Searched in order: a handful of keys compare faster than they hash.
+        private let selected: [(key: String, selection: Selection)]?
+
+        /// The whole value.
+        static let all = Selection(selected: nil)
+
+        /// An object's listed members, each built as its own selection says; the others are left out.
+        /// A value here that is not an object is built whole.
+        static func members(_ members: [String: Selection]) -> Selection {
+            Selection(selected: members.map { ($0.key, $0.value) })
+        }
+
+        var isAll: Bool { selected == nil }
+
+        /// How to build the member `key` of an object selected here; nil: leave it out.
+        func member(_ key: String) -> Selection? {
+            guard let selected else { return self }
+            return selected.first { $0.key == key }?.selection
+        }
     }
 
-    /// The value, or nil when `bytes` are not strict JSON.
-    static func value(_ bytes: some Collection<UInt8>) -> Value? {
-        try? parse(bytes)
+    /// The one JSON value `bytes` hold, reduced to `selection`, or why they are not JSON.
+    static func parse(_ bytes: some Collection<UInt8>, keeping selection: Selection = .all) throws(Failure) -> Value {
+        try read(bytes, keeping: selection)
     }
 
-    static func parse(_ buffer: UnsafeBufferPointer<UInt8>) throws(Failure) -> Value {
-        var parser = Parser(bytes: buffer)
-        return try parser.document()
+    /// The value reduced to `selection`, or nil when `bytes` are not strict JSON.
+    static func value(_ bytes: some Collection<UInt8>, keeping selection: Selection = .all) -> Value? {
+        try? parse(bytes, keeping: selection)
+    }
+
+    /// Checks that `bytes` are strict JSON, exactly as `parse` would, and builds nothing.
+    static func check(_ bytes: some Collection<UInt8>) throws(Failure) {
+        _ = try read(bytes, keeping: nil)
+    }
+
+    static func isValid(_ bytes: some Collection<UInt8>) -> Bool {
+        (try? check(bytes)) != nil
+    }
+
+    /// nil `selection`: check only (the result is a placeholder).
+    private static func read(_ bytes: some Collection<UInt8>, keeping selection: Selection?) throws(Failure) -> Value {
+        func document(_ buffer: UnsafeBufferPointer<UInt8>) -> Result<Value, Failure> {
+            var parser = Parser(bytes: buffer)
+            return Result { () throws(Failure) -> Value in try parser.document(keeping: selection) }
+        }
+        return try (bytes.withContiguousStorageIfAvailable(document) ?? Array(bytes).withUnsafeBufferPointer(document)).get()
     }
 }
 
@@ -110,19 +143,22 @@ private struct Parser {
     var scratch: [UInt8] = []
     /// The members of the objects being read, innermost last: each object's are gathered here and
     /// put in a dictionary of the right size when it closes, rather than growing one as they come.
-    var members: [(key: String, value: Value, offset: Int)] = []
+    /// Members left out by a selection are here too (not `kept`): their keys must be unique as well.
+    var members: [(key: String, value: Value, offset: Int, kept: Bool)] = []
 
     init(bytes: UnsafeBufferPointer<UInt8>) {
         self.bytes = bytes
+        members.reserveCapacity(16)  // one allocation for an IPN's members, not one per doubling
     }
 
-    mutating func document() throws(Failure) -> Value {
+    /// nil `selection`: everything is checked, nothing built, and the result is a placeholder.
+    mutating func document(keeping selection: StrictJSON.Selection?) throws(Failure) -> Value {
         if bytes.count >= 3, bytes[0] == 0xEF, bytes[1] == 0xBB, bytes[2] == 0xBF {
             throw Failure(reason: .byteOrderMark, offset: 0)
         }
         skipWhitespace()
         guard index < bytes.count else { throw Failure(reason: .empty, offset: index) }
-        let result = try value(depth: 0)
+        let result = try value(depth: 0, keeping: selection)
         skipWhitespace()
         guard index == bytes.count else { throw Failure(reason: .trailingGarbage, offset: index) }
         return result
@@ -145,11 +181,14 @@ private struct Parser {
         }
     }
 
-    private mutating func value(depth: Int) throws(Failure) -> Value {
+    /// nil `selection`: checked, not built (`.null` stands in for it).
+    private mutating func value(depth: Int, keeping selection: StrictJSON.Selection?) throws(Failure) -> Value {
         switch current {
-        case UInt8(ascii: "{"): return try object(depth: depth + 1)
-        case UInt8(ascii: "["): return try array(depth: depth + 1)
-        case quote: return .string(try string())
+        case UInt8(ascii: "{"): return try object(depth: depth + 1, keeping: selection)
+        case UInt8(ascii: "["): return try array(depth: depth + 1, building: selection != nil)
+        case quote:
+            let text = try string(building: selection != nil)
+            return selection == nil ? .null : .string(text)
         case UInt8(ascii: "t"):
             try literal("true")
             return .bool(true)
@@ -159,7 +198,9 @@ private struct Parser {
         case UInt8(ascii: "n"):
             try literal("null")
             return .null
-        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return .number(try number())
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            let lexeme = try number(building: selection != nil)
+            return selection == nil ? .null : .number(lexeme)
         default: throw unexpected(at: index)
         }
     }
@@ -171,7 +212,7 @@ private struct Parser {
         }
     }
 
-    private mutating func object(depth: Int) throws(Failure) -> Value {
+    private mutating func object(depth: Int, keeping selection: StrictJSON.Selection?) throws(Failure) -> Value {
         guard depth <= StrictJSON.maxDepth else { throw Failure(reason: .tooDeep, offset: index) }
         index += 1  // {
         skipWhitespace()
@@ -183,13 +224,14 @@ private struct Parser {
         while true {
             guard current == quote else { throw unexpected(at: index) }
             let keyOffset = index
-            let key = try string()
+            let key = try string(building: true)
             skipWhitespace()
             guard current == UInt8(ascii: ":") else { throw unexpected(at: index) }
             index += 1
             skipWhitespace()
-            let member = try value(depth: depth)
-            members.append((key, member, keyOffset))
+            let memberSelection = selection?.member(key)
+            let member = try value(depth: depth, keeping: memberSelection)
+            members.append((key, member, keyOffset, memberSelection != nil))
             skipWhitespace()
             switch current {
             case UInt8(ascii: ","):
@@ -197,34 +239,60 @@ private struct Parser {
                 skipWhitespace()
             case UInt8(ascii: "}"):
                 index += 1
-                return .object(try collectMembers(from: first))
+                let object = try collectMembers(from: first)
+                return selection == nil ? .null : .object(object)
             default:
                 throw unexpected(at: index)
             }
         }
     }
 
-    /// The members gathered since `first`, as a dictionary; a key seen twice is refused.
+    /// The kept members gathered since `first`, as a dictionary; a key seen twice, kept or not, is refused.
     private mutating func collectMembers(from first: Int) throws(Failure) -> [String: Value] {
-        var object = [String: Value](minimumCapacity: members.count - first)
-        for member in members[first...] where object.updateValue(member.value, forKey: member.key) != nil {
-            throw Failure(reason: .duplicateKey, offset: member.offset)
+        defer { members.removeSubrange(first...) }
+        let gathered = members[first...]
+        let kept = gathered.count(where: \.kept)
+        var object = [String: Value](minimumCapacity: kept)
+        if kept == gathered.count {
+            for member in gathered where object.updateValue(member.value, forKey: member.key) != nil {
+                throw Failure(reason: .duplicateKey, offset: member.offset)
+            }
+            return object
         }
-        members.removeSubrange(first...)
+        try checkUniqueKeys(gathered)
+        for member in gathered where member.kept { object[member.key] = member.value }
         return object
     }
 
-    private mutating func array(depth: Int) throws(Failure) -> Value {
+    /// Refuses a key seen before in `gathered`, at the later one; a handful of keys is compared pairwise.
+    private func checkUniqueKeys(_ gathered: ArraySlice<(key: String, value: Value, offset: Int, kept: Bool)>) throws(Failure) {
+        if gathered.count <= 8 {
+            for i in gathered.indices {
+                for j in gathered.startIndex..<i where gathered[j].key == gathered[i].key {
+                    throw Failure(reason: .duplicateKey, offset: gathered[i].offset)
+                }
+            }
+            return
+        }
+        var seen = Set<String>(minimumCapacity: gathered.count)
+        for member in gathered where !seen.insert(member.key).inserted {
+            throw Failure(reason: .duplicateKey, offset: member.offset)
+        }
+    }
+
+    /// Not `building`: checked, and `.null` stands in for it.
+    private mutating func array(depth: Int, building: Bool) throws(Failure) -> Value {
         guard depth <= StrictJSON.maxDepth else { throw Failure(reason: .tooDeep, offset: index) }
         index += 1  // [
         var elements: [Value] = []
         skipWhitespace()
         if current == UInt8(ascii: "]") {
             index += 1
-            return .array(elements)
+            return building ? .array(elements) : .null
         }
         while true {
-            elements.append(try value(depth: depth))
+            let element = try value(depth: depth, keeping: building ? .all : nil)
+            if building { elements.append(element) }
             skipWhitespace()
             switch current {
             case UInt8(ascii: ","):
@@ -232,15 +300,15 @@ private struct Parser {
                 skipWhitespace()
             case UInt8(ascii: "]"):
                 index += 1
-                return .array(elements)
+                return building ? .array(elements) : .null
             default:
                 throw unexpected(at: index)
             }
         }
     }
 
-    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`, kept as written.
-    private mutating func number() throws(Failure) -> String {
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`, kept as written (empty when not `building`).
+    private mutating func number(building: Bool) throws(Failure) -> String {
         let start = index
         if current == UInt8(ascii: "-") { index += 1 }
         switch current {
@@ -264,6 +332,7 @@ private struct Parser {
             guard isDigit(current) else { throw Failure(reason: .badNumber, offset: index) }
             skipDigits()
         }
+        guard building else { return "" }
         return String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)
     }
 
@@ -275,9 +344,10 @@ private struct Parser {
         while index < bytes.count, isDigit(bytes[index]) { index += 1 }
     }
 
-    /// A string from its opening quote to past its closing one. Most strings have no escapes: they
-    /// are checked in place and copied once; the others are rebuilt in `scratch`.
-    private mutating func string() throws(Failure) -> String {
+    /// A string from its opening quote to past its closing one (empty when not `building`). Most
+    /// strings have no escapes: they are checked in place and copied once; the others are rebuilt in
+    /// `scratch`.
+    private mutating func string(building: Bool) throws(Failure) -> String {
         index += 1  // "
         let start = index
         var i = index
@@ -285,7 +355,7 @@ private struct Parser {
             let byte = bytes[i]
             if byte == quote {
                 index = i + 1
-                return String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<i]), as: UTF8.self)
+                return building ? String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<i]), as: UTF8.self) : ""
             }
             if byte == backslash { break }
             if byte < 0x20 { throw Failure(reason: .controlCharacter, offset: i) }
@@ -301,7 +371,7 @@ private struct Parser {
             let byte = bytes[i]
             if byte == quote {
                 index = i + 1
-                return String(decoding: scratch, as: UTF8.self)
+                return building ? String(decoding: scratch, as: UTF8.self) : ""
             }
             if byte == backslash {
                 i = try escape(at: i)

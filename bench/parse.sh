@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The IPN body parser alone: the whole value tree (baseline), the fields the notification parser reads,
+# and the check alone, on the bench's body, on Payop's sample IPNs and on a body near the 64 KiB limit;
+# ns per body, in one run.
+#
+#   bench/parse.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=$(mktemp -d /tmp/payop-ipnd-parse.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+cp bench/parse.swift "$WORK/main.swift"  # top-level code lives in main.swift
+swiftc -O -o "$WORK/parse" Sources/PayopIPND/Support/StrictJSON.swift "$WORK/main.swift"
+"$WORK/parse" bench large Tests/PayopIPNDTests/Samples/*.json
