@@ -22,6 +22,34 @@ import Testing
         #expect(mode == "wal")
     }
 
+    @Test func stagesReadWhileEveryPooledReaderIsTaken() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        _ = try await log.ingest(try ipn(try Samples.data("checkout-accepted")))
+        // Operations' reads hold every reader of the pool (the console under load, say), until released
+        // here or, should the stages' reads wait for them, by a watchdog after 3 s.
+        let release = DispatchSemaphore(value: 0)
+        let entered = DispatchSemaphore(value: 0)
+        let readers = log.database.configuration.maximumReaderCount
+        let held = (0..<readers).map { _ in
+            Task { try await log.read { _ in entered.signal(); release.wait() } }
+        }
+        for _ in 0..<readers { entered.wait() }
+        let releaseAll: @Sendable () -> Void = { for _ in 0..<readers { release.signal() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 3, execute: releaseAll)
+        // The stages' reads do not queue behind them.
+        let started = ContinuousClock.now
+        let due = try await log.dueChecks(now: .max, limit: 64)
+        let next = try await log.nextCheckDue()
+        let elapsed = ContinuousClock.now - started
+        releaseAll()
+        for task in held { try await task.value }
+        #expect(due.count == 1)
+        #expect(next != nil)
+        #expect(elapsed < .seconds(2))
+    }
+
     @Test func duplicateIPNAddsNoSecondEventButCountsIt() async throws {
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)

@@ -98,4 +98,27 @@ import Testing
         }
         #expect(await waiter.value < .seconds(5))
     }
+
+    @Test(arguments: [Duration.zero, .milliseconds(-1), .nanoseconds(-300_000), .seconds(-5)])
+    func timeoutThatIsNotPositiveEndsAtOnce(timeout: Duration) async {
+        let signal = WorkSignal()
+        let started = ContinuousClock.now
+        await signal.wait(timeout: timeout)
+        #expect(ContinuousClock.now - started < .seconds(5))
+        #expect(WorkSignal.nanoseconds(timeout) == 0)
+    }
+
+    @Test func hugeTimeoutWaitsQuietlyForItsSignal() async {
+        let signal = WorkSignal()
+        let signaller = Task {
+            try? await Task.sleep(for: .milliseconds(200))
+            signal.signal()
+        }
+        await signal.wait(timeout: .seconds(Int64.max))
+        await signaller.value
+        // No timer fired on the way: one fired at once and re-armed itself for ever would be a spin.
+        #expect(signal.timersFired == 0)
+        #expect(WorkSignal.nanoseconds(.seconds(Int64.max)) == 1 << 60)
+        #expect(WorkSignal.nanoseconds(.milliseconds(1500)) == 1_500_000_000)
+    }
 }

@@ -15,6 +15,8 @@ public final class SQLiteEventLog: EventLog {
     public let path: String
     public var location: String { path }
     let database: DatabasePool
+    /// The stages' own read-only connection (`readInPlace`), outside the pool operations read from.
+    private let stageReader: DatabaseQueue
     private let writer: GroupCommitWriter
     private let clock: any WallClock
     /// The configured hooks, for the outbox: verified events get one delivery per matching hook.
@@ -26,10 +28,13 @@ public final class SQLiteEventLog: EventLog {
     /// Group commits so far: the checkpointer skips its turn when nothing was written.
     public var commitCount: Int { writer.commitCount }
 
-    private init(path: String, database: DatabasePool, clock: any WallClock, onBatch: @escaping @Sendable (Int) -> Void)
-    {
+    private init(
+        path: String, database: DatabasePool, stageReader: DatabaseQueue, clock: any WallClock,
+        onBatch: @escaping @Sendable (Int) -> Void
+    ) {
         self.path = path
         self.database = database
+        self.stageReader = stageReader
         self.clock = clock
         self.writer = GroupCommitWriter(database: database, onBatch: onBatch)
     }
@@ -58,6 +63,7 @@ public final class SQLiteEventLog: EventLog {
         configuration.busyMode = .timeout(lockDeadlineSeconds)
         configuration.label = "payop-ipnd.event-log"
         let database: DatabasePool
+        let stageReader: DatabaseQueue
         do {
             database = try DatabasePool(path: path, configuration: configuration)
             try database.writeWithoutTransaction { db in
@@ -69,12 +75,16 @@ public final class SQLiteEventLog: EventLog {
                 try db.execute(sql: "PRAGMA journal_size_limit = 67108864")
             }
             try Schema.migrator.migrate(database)
+            var readOnly = configuration
+            readOnly.readonly = true
+            readOnly.label = "payop-ipnd.event-log.stages"
+            stageReader = try DatabaseQueue(path: path, configuration: readOnly)
         } catch let error as DatabaseError where error.resultCode == .SQLITE_NOTADB {
             throw EventLogError(.notEventLog, "\(path) is not an SQLite database", cause: error)
         } catch {
             throw EventLogError(.unavailable, "cannot open the event log at \(path)", cause: error)
         }
-        let log = SQLiteEventLog(path: path, database: database, clock: clock, onBatch: onBatch)
+        let log = SQLiteEventLog(path: path, database: database, stageReader: stageReader, clock: clock, onBatch: onBatch)
         let level = try log.synchronousLevel()
         guard level == 2 else {
             throw EventLogError(
@@ -132,10 +142,12 @@ public final class SQLiteEventLog: EventLog {
     ///
     /// The hop to a reader queue and back (`read`) costs two thread wake-ups, more than such a read
     /// itself: on a busy log the verifier's and the dispatcher's passes spent more time switching
-    /// threads than reading (README, Performance). A WAL reader never waits for the writer.
+    /// threads than reading (README, Performance). A WAL reader never waits for the writer, and the
+    /// stages' connection is their own: a blocking read from the pool could wait for a slot that an
+    /// operations read gives back only once it gets a cooperative thread, which blocked reads hold.
     func readInPlace<T>(_ operation: (Database) throws -> T) throws(EventLogError) -> T {
         do {
-            return try database.read(operation)
+            return try stageReader.read(operation)
         } catch {
             throw Self.readFailure(error)
         }

@@ -22,6 +22,9 @@ public final class WorkSignal: Sendable {
     }
 
     private let state = Mutex(State())
+    private let firings = Atomic<Int>(0)
+    /// Timers that have fired so far: a few per timeout, never a stream (a test's measure of spinning).
+    var timersFired: Int { firings.load(ordering: .relaxed) }
 
     public init() {}
 
@@ -72,13 +75,18 @@ public final class WorkSignal: Sendable {
         }
     }
 
-    /// The time to arm a timer at for `deadline`, unless one already fires by then.
+    /// The time to arm a timer at for `deadline` (at most `longestTimer` ahead), unless one already
+    /// fires by then.
     private static func timerToArm(_ state: inout State, for deadline: UInt64?) -> UInt64? {
         guard let deadline else { return nil }
-        if let armed = state.timerAt, armed <= deadline { return nil }
-        state.timerAt = deadline
-        return deadline
+        let at = min(deadline, DispatchTime.now().uptimeNanoseconds &+ longestTimer)
+        if let armed = state.timerAt, armed <= at { return nil }
+        state.timerAt = at
+        return at
     }
+
+    /// A timer is armed at most this far ahead; a longer wait is re-armed for the rest when it fires.
+    static let longestTimer: UInt64 = 3_600_000_000_000
 
     private func armTimer(at uptime: UInt64) {
         DispatchQueue.global().asyncAfter(deadline: DispatchTime(uptimeNanoseconds: uptime)) { [self] in
@@ -88,6 +96,7 @@ public final class WorkSignal: Sendable {
 
     /// Ends the wait whose deadline has passed; a wait with time left gets a timer for the rest.
     private func timerFired(armedAt uptime: UInt64) {
+        firings.add(1, ordering: .relaxed)
         let now = DispatchTime.now().uptimeNanoseconds
         let (waiter, arm) = state.withLock { state -> (UnsafeContinuation<Void, Never>?, UInt64?) in
             if state.timerAt == uptime { state.timerAt = nil }
@@ -102,10 +111,13 @@ public final class WorkSignal: Sendable {
         if let arm { armTimer(at: arm) }
     }
 
-    private static func nanoseconds(_ duration: Duration) -> UInt64 {
+    /// `duration` in nanoseconds: 0 when it is not positive, at most about 36 years (so that a
+    /// deadline never nears the top bits dispatch gives other meanings to).
+    static func nanoseconds(_ duration: Duration) -> UInt64 {
+        guard duration > .zero else { return 0 }
         let (seconds, attoseconds) = duration.components
-        guard seconds >= 0 else { return 0 }
-        let whole = UInt64(clamping: seconds).multipliedReportingOverflow(by: 1_000_000_000)
-        return whole.overflow ? UInt64.max / 2 : whole.partialValue &+ UInt64(attoseconds / 1_000_000_000)
+        let ceiling: UInt64 = 1 << 60
+        guard seconds < Int64(ceiling / 1_000_000_000) else { return ceiling }
+        return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
     }
 }
