@@ -11,8 +11,13 @@ install_missing() {
     fi
 }
 
-# release_binary PRODUCT builds PRODUCT in release mode and prints its path.
+# release_binary PRODUCT builds PRODUCT in release mode and prints its path. PAYOP_IPND_BIN names another
+# payop-ipnd binary to measure instead (a baseline built from an earlier commit).
 release_binary() {
+    if [ "$1" = payop-ipnd ] && [ -n "${PAYOP_IPND_BIN:-}" ]; then
+        echo "$PAYOP_IPND_BIN"
+        return
+    fi
     swift build -c release --product "$1" >/dev/null
     echo "$(swift build -c release --show-bin-path)/$1"
 }
