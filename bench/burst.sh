@@ -13,18 +13,18 @@ BASE=${BASE_PORT:-18680}
 
 source bench/common.sh
 install_missing wrk:wrk webhook:webhook ab:apache2-utils
-release_binary payop-simulator >/dev/null
-BINDIR=$(dirname "$(release_binary payop-ipnd)")
+SIMULATOR=$(release_binary payop-simulator)
+DAEMON_BIN=$(release_binary payop-ipnd)
 WORK=$(mktemp -d /tmp/payop-ipnd-burst.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 echo "bench-jwt" >"$WORK/jwt"; chmod 600 "$WORK/jwt"
-"$BINDIR/payop-simulator" --port $((BASE + 1)) --jwt-file "$WORK/jwt" --accept-unknown >/dev/null &
+"$SIMULATOR" --port $((BASE + 1)) --jwt-file "$WORK/jwt" --accept-unknown >/dev/null &
 PIDS+=($!)
 verifying_config "$WORK/config.yaml" $BASE "$WORK/events.sqlite3" $((BASE + 1)) "$WORK/jwt" /bin/true
-"$BINDIR/payop-ipnd" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
+"$DAEMON_BIN" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
 DAEMON=$!
 PIDS+=($DAEMON)
 cat >"$WORK/hooks.json" <<JSON

@@ -14,8 +14,8 @@ BASE=${BASE_PORT:-18580}
 
 source bench/common.sh
 install_missing wrk:wrk webhook:webhook gcc:gcc
-release_binary payop-simulator >/dev/null
-BINDIR=$(dirname "$(release_binary payop-ipnd)")
+SIMULATOR=$(release_binary payop-simulator)
+DAEMON_BIN=$(release_binary payop-ipnd)
 WORK=$(mktemp -d /tmp/payop-ipnd-fanout.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
@@ -23,13 +23,13 @@ trap cleanup EXIT
 
 gcc -O2 -DBENCH_LOG="\"$WORK/started.log\"" -o "$WORK/hook-started" bench/hook-started.c
 echo "bench-jwt" >"$WORK/jwt"; chmod 600 "$WORK/jwt"
-"$BINDIR/payop-simulator" --port $((BASE + 1)) --jwt-file "$WORK/jwt" --accept-unknown >/dev/null &
+"$SIMULATOR" --port $((BASE + 1)) --jwt-file "$WORK/jwt" --accept-unknown >/dev/null &
 PIDS+=($!)
 wait_port $((BASE + 1))
 
 start_daemon() { # hook-command db-name
     verifying_config "$WORK/config.yaml" $BASE "$WORK/$2" $((BASE + 1)) "$WORK/jwt" "$1"
-    "$BINDIR/payop-ipnd" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
+    "$DAEMON_BIN" serve --config "$WORK/config.yaml" 2>>"$WORK/daemon.log" &
     DAEMON=$!
     PIDS+=($DAEMON)
     wait_port $BASE
