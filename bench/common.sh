@@ -15,6 +15,8 @@ install_missing() {
 # payop-ipnd binary to measure instead (a baseline built from an earlier commit).
 release_binary() {
     if [ "$1" = payop-ipnd ] && [ -n "${PAYOP_IPND_BIN:-}" ]; then
+        case $PAYOP_IPND_BIN in /*) ;; *) echo "PAYOP_IPND_BIN must be an absolute path" >&2; return 1 ;; esac
+        [ -x "$PAYOP_IPND_BIN" ] || { echo "PAYOP_IPND_BIN: $PAYOP_IPND_BIN is not an executable" >&2; return 1; }
         echo "$PAYOP_IPND_BIN"
         return
     fi

@@ -92,12 +92,20 @@ run() { # name port path
 echo "wrk -t2 -c$CONNECTIONS -d${DURATION}s, unique IPN bodies; $(nproc) cores"
 R_NGINX=$(run nginx $((BASE + 1)) /payop/ipn)
 cpu_ticks() { awk '{print $14 + $15}' /proc/$DAEMON/stat; }
-# Context switches of the daemon's threads (those alive at both ends of the run): each is a thread
-# handing work to another and waiting.
-switches() { cat /proc/$DAEMON/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'; }
-T0=$(cpu_ticks); S0=$(switches)
+# Context switches of the daemon's threads, per thread: "tid voluntary involuntary". A voluntary one is
+# a thread waiting (for another to hand it work, for fsync); an involuntary one is preemption.
+switches() {
+    for status in /proc/$DAEMON/task/*/status; do
+        awk '/^Pid:/ {t = $2} /^voluntary_ctxt_switches/ {v = $2} /^nonvoluntary_ctxt_switches/ {n = $2}
+             END {if (t) print t, v, n}' "$status" 2>/dev/null || true
+    done
+}
+T0=$(cpu_ticks); switches >"$WORK/switches-0"
 R_DAEMON=$(run payop-ipnd $BASE /payop/ipn)
-T1=$(cpu_ticks); S1=$(switches)
+T1=$(cpu_ticks); switches >"$WORK/switches-1"
+# Over the run, thread by thread (a thread started meanwhile counts from 0; one that ended is not seen).
+SWITCHES=$(awk 'NR == FNR {v[$1] = $2; n[$1] = $3; next} {dv += $2 - v[$1]; dn += $3 - n[$1]} END {print dv, dn}' \
+    "$WORK/switches-0" "$WORK/switches-1")
 RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$DAEMON/status)
 R_TWO=""
 if [ "$BACKEND" = postgresql ]; then
@@ -119,7 +127,7 @@ fi
 R_WEBHOOK=$(run webhook $((BASE + 2)) /hooks/payop)
 EVENTS=$("$BIN" events list --config "$WORK/config.yaml" --limit 100000000 --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 
-python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" "$((T1 - T0))" "$(getconf CLK_TCK)" "$BACKEND" "$R_TWO" "$((S1 - S0))" <<'PY'
+python3 - "$R_NGINX" "$R_DAEMON" "$R_WEBHOOK" "$EVENTS" "$RSS_KB" "$((T1 - T0))" "$(getconf CLK_TCK)" "$BACKEND" "$R_TWO" "$SWITCHES" <<'PY'
 import sys
 def parse(line):
     name, _, rest = line.partition(" RESULT ")
@@ -138,7 +146,9 @@ p99 = int(dict(rows)["payop-ipnd"]["p99_us"]) / 1000
 print(f"payop-ipnd p99: {p99:.2f} ms (target < 10 ms); events in the log: {events}; RSS after the run: {rss / 1024:.1f} MB")
 answered = int(dict(rows)["payop-ipnd"]["requests"])
 print(f"payop-ipnd CPU per durable IPN: {cpu_seconds / answered * 1e6:.0f} us (user + system over the run; target <= 40 us)")
-print(f"payop-ipnd context switches per durable IPN: {int(sys.argv[10]) / answered:.2f} (all its threads, over the run)")
+voluntary, involuntary = (int(x) for x in sys.argv[10].split())
+print(f"payop-ipnd context switches per durable IPN: {(voluntary + involuntary) / answered:.2f} "
+      f"({voluntary / answered:.2f} voluntary: a thread waiting; the rest preempted)")
 backend, two = sys.argv[8], sys.argv[9]
 print(f"log: {backend}")
 if two:

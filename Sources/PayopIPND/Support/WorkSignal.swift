@@ -114,10 +114,11 @@ public final class WorkSignal: Sendable {
     /// `duration` in nanoseconds: 0 when it is not positive, at most about 36 years (so that a
     /// deadline never nears the top bits dispatch gives other meanings to).
     static func nanoseconds(_ duration: Duration) -> UInt64 {
-        guard duration > .zero else { return 0 }
-        let (seconds, attoseconds) = duration.components
         let ceiling: UInt64 = 1 << 60
-        guard seconds < Int64(ceiling / 1_000_000_000) else { return ceiling }
+        guard duration > .zero else { return 0 }
+        // Before `components`, which traps on a duration of more seconds than an Int64 holds.
+        guard duration < .seconds(Int64(ceiling / 1_000_000_000)) else { return ceiling }
+        let (seconds, attoseconds) = duration.components
         return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
     }
 }
