@@ -142,9 +142,10 @@ public final class SQLiteEventLog: EventLog {
     ///
     /// The hop to a reader queue and back (`read`) costs two thread wake-ups, more than such a read
     /// itself: on a busy log the verifier's and the dispatcher's passes spent more time switching
-    /// threads than reading (README, Performance). A WAL reader never waits for the writer, and the
-    /// stages' connection is their own: a blocking read from the pool could wait for a slot that an
-    /// operations read gives back only once it gets a cooperative thread, which blocked reads hold.
+    /// threads than reading (README, "Tests, crash test and benchmarks"). A WAL reader never waits for
+    /// the writer, and the stages' connection is their own: a blocking read from the pool could wait
+    /// for a slot that an operations read gives back only once it gets a cooperative thread, which
+    /// blocked reads hold.
     func readInPlace<T>(_ operation: (Database) throws -> T) throws(EventLogError) -> T {
         do {
             return try stageReader.read(operation)
