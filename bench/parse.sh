@@ -9,5 +9,7 @@ cd "$(dirname "$0")/.."
 WORK=$(mktemp -d /tmp/payop-ipnd-parse.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 cp bench/parse.swift "$WORK/main.swift"  # top-level code lives in main.swift
-swiftc -O -o "$WORK/parse" Sources/PayopIPND/Support/StrictJSON.swift "$WORK/main.swift"
+# The parser and the notification parser's selection, compiled on their own (no package build).
+swiftc -O -o "$WORK/parse" Sources/PayopIPND/Support/StrictJSON.swift Sources/PayopIPND/Ingress/Notification.swift \
+    Sources/PayopIPND/Ingress/NotificationParser.swift "$WORK/main.swift"
 "$WORK/parse" bench large Tests/PayopIPNDTests/Samples/*.json

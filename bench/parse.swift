@@ -16,17 +16,6 @@ let largeBody: [UInt8] = {
             + #"]}},"transaction":{"id":"tx-1","state":2,"order":{"id":"o-1"},"error":{"message":"","code":""}}}"#).utf8)
 }()
 
-let transaction = StrictJSON.Selection.members([
-    "id": .all, "refundId": .all, "withdrawalId": .all, "state": .all, "order": .members(["id": .all]),
-    "amount": .all, "currency": .all, "error": .members(["message": .all]),
-])
-// As NotificationParser.fieldsRead.
-let fieldsRead = StrictJSON.Selection.members([
-    "invoice": .members(["id": .all, "txid": .all]), "transaction": transaction,
-    "sourceTransaction": transaction, "signature": .all, "orderId": .all, "status": .all, "amount": .all,
-    "currency": .all,
-])
-
 func nanoseconds(_ rounds: Int, _ body: () -> Bool) -> Double {
     var kept = 0
     let elapsed = ContinuousClock().measure {
@@ -46,7 +35,7 @@ for name in CommandLine.arguments.dropFirst() {
         }
     let rounds = max(1_000, 50_000_000 / (bytes.count * 100))
     let tree = nanoseconds(rounds) { StrictJSON.value(bytes) != nil }
-    let selected = nanoseconds(rounds) { StrictJSON.value(bytes, keeping: fieldsRead) != nil }
+    let selected = nanoseconds(rounds) { StrictJSON.value(bytes, keeping: NotificationParser.fieldsRead) != nil }
     let checked = nanoseconds(rounds) { StrictJSON.isValid(bytes) }
     print(
         "\(name == "bench" ? "bench/unique-ipn.lua's body" : name == "large" ? "a checkout with large metadata" : name) (\(bytes.count) bytes): whole tree \(Int(tree)) ns,"
