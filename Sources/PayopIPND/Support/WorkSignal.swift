@@ -42,12 +42,17 @@ public final class WorkSignal: Sendable {
 
     /// Returns on a signal, after `timeout` (nil: no timeout), or when the task is cancelled.
     public func wait(timeout: Duration?) async {
-        if state.withLock({ state in defer { state.pending = false }; return state.pending }) { return }
-        let deadline = timeout.map { DispatchTime.now().uptimeNanoseconds &+ Self.nanoseconds($0) }
-        let generation = state.withLock { state -> UInt64 in
+        // A signal already there ends the wait at once; otherwise this wait gets its generation.
+        let started = state.withLock { state -> UInt64? in
+            if state.pending {
+                state.pending = false
+                return nil
+            }
             state.generation &+= 1
             return state.generation
         }
+        guard let generation = started else { return }
+        let deadline = timeout.map { DispatchTime.now().uptimeNanoseconds &+ Self.nanoseconds($0) }
         await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
                 let (resumeNow, arm) = state.withLock { state -> (Bool, UInt64?) in
