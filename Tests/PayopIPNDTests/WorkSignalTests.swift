@@ -26,10 +26,7 @@ import Testing
     @Test func signalWakesAWaiter() async {
         let signal = WorkSignal()
         let started = ContinuousClock.now
-        let signaller = Task {
-            try? await Task.sleep(for: .milliseconds(50))
-            signal.signal()
-        }
+        let signaller = Self.signal(signal, after: .milliseconds(50))
         await signal.wait(timeout: .seconds(30))
         await signaller.value
         #expect(ContinuousClock.now - started < .seconds(5))
@@ -47,10 +44,7 @@ import Testing
     @Test func timerOfAnEarlierShorterWaitDoesNotCutALongerOneShort() async {
         let signal = WorkSignal()
         // The first wait arms a 150 ms timer; a signal ends it at about 20 ms, and the timer stays armed.
-        let signaller = Task {
-            try? await Task.sleep(for: .milliseconds(20))
-            signal.signal()
-        }
+        let signaller = Self.signal(signal, after: .milliseconds(20))
         await signal.wait(timeout: .milliseconds(150))
         await signaller.value
         await signal.wait(timeout: .zero)  // a signal that came too late for it is not the point here
@@ -62,10 +56,7 @@ import Testing
     @Test func shorterWaitAfterALongerOneGetsItsOwnTimer() async {
         let signal = WorkSignal()
         // The first wait arms a 30 s timer; a signal ends it long before.
-        let signaller = Task {
-            try? await Task.sleep(for: .milliseconds(50))
-            signal.signal()
-        }
+        let signaller = Self.signal(signal, after: .milliseconds(50))
         await signal.wait(timeout: .seconds(30))
         await signaller.value
         let started = ContinuousClock.now
@@ -110,10 +101,7 @@ import Testing
 
     @Test func hugeTimeoutWaitsQuietlyForItsSignal() async {
         let signal = WorkSignal()
-        let signaller = Task {
-            try? await Task.sleep(for: .milliseconds(200))
-            signal.signal()
-        }
+        let signaller = Self.signal(signal, after: .milliseconds(200))
         await signal.wait(timeout: .seconds(Int64.max))
         await signaller.value
         // No timer fired on the way: one fired at once and re-armed itself for ever would be a spin.
@@ -121,5 +109,13 @@ import Testing
         #expect(WorkSignal.nanoseconds(.seconds(Int64.max)) == 1 << 60)
         #expect(WorkSignal.nanoseconds(.seconds(Int64.max) * 4) == 1 << 60)
         #expect(WorkSignal.nanoseconds(.milliseconds(1500)) == 1_500_000_000)
+    }
+
+    /// Signals `signal` once `delay` has passed; awaiting the task waits for that.
+    private static func signal(_ signal: WorkSignal, after delay: Duration) -> Task<Void, Never> {
+        Task {
+            try? await Task.sleep(for: delay)
+            signal.signal()
+        }
     }
 }
