@@ -94,3 +94,17 @@ extension DeliveryStore {
     public var leaseRenewal: Duration? { nil }
     public func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool { true }
 }
+
+/// Runs a log may claim itself, in the very transaction that makes them due (an event verified, a
+/// signed IPN logged), instead of leaving them for the dispatcher's next pass: one commit, one read and
+/// one hand-off less between Payop's answer and the hook. The dispatcher is the one that admits them.
+/// Only a log that one daemon owns does this (SQLite); a shared log's claims are leases taken apart.
+public protocol EarlyStarts: Sendable {
+    /// Takes one of `hook`'s run slots for delivery `id`; false when the hook is at its limit, is not
+    /// configured, or runs are not being started (the dispatcher is not running, or is stopping).
+    func admit(id: Int64, hook: String) -> Bool
+    /// Gives back the slots of `ids`: their claims were not made, or not committed.
+    func withdraw(_ ids: [Int64])
+    /// Claims now on disk, in the log's order: their hooks run.
+    func start(_ claims: [DeliveryClaim])
+}

@@ -50,6 +50,16 @@ public final class Dispatcher: Sendable {
     /// meanwhile (a shared log's lease may lapse while the log is unreachable).
     private let inFlight = Mutex<[Int64: (hook: String, running: Bool)]>([:])
     private let orphans = Mutex<[String: Int]>([:])
+    /// Runs the log claims itself (`EarlyStarts`): admitted only while the dispatcher runs, and started
+    /// by its next pass once their claims are on disk.
+    private let early = Mutex(EarlyRuns())
+    private struct EarlyRuns {
+        var open = false
+        /// Admitted, claim not yet committed: delivery id -> its hook as configured when admitted.
+        var admitted: [Int64: HookConfig] = [:]
+        /// Committed, waiting for the dispatcher to start them.
+        var claimed: [(DeliveryClaim, HookConfig)] = []
+    }
     /// Deliveries looked at per pass.
     static let batch = 64
 
@@ -100,19 +110,19 @@ public final class Dispatcher: Sendable {
     /// runs are handed to `spawn` in the log's order. Throws when the log cannot record a start: what
     /// was claimed still runs, nothing else is started in this pass.
     func startDue(spawn: (DeliveryClaim, HookConfig) -> Void) async throws(EventLogError) -> Int {
+        let claimedEarly = early.withLock { runs in
+            defer { runs.claimed.removeAll() }
+            return runs.claimed
+        }
+        for (claim, hook) in claimedEarly { spawn(claim, hook) }
         let open = openHooks()
-        guard !open.isEmpty else { return 0 }
+        guard !open.isEmpty else { return claimedEarly.count }
         let limit = policy.withLock { $0.perHookConcurrency }
         let now = clock.nowMilliseconds()
         var admitted: [(id: Int64, hook: HookConfig)] = []
         for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: Self.batch) {
             guard let hook = open[delivery.hook] else { continue }
-            let admit = inFlight.withLock { running -> Bool in
-                guard running[delivery.id] == nil, Self.busy(running, hook.name) < limit else { return false }
-                running[delivery.id] = (hook.name, true)
-                return true
-            }
-            if admit { admitted.append((delivery.id, hook)) }
+            if take(delivery.id, hook: hook.name, limit: limit) { admitted.append((delivery.id, hook)) }
         }
         let claims = await withTaskGroup(of: (Int, Result<DeliveryClaim?, EventLogError>).self) { group in
             for (index, candidate) in admitted.enumerated() {
@@ -128,7 +138,7 @@ public final class Dispatcher: Sendable {
             for await (index, result) in group { results[index] = result }
             return results
         }
-        var started = 0
+        var started = claimedEarly.count
         var failure: EventLogError?
         for (candidate, result) in zip(admitted, claims) {
             switch result {
@@ -148,6 +158,41 @@ public final class Dispatcher: Sendable {
 
     private func release(_ id: Int64) {
         inFlight.withLock { _ = $0.removeValue(forKey: id) }
+    }
+
+    /// Takes a run slot of `hook` for delivery `id`, unless the hook is at `limit` or the delivery is
+    /// in flight already.
+    private func take(_ id: Int64, hook: String, limit: Int) -> Bool {
+        inFlight.withLock { running in
+            guard running[id] == nil, Self.busy(running, hook) < limit else { return false }
+            running[id] = (hook, true)
+            return true
+        }
+    }
+
+    /// Lets the log claim runs itself from now on (`EarlyStarts`), or no longer. Closing returns what
+    /// was claimed but not started yet: the caller records it as interrupted.
+    func acceptEarlyStarts(_ accept: Bool) -> [DeliveryClaim] {
+        early.withLock { runs in
+            runs.open = accept
+            guard !accept else { return [] }
+            defer { runs.claimed.removeAll() }
+            return runs.claimed.map(\.0)
+        }
+    }
+
+    /// Claims the daemon's own shutdown kept from starting: pending again, the attempt not spent, as
+    /// for a run the shutdown stopped. A claim not recorded so stays running and runs at the next start.
+    func interruptUnstarted(_ claims: [DeliveryClaim]) async {
+        for claim in claims {
+            release(claim.delivery.id)
+            let metadata: Logger.Metadata = ["delivery.id": "\(claim.delivery.id)", "attempt": "\(claim.attempt)"]
+            _ = await persist("interrupted run", metadata) { [store, clock] () async throws(EventLogError) in
+                try await store.interruptDelivery(
+                    id: claim.delivery.id, attempt: claim.attempt, now: clock.nowMilliseconds())
+            }
+        }
+        if !claims.isEmpty { signal.signal() }
     }
 
     /// Runs one claimed attempt and records how it ended.
@@ -310,6 +355,37 @@ public final class Dispatcher: Sendable {
     }
 }
 
+extension Dispatcher: EarlyStarts {
+    public func admit(id: Int64, hook name: String) -> Bool {
+        guard early.withLock({ $0.open }), let hook = hooks().first(where: { $0.name == name }) else { return false }
+        guard take(id, hook: name, limit: policy.withLock { $0.perHookConcurrency }) else { return false }
+        early.withLock { $0.admitted[id] = hook }
+        return true
+    }
+
+    public func withdraw(_ ids: [Int64]) {
+        early.withLock { runs in for id in ids { runs.admitted.removeValue(forKey: id) } }
+        for id in ids { release(id) }
+        signal.signal()
+    }
+
+    public func start(_ claims: [DeliveryClaim]) {
+        let late = early.withLock { runs -> [DeliveryClaim] in
+            var late: [DeliveryClaim] = []
+            for claim in claims {
+                guard let hook = runs.admitted.removeValue(forKey: claim.delivery.id) else { continue }
+                if runs.open { runs.claimed.append((claim, hook)) } else { late.append(claim) }
+            }
+            return late
+        }
+        if !late.isEmpty {
+            // Committed after the dispatcher stopped starting runs: recorded as interrupted, as at shutdown.
+            Task { await interruptUnstarted(late) }
+        }
+        signal.signal()
+    }
+}
+
 /// The dispatcher as a long-running service: hook runs are child tasks of this service; on shutdown no
 /// new run starts, running hooks get `shutdown_grace_seconds`, then they are stopped (their process
 /// groups terminated) and recorded as interrupted, to run again at the next start.
@@ -324,6 +400,7 @@ struct DispatcherService: Service {
 
     func run() async throws {
         await dispatcher.checkOrphans()
+        _ = dispatcher.acceptEarlyStarts(true)
         await withDiscardingTaskGroup { group in
             let loop = DueWorkLoop(
                 name: "dispatcher", signal: dispatcher.signal, clock: clock, logger: logger, recheck: recheck)
@@ -337,6 +414,9 @@ struct DispatcherService: Service {
             } onGracefulShutdown: {
                 dispatcher.signal.signal()
             }
+            // No run starts from now on: what the log claimed for us and we did not start yet runs
+            // again at the next start, its attempt not spent.
+            await dispatcher.interruptUnstarted(dispatcher.acceptEarlyStarts(false))
             // Shutting down: give running hooks their grace, then stop them. Outcomes of hooks that have
             // exited are being written meanwhile and are not cut off: the group waits for them.
             let deadline = ContinuousClock.now + shutdownGrace

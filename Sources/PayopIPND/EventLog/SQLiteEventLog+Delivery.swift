@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 
 extension Delivery {
     static let columns = """
@@ -56,6 +57,16 @@ extension SQLiteEventLog {
                     id: db.lastInsertedRowID, eventID: eventID, hook: hook.name, state: progress.state,
                     attempts: progress.attempts, nextAttemptAt: progress.nextAttemptAt))
         }
+        return created
+    }
+
+    /// The outbox, and the runs of it `early` admits claimed in the same transaction.
+    @discardableResult
+    static func enqueueDeliveries(
+        _ db: Database, eventID: String, hooks: [HookConfig], now: Int64, early: EarlyClaims?
+    ) throws -> [Delivery] {
+        let created = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now)
+        try early?.claim(created, now: now, in: db)
         return created
     }
 
@@ -117,23 +128,26 @@ extension SQLiteEventLog {
     }
 
     public func claimDelivery(id: Int64, now: Int64) async throws(EventLogError) -> DeliveryClaim? {
-        try await write { db in
-            guard var delivery = try Self.delivery(db, id) else { return nil }
-            // Still first in line (the same rule the runnable list uses), checked where it is claimed.
-            let firstInLine =
-                try Bool.fetchOne(
-                    db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 \(Self.headOfLine()) AND d.id = ?)"),
-                    arguments: [Self.hookList([delivery.hook]), id]) ?? false
-            var progress = delivery.progress
-            guard firstInLine, let attempt = progress.start(now: now),
-                let row = try Row.fetchOne(
-                    db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [delivery.eventID])
-            else { return nil }
-            try Self.saveProgress(progress, id: id, in: db)
-            delivery.state = progress.state
-            delivery.attempts = progress.attempts
-            return DeliveryClaim(delivery: delivery, attempt: attempt, event: Event(row: row))
-        }
+        try await write { db in try Self.claim(db, id: id, now: now) }
+    }
+
+    /// Records the delivery's next attempt as running, if it may run now: pending, due, and first in
+    /// line (the same rule the runnable list uses, checked where it is claimed).
+    static func claim(_ db: Database, id: Int64, now: Int64) throws -> DeliveryClaim? {
+        guard var delivery = try delivery(db, id) else { return nil }
+        let firstInLine =
+            try Bool.fetchOne(
+                db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 \(headOfLine()) AND d.id = ?)"),
+                arguments: [hookList([delivery.hook]), id]) ?? false
+        var progress = delivery.progress
+        guard firstInLine, let attempt = progress.start(now: now),
+            let row = try Row.fetchOne(
+                db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [delivery.eventID])
+        else { return nil }
+        try saveProgress(progress, id: id, in: db)
+        delivery.state = progress.state
+        delivery.attempts = progress.attempts
+        return DeliveryClaim(delivery: delivery, attempt: attempt, event: Event(row: row))
     }
 
     public func finishDelivery(
@@ -260,6 +274,51 @@ extension SQLiteEventLog {
                 sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY \(deadFirst ? "state = 'dead' DESC, " : "")id DESC LIMIT ?",
                 arguments: conditions.arguments + [limit]
             ).map(Delivery.init(row:))
+        }
+    }
+}
+
+/// The runs one write claims early (`EarlyStarts`): handed to the dispatcher once the write's commit
+/// is on disk, their slots given back when it is not. A run is never started before its claim is
+/// durable, and a slot is never kept for a claim that was not committed.
+final class EarlyClaims: Sendable {
+    private let starts: any EarlyStarts
+    private let claimed = Mutex<[DeliveryClaim]>([])
+
+    init(_ starts: any EarlyStarts) { self.starts = starts }
+
+    /// Claims each delivery the dispatcher admits, in the write's transaction. One it admitted but that
+    /// may not run now (something earlier of its entity is pending or running) gets its slot back and
+    /// stays pending for the dispatcher.
+    func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
+        for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
+            let claim: DeliveryClaim?
+            do {
+                claim = try SQLiteEventLog.claim(db, id: delivery.id, now: now)
+            } catch {
+                starts.withdraw([delivery.id])
+                throw error
+            }
+            if let claim {
+                claimed.withLock { $0.append(claim) }
+            } else {
+                starts.withdraw([delivery.id])
+            }
+        }
+    }
+
+    /// The write is over: `committed` hands its claims to the dispatcher; otherwise (the write failed,
+    /// or its group commit did) their slots are given back and the log holds none of them.
+    func settle(committed: Bool) {
+        let claims = claimed.withLock { claimed in
+            defer { claimed.removeAll() }
+            return claimed
+        }
+        guard !claims.isEmpty else { return }
+        if committed {
+            starts.start(claims)
+        } else {
+            starts.withdraw(claims.map(\.delivery.id))
         }
     }
 }

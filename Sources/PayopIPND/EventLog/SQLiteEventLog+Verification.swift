@@ -30,27 +30,43 @@ extension SQLiteEventLog {
         async throws(EventLogError) -> AppliedAnswer
     {
         let hooks = self.hooks
-        return try await write { db in
-            guard var machine = try Self.verification(db, check.eventID) else {
-                return AppliedAnswer(state: nil, outcome: "gone", detail: nil, verified: [])
+        let early = earlyClaims()
+        do {
+            let applied = try await write { db in
+                try Self.apply(answer, to: check, now: now, policy: policy, hooks: hooks, early: early, in: db)
             }
-            let claims = try Self.claims(db, check.eventID)
-            let outcome = machine.payopAnswered(answer, claims: claims, now: now, policy: policy)
-            var payopState: Int?
-            if case .record(let record) = answer { payopState = record.status.payopState }
-            try Self.attempt(db, check.eventID, now, outcome.attemptOutcome, payopState, outcome.attemptDetail)
-            try Self.persist(machine, eventID: check.eventID, facts: outcome.verified, now: now, in: db)
-            var verified: [VerifiedEvent] = []
-            if outcome.verified != nil {
-                verified += try Self.verifiedEvent(db, check.eventID, hooks: hooks, now: now)
-            }
-            if let reported = outcome.reportedStatus {
-                verified += try Self.recordReported(
-                    reported, by: check.eventID, now: now, policy: policy, hooks: hooks, in: db)
-            }
-            return AppliedAnswer(
-                state: machine.state, outcome: outcome.attemptOutcome, detail: outcome.attemptDetail, verified: verified)
+            early?.settle(committed: true)
+            return applied
+        } catch {
+            early?.settle(committed: false)
+            throw error
         }
+    }
+
+    /// Payop's answer about `check`'s event in the log: the machine's transition, the attempt, and the
+    /// deliveries of whatever became verified (claimed at once when `early` admits them).
+    static func apply(
+        _ answer: PayopAnswer, to check: DueCheck, now: Int64, policy: VerificationPolicy, hooks: [HookConfig],
+        early: EarlyClaims?, in db: Database
+    ) throws -> AppliedAnswer {
+        guard var machine = try verification(db, check.eventID) else {
+            return AppliedAnswer(state: nil, outcome: "gone", detail: nil, verified: [])
+        }
+        let outcome = machine.payopAnswered(answer, claims: try Self.claims(db, check.eventID), now: now, policy: policy)
+        var payopState: Int?
+        if case .record(let record) = answer { payopState = record.status.payopState }
+        try attempt(db, check.eventID, now, outcome.attemptOutcome, payopState, outcome.attemptDetail)
+        try persist(machine, eventID: check.eventID, facts: outcome.verified, now: now, in: db)
+        var verified: [VerifiedEvent] = []
+        if outcome.verified != nil {
+            verified += try verifiedEvent(db, check.eventID, hooks: hooks, now: now, early: early)
+        }
+        if let reported = outcome.reportedStatus {
+            verified += try recordReported(
+                reported, by: check.eventID, now: now, policy: policy, hooks: hooks, early: early, in: db)
+        }
+        return AppliedAnswer(
+            state: machine.state, outcome: outcome.attemptOutcome, detail: outcome.attemptDetail, verified: verified)
     }
 
     // MARK: - The machine's state in rows
@@ -125,7 +141,7 @@ extension SQLiteEventLog {
     /// event, as if its IPN had arrived (created when the log lacks it).
     static func recordReported(
         _ record: PayopRecord, by asker: String, now: Int64, policy: VerificationPolicy, hooks: [HookConfig],
-        in db: Database
+        early: EarlyClaims?, in db: Database
     ) throws -> [VerifiedEvent] {
         let existing = try String.fetchOne(
             db.cachedStatement(sql: "SELECT id FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
@@ -136,7 +152,7 @@ extension SQLiteEventLog {
             else { return [] }
             try attempt(db, existing, now, "verified", record.status.payopState, "Payop reported it when asked about \(asker)")
             try persist(machine, eventID: existing, facts: facts, now: now, in: db)
-            return try verifiedEvent(db, existing, hooks: hooks, now: now)
+            return try verifiedEvent(db, existing, hooks: hooks, now: now, early: early)
         }
         let (machine, facts) = EventVerification.reported(record, now: now, policy: policy)
         let id = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
@@ -156,14 +172,14 @@ extension SQLiteEventLog {
             machine.watchUntil,
         ])
         try attempt(db, id, now, "verified", record.status.payopState, "Payop reported it when asked about \(asker)")
-        return try verifiedEvent(db, id, hooks: hooks, now: now)
+        return try verifiedEvent(db, id, hooks: hooks, now: now, early: early)
     }
 
     /// The outbox entries of an event that just became verified, and the event as its hooks will see it.
-    static func verifiedEvent(_ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64) throws
-        -> [VerifiedEvent]
-    {
-        let created = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now)
+    static func verifiedEvent(
+        _ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64, early: EarlyClaims?
+    ) throws -> [VerifiedEvent] {
+        let created = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now, early: early)
         guard
             let row = try Row.fetchOne(
                 db.cachedStatement(sql: "SELECT kind, status, received_at FROM events WHERE id = ?"),

@@ -110,6 +110,13 @@ public final class SQLiteEventLog: EventLog {
     public func setHooks(_ hooks: [HookConfig]) { hookRoutes.withLock { $0 = hooks } }
     public var hooks: [HookConfig] { hookRoutes.withLock { $0 } }
 
+    /// Who admits runs claimed in the transaction that makes them due (the daemon's dispatcher); none
+    /// until it is set, and none once the log is closed.
+    private let earlyStarts = Mutex<(any EarlyStarts)?>(nil)
+    public func startDeliveriesEarly(with starts: (any EarlyStarts)?) { earlyStarts.withLock { $0 = starts } }
+    /// A write's early claims, when someone admits them.
+    func earlyClaims() -> EarlyClaims? { earlyStarts.withLock { $0 }.map(EarlyClaims.init) }
+
     /// An empty write through the group commit: proves the writer runs and the file takes a lock.
     public func checkWritable() async throws(EventLogError) {
         try await write { _ in }
@@ -117,6 +124,7 @@ public final class SQLiteEventLog: EventLog {
 
     /// Commits what is queued and stops the writer; later writes fail as unavailable.
     public func close() {
+        earlyStarts.withLock { $0 = nil }
         writer.shutdown()
     }
 
@@ -185,7 +193,13 @@ public final class SQLiteEventLog: EventLog {
     ) {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
         let policy = verificationPolicy.withLock { $0 }
-        writer.submit({ db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy) }, completion: completion)
+        let early = ipn.verifiedBySignature ? earlyClaims() : nil
+        writer.submit(
+            { db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy, early: early) },
+            completion: { result in
+                if case .success = result { early?.settle(committed: true) } else { early?.settle(committed: false) }
+                completion(result)
+            })
     }
 
     public func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void) {
@@ -217,9 +231,9 @@ public final class SQLiteEventLog: EventLog {
         VALUES (?, ?, ?, ?, ?, ?, ?, 'ipn', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
-    static func ingest(_ ipn: IncomingIPN, in db: Database, hooks: [HookConfig], policy: VerificationPolicy) throws
-        -> IngestOutcome
-    {
+    static func ingest(
+        _ ipn: IncomingIPN, in db: Database, hooks: [HookConfig], policy: VerificationPolicy, early: EarlyClaims? = nil
+    ) throws -> IngestOutcome {
         let n = ipn.notification
         let now = ipn.receivedAt
         let existing = try Row.fetchOne(
@@ -254,7 +268,9 @@ public final class SQLiteEventLog: EventLog {
                 n.errorMessage, n.legacy != nil, now, ipn.verifiedBySignature ? now : nil, receiptID,
                 machine.nextCheckAt,
             ])
-            if ipn.verifiedBySignature { try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now) }
+            if ipn.verifiedBySignature {
+                try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now, early: early)
+            }
         }
         return IngestOutcome(receiptID: receiptID, eventID: eventID, duplicate: existing != nil)
     }

@@ -108,6 +108,9 @@ public struct Daemon: Sendable {
         let dispatcher = Dispatcher(
             store: log, runner: runner, hooks: { log.hooks }, policy: DeliveryPolicy(config), clock: clock,
             logger: logger, metrics: metrics, signal: wake.deliver)
+        // One daemon owns a SQLite log: a verification (or a signed IPN) claims its deliveries' runs in
+        // its own commit, and the dispatcher starts them.
+        (log as? SQLiteEventLog)?.startDeliveriesEarly(with: dispatcher)
         let verifySignal = wake.verify
         let verifier = Verifier(
             store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
