@@ -1,5 +1,4 @@
 import Foundation
-import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -26,7 +25,7 @@ public struct CommandHookRunner: HookRunner {
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "not a command hook")
         }
         let environment = invocation.environment(path: path).map { "\($0.key)=\($0.value)" }
-        // Output goes to a pipe read on an event loop as it comes (bounded, the rest counted and dropped),
+        // Output goes to a pipe the reaper reads as it comes (bounded, the rest counted and dropped),
         // and the run ends when the hook exits, not when the pipe does: a child it left behind holding
         // its stdout neither keeps it running (waiting for EOF would time it out and run it again) nor
         // fills a disk.
@@ -40,9 +39,10 @@ public struct CommandHookRunner: HookRunner {
         do {
             process = try await Self.spawn(argv: argv, environment: environment, input: invocation.body, output: capture)
         } catch {
-            _ = await capture.finish()
+            capture.abandon()
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
         }
+        capture.closeWriteEnd()
         // Past the timeout, or when the daemon stops, the whole process group is terminated: SIGTERM,
         // then SIGKILL after the grace.
         let grace = TimeAmount.milliseconds(Int64(invocation.killGraceSeconds * 1000))
@@ -84,7 +84,9 @@ public struct CommandHookRunner: HookRunner {
         var attempt = 1
         while true {
             do {
-                return try HookProcess.spawn(argv: argv, environment: environment, input: input, output: output.writeEnd)
+                return try HookProcess.spawn(
+                    argv: argv, environment: environment, input: input, output: output.writeEnd,
+                    watch: { ProcessReaper.shared.watch($0, output: output) })
             } catch where error.code == ETXTBSY && attempt < 5 {
                 attempt += 1
                 try? await Task.sleep(for: .milliseconds(10))
@@ -93,27 +95,26 @@ public struct CommandHookRunner: HookRunner {
     }
 }
 
-/// One run's output: a pipe whose write end the hook gets and whose read end an event loop drains into
-/// a `BoundedCapture` as data comes. The pipe exists at once; its read end joins the event loop while
-/// the hook starts (what the hook writes meanwhile waits in the pipe), not before it.
+/// One run's output: a pipe whose write end the hook gets and whose read end the reaper thread reads
+/// as data comes (`ProcessReaper`), into a `BoundedCapture`, alongside the hook's exit: no event-loop
+/// channel per run. The pipe ends at EOF, or one second after the hook exited when something it left
+/// behind still holds it open.
 final class OutputPipe: Sendable {
-    /// The descriptor the hook writes to; closed by `finish`.
+    /// The descriptor the hook writes to; our copy is closed once the hook has its own.
     let writeEnd: Int32
-    /// Ours until the event loop has taken it (`owned`).
-    private let readEnd: Int32
-    private let owned: OwnershipFlag
-    private let channel: EventLoopFuture<any Channel>
-    private let captured: NIOLockedValueBox<BoundedCapture>
-    private let ended: EventLoopPromise<Void>
+    /// Nonblocking; read and closed only by the reaper thread, once it watches the run.
+    let readEnd: Int32
+    private struct State {
+        var capture = BoundedCapture()
+        var writeEndOpen = true
+        var ended = false
+        var waiter: CheckedContinuation<Void, Never>?
+    }
+    private let state = Mutex(State())
 
-    private init(writeEnd: Int32, readEnd: Int32, owned: OwnershipFlag, channel: EventLoopFuture<any Channel>,
-                 captured: NIOLockedValueBox<BoundedCapture>, ended: EventLoopPromise<Void>) {
+    private init(writeEnd: Int32, readEnd: Int32) {
         self.writeEnd = writeEnd
         self.readEnd = readEnd
-        self.owned = owned
-        self.channel = channel
-        self.captured = captured
-        self.ended = ended
     }
 
     static func open() throws(SystemError) -> OutputPipe {
@@ -121,69 +122,66 @@ final class OutputPipe: Sendable {
         // Close-on-exec from the start (pipe2, atomically): a process another thread starts meanwhile
         // must not inherit the write end, or the pipe would not end when the hook does.
         guard systemPipe2(&fds, O_CLOEXEC) == 0 else { throw SystemError(errno) }
-        let group = MultiThreadedEventLoopGroup.singleton
-        let captured = NIOLockedValueBox(BoundedCapture())
-        let ended = group.next().makePromise(of: Void.self)
-        let owned = OwnershipFlag()
-        let channel = NIOPipeBootstrap(group: group)
-            .channelInitializer { channel in
-                owned.set()
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(CaptureHandler(captured: captured, ended: ended))
-                }
-            }
-            .takingOwnershipOfDescriptor(input: fds[0])
-        return OutputPipe(
-            writeEnd: fds[1], readEnd: fds[0], owned: owned, channel: channel, captured: captured, ended: ended)
+        guard systemSetNonblocking(fds[0]) else {
+            let error = SystemError(errno)
+            close(fds[0])
+            close(fds[1])
+            throw error
+        }
+        return OutputPipe(writeEnd: fds[1], readEnd: fds[0])
     }
 
-    /// Once the hook has exited: what it wrote, read until the pipe ends or, when something it left
-    /// behind still holds it, for a second longer; then the read end is closed.
+    /// Closes our copy of the write end: once the hook has its own (or never will), the pipe ends
+    /// when the hook and whatever it left behind have closed theirs.
+    func closeWriteEnd() {
+        state.withLock { state in
+            guard state.writeEndOpen else { return }
+            state.writeEndOpen = false
+            close(writeEnd)
+        }
+    }
+
+    /// Reads what the pipe holds now into the capture (the reaper thread); true once it has ended.
+    func read(into buffer: inout [UInt8]) -> Bool {
+        while true {
+            let count = buffer.withUnsafeMutableBytes { Glibc.read(readEnd, $0.baseAddress, $0.count) }
+            if count > 0 {
+                state.withLock { $0.capture.append(buffer.prefix(count)) }
+            } else if count < 0, errno == EINTR {
+                continue
+            } else {
+                return !(count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            }
+        }
+    }
+
+    /// Stops reading (the reaper thread, once): closes the read end and hands what was read to `finish`.
+    func end() {
+        close(readEnd)
+        let waiter = state.withLock { state in
+            state.ended = true
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume()
+    }
+
+    /// A run that never started: nothing will read the pipe; both ends are closed here.
+    func abandon() {
+        closeWriteEnd()
+        end()
+    }
+
+    /// What the hook wrote, once the pipe has ended.
     func finish() async -> String {
-        close(writeEnd)
-        guard let channel = try? await channel.get() else {
-            // Never registered: the read end is still ours unless NIO took it, and there is nothing to wait for.
-            owned.closeUnlessOwned(readEnd)
-            ended.fail(ChannelError.ioOnClosedChannel)
-            return captured.withLockedValue { $0.text }
-        }
-        let loop = channel.eventLoop
-        let late = loop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
-        try? await ended.futureResult.get()
-        late.cancel()
-        try? await channel.close().get()
-        return captured.withLockedValue { $0.text }
-    }
-
-    private final class CaptureHandler: ChannelInboundHandler {
-        typealias InboundIn = ByteBuffer
-        let captured: NIOLockedValueBox<BoundedCapture>
-        let ended: EventLoopPromise<Void>
-
-        init(captured: NIOLockedValueBox<BoundedCapture>, ended: EventLoopPromise<Void>) {
-            self.captured = captured
-            self.ended = ended
-        }
-
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            let buffer = unwrapInboundIn(data)
-            captured.withLockedValue { $0.append(buffer.readableBytesView) }
-        }
-
-        func channelInactive(context: ChannelHandlerContext) {
-            ended.succeed(())
-            context.fireChannelInactive()
-        }
-
-        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if event is ChannelEvent, case .inputClosed = event as! ChannelEvent {
-                context.close(promise: nil)
+        closeWriteEnd()
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ended = state.withLock { state in
+                if !state.ended { state.waiter = continuation }
+                return state.ended
             }
-            context.fireUserInboundEventTriggered(event)
+            if ended { continuation.resume() }
         }
-
-        func errorCaught(context: ChannelHandlerContext, error: any Error) {
-            context.close(promise: nil)
-        }
+        return state.withLock { $0.capture.text }
     }
 }

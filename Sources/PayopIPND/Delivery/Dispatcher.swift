@@ -92,17 +92,19 @@ public final class Dispatcher: Sendable {
         runs.values.count { $0.hook == hook && $0.running }
     }
 
-    /// Configured hooks that may start another run now.
-    private func openHooks() -> [String: HookConfig] {
+    /// Configured hooks that may start another run now, and how many runs they may start together.
+    private func openHooks() -> (hooks: [String: HookConfig], free: Int) {
         let limit = policy.withLock { $0.perHookConcurrency }
         let busy = inFlight.withLock { runs in
             Dictionary(runs.values.filter(\.running).map { ($0.hook, 1) }, uniquingKeysWith: +)
         }
         var open: [String: HookConfig] = [:]
+        var free = 0
         for hook in hooks() where open[hook.name] == nil && busy[hook.name, default: 0] < limit {
             open[hook.name] = hook
+            free += limit - busy[hook.name, default: 0]
         }
-        return open
+        return (open, free)
     }
 
     /// Claims what can run now and hands each claimed run to `spawn`; returns how many were started.
@@ -115,12 +117,15 @@ public final class Dispatcher: Sendable {
             return runs.claimed
         }
         for (claim, hook) in claimedEarly { spawn(claim, hook) }
-        let open = openHooks()
+        let (open, free) = openHooks()
         guard !open.isEmpty else { return claimedEarly.count }
         let limit = policy.withLock { $0.perHookConcurrency }
         let now = clock.nowMilliseconds()
         var admitted: [(id: Int64, hook: HookConfig)] = []
-        for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: Self.batch) {
+        // No more than can start: on a backlog a run ends, one slot frees, and the pass reads one row
+        // instead of a batch it would mostly leave.
+        let wanted = min(Self.batch, free)
+        for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: wanted) {
             guard let hook = open[delivery.hook] else { continue }
             if take(delivery.id, hook: hook.name, limit: limit) { admitted.append((delivery.id, hook)) }
         }
@@ -333,8 +338,7 @@ public final class Dispatcher: Sendable {
 
     /// When the next run could start, if ever: only hooks that may start another run count.
     public func nextDue() async throws(EventLogError) -> Int64? {
-        let open = openHooks()
-        return try await store.nextRunnableDelivery(hooks: Array(open.keys))
+        return try await store.nextRunnableDelivery(hooks: Array(openHooks().hooks.keys))
     }
 
     /// Reports pending deliveries of hooks that are no longer configured (once per change): they wait,

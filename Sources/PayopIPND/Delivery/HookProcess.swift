@@ -99,10 +99,11 @@ final class HookProcess: Sendable {
     }
 
     /// The reaper's fallback where pidfds do not exist: one thread blocked until this process exits
-    /// (holding no lock meanwhile), then reaping it.
-    func reapOnItsOwnThread() {
+    /// (holding no lock meanwhile), then reaping it; `exited` runs once it is reaped.
+    func reapOnItsOwnThread(exited: @escaping @Sendable () -> Void = {}) {
         let thread = Thread {
             while !(Self.exitState(self.pid, wait: true) != .running && self.reap()) {}
+            exited()
         }
         thread.name = "payop-ipnd.hook-wait"
         thread.start()
@@ -112,7 +113,7 @@ final class HookProcess: Sendable {
     /// as its stdin and `output` as its stdout and stderr.
     static func spawn(
         argv: [String], environment: [String], input: [UInt8], output: Int32,
-        watch: (HookProcess) -> Void = ProcessReaper.shared.watch
+        watch: (HookProcess) -> Void = { ProcessReaper.shared.watch($0, output: nil) }
     ) throws(SystemError) -> HookProcess {
         var fds: [Int32] = [0, 0]
         guard systemPipe2(&fds, O_CLOEXEC) == 0 else { throw SystemError(errno) }
@@ -121,7 +122,7 @@ final class HookProcess: Sendable {
         // The body goes into the pipe before the hook exists, so a hook that exits without reading it
         // is no error and needs no writer; a body larger than the pipe is the rare exception.
         if input.count > 65536 { _ = systemFcntl(writeEnd, 1031 /* F_SETPIPE_SZ */, min(input.count, 1 << 20)) }
-        _ = systemFcntl(writeEnd, F_SETFL, Int(systemFcntl(writeEnd, F_GETFL, 0) | O_NONBLOCK))
+        _ = systemSetNonblocking(writeEnd)
         var written = 0
         while written < input.count {
             let n = input.withUnsafeBytes { write(writeEnd, $0.baseAddress! + written, input.count - written) }
@@ -218,13 +219,30 @@ final class HookProcess: Sendable {
     }
 }
 
-/// One thread that learns of every hook's exit: it polls a pidfd per running hook (readable once the
-/// process has exited) and reaps the process then. It sleeps in `poll` while hooks run or none does.
+/// One thread that learns of every hook's exit and reads its output: it polls a pidfd per running
+/// hook (readable once the process has exited) and the read end of each run's output pipe, reaps a
+/// process once it has exited, and ends its output at EOF, or a second after the exit when something
+/// the hook left behind still holds the pipe. It sleeps in `poll` while hooks run or none does. One
+/// owner for a run's process and output means no event-loop channel, registration and close per run.
 final class ProcessReaper: @unchecked Sendable {
     static let shared = ProcessReaper()
+    /// How long a pipe is read after its hook exited, when something else still holds it open.
+    static let lingerNanoseconds: UInt64 = 1_000_000_000
 
-    /// pidfd -> process; `lock` guards it, the reaper thread alone polls.
-    private var watched: [Int32: HookProcess] = [:]
+    /// What `lock` guards; the reaper thread alone polls and reads.
+    private struct Watch {
+        let process: HookProcess
+        let output: OutputPipe?
+    }
+    private struct Reading {
+        let output: OutputPipe
+        /// Monotonic nanoseconds past which the pipe is ended, read or not: set when its hook exits.
+        var deadline: UInt64?
+    }
+    /// pidfd -> process (and its output).
+    private var watched: [Int32: Watch] = [:]
+    /// Output read end -> pipe still being read.
+    private var reading: [Int32: Reading] = [:]
     private let lock = NSLock()
     /// A pipe whose byte wakes `poll` to look at a newly watched process.
     private let wakeRead: Int32
@@ -239,38 +257,91 @@ final class ProcessReaper: @unchecked Sendable {
         thread.start()
     }
 
-    func watch(_ process: HookProcess) {
-        let pidfd = systemPidfdOpen(process.pid, 0)
-        guard pidfd >= 0, wakeRead >= 0 else {
-            process.reapOnItsOwnThread()
-            return
+    /// Watches `process` until it is reaped, and reads `output` meanwhile.
+    func watch(_ process: HookProcess, output: OutputPipe?) {
+        let pidfd = wakeRead >= 0 ? systemPidfdOpen(process.pid, 0) : -1
+        lock.withLock {
+            if let output { reading[output.readEnd] = Reading(output: output) }
+            if pidfd >= 0 { watched[pidfd] = Watch(process: process, output: output) }
         }
-        lock.withLock { watched[pidfd] = process }
+        if pidfd < 0 {
+            process.reapOnItsOwnThread { [self] in
+                exited(output)
+                wake()
+            }
+        }
+        wake()
+    }
+
+    private func wake() {
         var byte: UInt8 = 1
         _ = write(wakeWrite, &byte, 1)
     }
 
+    /// The hook of `output` has exited: what it wrote is in the pipe; read on until EOF, at most a
+    /// second more. (A pipe that ended already may have its descriptor number reused by another run's:
+    /// only this pipe's entry counts.)
+    private func exited(_ output: OutputPipe?) {
+        guard let output else { return }
+        lock.withLock {
+            guard reading[output.readEnd]?.output === output else { return }
+            reading[output.readEnd]?.deadline = Self.now() + Self.lingerNanoseconds
+        }
+    }
+
+    private static func now() -> UInt64 {
+        var time = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &time)
+        return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
+    }
+
     private func run() {
         var drain = [UInt8](repeating: 0, count: 64)
+        var buffer = [UInt8](repeating: 0, count: 16_384)
         while true {
-            let entries = lock.withLock { Array(watched) }
+            let (processes, outputs) = lock.withLock { (Array(watched), Array(reading)) }
             var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
-            fds += entries.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
-            guard poll(&fds, nfds_t(fds.count), -1) > 0 else {
+            fds += processes.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
+            fds += outputs.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
+            // Until the nearest linger deadline (rounded up to a millisecond), else until something happens.
+            var timeout: Int32 = -1
+            if let nearest = outputs.compactMap(\.value.deadline).min() {
+                let now = Self.now()
+                timeout = nearest <= now ? 0 : Int32(min((nearest - now + 999_999) / 1_000_000, 1_000))
+            }
+            let ready = poll(&fds, nfds_t(fds.count), timeout)
+            if ready < 0 {
                 if errno != EINTR { usleep(10_000) }  // never a hot loop, whatever poll says
                 continue
             }
             if fds[0].revents != 0 {
                 while read(wakeRead, &drain, drain.count) > 0 {}
             }
+            // Output first: what a hook wrote before it exited is read before its exit is reported.
+            var ended: [Int32] = []
+            for (index, entry) in outputs.enumerated() where fds[1 + processes.count + index].revents != 0 {
+                if entry.value.output.read(into: &buffer) { ended.append(entry.key) }
+            }
             var unreaped = false
-            for (index, entry) in entries.enumerated() where fds[index + 1].revents != 0 {
-                if entry.value.reap() {
+            for (index, entry) in processes.enumerated() where fds[index + 1].revents != 0 {
+                if entry.value.process.reap() {
                     lock.withLock { _ = watched.removeValue(forKey: entry.key) }
                     close(entry.key)
+                    exited(entry.value.output)
                 } else {
                     unreaped = true
                 }
+            }
+            let now = Self.now()
+            for entry in outputs where !ended.contains(entry.key) {
+                if let deadline = entry.value.deadline, deadline <= now {
+                    _ = entry.value.output.read(into: &buffer)
+                    ended.append(entry.key)
+                }
+            }
+            if !ended.isEmpty {
+                let finished = lock.withLock { ended.compactMap { reading.removeValue(forKey: $0)?.output } }
+                for output in finished { output.end() }
             }
             // Readable but not reapable (a debugger holds the exited hook): look again shortly, not at once.
             if unreaped { usleep(10_000) }
@@ -302,6 +373,12 @@ func systemPipe2(_ fds: UnsafeMutablePointer<Int32>, _ flags: Int32) -> Int32
 /// fcntl with one integer argument (the Glibc module does not import variadic functions).
 @_silgen_name("fcntl")
 private func systemFcntl(_ descriptor: Int32, _ command: Int32, _ argument: Int) -> Int32
+
+/// Sets O_NONBLOCK on `descriptor`; false (errno set) when it cannot.
+func systemSetNonblocking(_ descriptor: Int32) -> Bool {
+    let flags = systemFcntl(descriptor, F_GETFL, 0)
+    return flags >= 0 && systemFcntl(descriptor, F_SETFL, Int(flags | O_NONBLOCK)) == 0
+}
 
 /// glibc 2.36's pidfd_open (Linux 5.3).
 @_silgen_name("pidfd_open")

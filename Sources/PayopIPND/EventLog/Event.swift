@@ -11,28 +11,37 @@ extension Event {
         FROM events LEFT JOIN receipts ON receipts.id = events.first_receipt
         """
 
+    /// A row of `select`, read by position: GRDB finds a column by name by lowercasing each name it
+    /// compares, which showed in the daemon's profile (every hook run reads an event). Debug builds
+    /// (the tests) check that the row has `select`'s columns in this order.
     init(row: Row) {
-        id = row["id"]
-        kind = row["kind"]
-        status = row["status"]
-        state = row["state"]
-        rejectionReason = row["rejection_reason"]
-        source = row["source"]
-        transactionID = row["transaction_id"]
-        invoiceID = row["invoice_id"]
-        orderID = row["order_id"]
-        refundID = row["refund_id"]
-        withdrawalID = row["withdrawal_id"]
-        amount = row["amount"]
-        currency = row["currency"]
-        payopState = row["payop_state"]
-        errorMessage = row["error_message"]
-        legacy = row["legacy"]
-        verification = row["verification"]
-        receivedAt = row["received_at"]
-        verifiedAt = row["verified_at"]
-        duplicates = row["duplicates"]
-        ipn = (row["ipn"] as Data?).map { Array($0) }
+        assert(
+            Array(row.columnNames) == [
+                "id", "kind", "status", "state", "rejection_reason", "source", "transaction_id", "invoice_id",
+                "order_id", "refund_id", "withdrawal_id", "amount", "currency", "payop_state", "error_message", "legacy",
+                "verification", "received_at", "verified_at", "duplicates", "ipn",
+            ], "Event(row:) reads Event.select's columns by position")
+        id = row[0]
+        kind = row[1]
+        status = row[2]
+        state = row[3]
+        rejectionReason = row[4]
+        source = row[5]
+        transactionID = row[6]
+        invoiceID = row[7]
+        orderID = row[8]
+        refundID = row[9]
+        withdrawalID = row[10]
+        amount = row[11]
+        currency = row[12]
+        payopState = row[13]
+        errorMessage = row[14]
+        legacy = row[15]
+        verification = row[16]
+        receivedAt = row[17]
+        verifiedAt = row[18]
+        duplicates = row[19]
+        ipn = (row[20] as Data?).map { Array($0) }
     }
 }
 

@@ -3,18 +3,25 @@ import GRDB
 import Synchronization
 
 extension Delivery {
-    static let columns = """
-        id, event_id, hook, state, attempts, next_attempt_at, last_exit_code, last_http_status, last_error, output,
-        delivered_at
-        """
+    static let columnNames = [
+        "id", "event_id", "hook", "state", "attempts", "next_attempt_at", "last_exit_code", "last_http_status",
+        "last_error", "output", "delivered_at",
+    ]
+    static let columns = columnNames.joined(separator: ", ")
+    /// `columns` of the table named `alias` in a query.
+    static func columns(of alias: String) -> String { columnNames.map { "\(alias).\($0)" }.joined(separator: ", ") }
 
+    /// A row of `columns`, read by position (as `Event(row:)`, and checked the same way in debug builds).
     init(row: Row) {
+        assert(
+            Array(row.columnNames) == [
+                "id", "event_id", "hook", "state", "attempts", "next_attempt_at", "last_exit_code", "last_http_status",
+                "last_error", "output", "delivered_at",
+            ], "Delivery(row:) reads Delivery.columns by position")
         self.init(
-            id: row["id"], eventID: row["event_id"], hook: row["hook"],
-            state: DeliveryState(rawValue: row["state"]) ?? .pending, attempts: row["attempts"],
-            nextAttemptAt: row["next_attempt_at"], lastExitCode: row["last_exit_code"],
-            lastHTTPStatus: row["last_http_status"], lastError: row["last_error"], output: row["output"],
-            deliveredAt: row["delivered_at"])
+            id: row[0], eventID: row[1], hook: row[2], state: DeliveryState(rawValue: row[3]) ?? .pending,
+            attempts: row[4], nextAttemptAt: row[5], lastExitCode: row[6], lastHTTPStatus: row[7], lastError: row[8],
+            output: row[9], deliveredAt: row[10])
     }
 
     var progress: DeliveryProgress {
@@ -96,9 +103,7 @@ extension SQLiteEventLog {
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
-                        SELECT d.id, d.event_id, d.hook, d.state, d.attempts, d.next_attempt_at, d.last_exit_code,
-                               d.last_http_status, d.last_error, d.output, d.delivered_at
-                        \(Self.headOfLine(inDueOrder: true)) AND d.next_attempt_at <= ?
+                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine(inDueOrder: true)) AND d.next_attempt_at <= ?
                         ORDER BY d.next_attempt_at, d.id LIMIT ?
                         """), arguments: [Self.hookList(hooks), now, limit]
             ).map(Delivery.init(row:))
