@@ -25,7 +25,7 @@ struct EarlyStartHarness {
     let runner = RecordingHookRunner()
     let dispatcher: Dispatcher
 
-    init(perHook: Int = 16) throws {
+    init(perHook: Int = 16) async throws {
         dir = try TemporaryDirectory()
         log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
         log.setHooks([commandHook("fulfil", "/bin/true")])
@@ -38,6 +38,8 @@ struct EarlyStartHarness {
             clock: clock, logger: quietLogger)
         _ = dispatcher.acceptEarlyStarts(true)
         log.startDeliveriesEarly(with: dispatcher)
+        // Its first pass finds nothing due: caught up, it admits runs claimed early from now on.
+        #expect(try await dispatcher.dispatchDue() == 0)
     }
 
     func verifier() -> Verifier {
@@ -64,18 +66,28 @@ struct EarlyStartHarness {
     /// Makes every commit that records a run as started fail at `COMMIT` (a deferred foreign key the
     /// claim's own statement violates), after the write itself has succeeded; `false` lifts it.
     func failCommitsOfClaims(_ fail: Bool) async throws {
+        try await breakClaims(fail, with: """
+            INSERT INTO receipts (received_at, source_ip, path, answer, size, body, event_id)
+            VALUES (0, 'test', 'test', 200, 0, x'', 'no-such-event');
+            """)
+    }
+
+    /// Makes the statement that records a run as started fail: the write that claims it fails alone
+    /// (its savepoint rolled back, the rest of its group commit kept); `false` lifts it.
+    func failClaims(_ fail: Bool) async throws {
+        try await breakClaims(fail, with: "SELECT RAISE(ABORT, 'claims refused by the test');")
+    }
+
+    private func breakClaims(_ fail: Bool, with action: String) async throws {
         try await log.write { db in
             if fail {
                 try db.execute(
                     sql: """
-                        CREATE TEMP TRIGGER claim_breaks_commit AFTER UPDATE OF state ON main.deliveries
-                        WHEN NEW.state = 'running' BEGIN
-                            INSERT INTO receipts (received_at, source_ip, path, answer, size, body, event_id)
-                            VALUES (0, 'test', 'test', 200, 0, x'', 'no-such-event');
-                        END
+                        CREATE TEMP TRIGGER break_claims AFTER UPDATE OF state ON main.deliveries
+                        WHEN NEW.state = 'running' BEGIN \(action) END
                         """)
             } else {
-                try db.execute(sql: "DROP TRIGGER temp.claim_breaks_commit")
+                try db.execute(sql: "DROP TRIGGER temp.break_claims")
             }
         }
     }
@@ -83,7 +95,7 @@ struct EarlyStartHarness {
 
 @Suite struct EarlyStartTests {
     @Test func aVerifiedEventsRunIsClaimedInTheCommitThatVerifiesIt() async throws {
-        let h = try EarlyStartHarness()
+        let h = try await EarlyStartHarness()
         defer { h.log.close() }
         try await h.ingestCheckout("tx-1")
         let before = h.log.commitCount
@@ -101,7 +113,7 @@ struct EarlyStartHarness {
     }
 
     @Test func aSignedIPNsRunIsClaimedInTheCommitOfItsReceipt() async throws {
-        let h = try EarlyStartHarness()
+        let h = try await EarlyStartHarness()
         defer { h.log.close() }
         let before = h.log.commitCount
         try await ingestSigned(h.log, clock: h.clock)
@@ -114,7 +126,7 @@ struct EarlyStartHarness {
     }
 
     @Test func aHookAtItsLimitLeavesTheRunPendingForTheDispatcher() async throws {
-        let h = try EarlyStartHarness(perHook: 1)
+        let h = try await EarlyStartHarness(perHook: 1)
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
@@ -127,7 +139,7 @@ struct EarlyStartHarness {
     }
 
     @Test func aRunBehindAnEarlierOneOfItsEntityIsNotClaimedAndKeepsItsOrder() async throws {
-        let h = try EarlyStartHarness()
+        let h = try await EarlyStartHarness()
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1042", status: "success")
         try await ingestSigned(h.log, clock: h.clock, order: "1042", status: "error")
@@ -140,7 +152,7 @@ struct EarlyStartHarness {
     }
 
     @Test func aClaimWhoseCommitFailsHoldsNoSlotAndRunsNothing() async throws {
-        let h = try EarlyStartHarness()
+        let h = try await EarlyStartHarness()
         defer { h.log.close() }
         try await h.failCommitsOfClaims(true)
         await #expect(throws: EventLogError.self) { try await ingestSigned(h.log, clock: h.clock) }
@@ -163,8 +175,36 @@ struct EarlyStartHarness {
         #expect(try await h.deliveries().map(\.state) == [.delivered])
     }
 
+    @Test func aClaimThatFailsAloneHoldsNoSlotAndLeavesItsWriteUndone() async throws {
+        let h = try await EarlyStartHarness()
+        defer { h.log.close() }
+        try await h.failClaims(true)
+        await #expect(throws: EventLogError.self) { try await ingestSigned(h.log, clock: h.clock) }
+        #expect(h.dispatcher.running == 0)
+        #expect(try await h.deliveries().isEmpty)
+        try await h.failClaims(false)
+        try await ingestSigned(h.log, clock: h.clock)
+        #expect(try await h.deliveries().map(\.state) == [.running])
+    }
+
+    @Test func aFreshRunNeverTakesTheSlotOfOneThatWaitedForIt() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "A")
+        try await ingestSigned(h.log, clock: h.clock, order: "B")  // the hook is at its limit: B waits
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
+        let (claimA, hook) = try #require(spawned.first)
+        await h.dispatcher.execute(claimA, hook: hook)
+        // A's slot is free before the dispatcher looks again: C, fresh, must not take it from B.
+        try await ingestSigned(h.log, clock: h.clock, order: "C")
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .pending, .pending])
+        #expect(try await h.dispatcher.dispatchDue() == 2)
+        #expect(h.runner.all.map(\.entity) == ["A", "B", "C"])
+    }
+
     @Test func runsClaimedButNotStartedWhenTheDispatcherStopsRunAgainUnspent() async throws {
-        let h = try EarlyStartHarness()
+        let h = try await EarlyStartHarness()
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         #expect(try await h.deliveries().map(\.state) == [.running])
@@ -179,8 +219,20 @@ struct EarlyStartHarness {
         #expect(h.runner.all.isEmpty)
     }
 
+    @Test func aRunClaimedForAHookAReloadRemovedIsRecordedInterrupted() async throws {
+        let h = try await EarlyStartHarness()
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock)
+        h.log.setHooks([commandHook("other", "/bin/true")])
+        #expect(try await h.dispatcher.dispatchDue() == 0)
+        let waiting = try #require(try await h.deliveries().first)
+        #expect(waiting.state == .pending && waiting.attempts == 0)
+        #expect(h.dispatcher.running == 0)
+        #expect(h.runner.all.isEmpty)
+    }
+
     @Test func aClaimCommittedAfterTheDispatcherStoppedIsRecordedInterrupted() async throws {
-        let h = try EarlyStartHarness()
+        let h = try await EarlyStartHarness()
         defer { h.log.close() }
         h.log.startDeliveriesEarly(with: nil)
         try await ingestSigned(h.log, clock: h.clock)

@@ -336,6 +336,8 @@ final class Scenario {
                 #expect(successes == delivery.attempts, "delivery \(delivery.id) ran \(successes)x for \(delivery.attempts) attempts: \(context)")
             }
         }
+        // Every run slot is free again: none kept by a claim that was not started, or not committed.
+        #expect(dispatcher.running == 0, "\(context)")
         // The daemon idles when nothing is due.
         let now = clock.nowMilliseconds()
         #expect((try await dispatcher.nextDue()).map { $0 > now } ?? true, "\(context)")

@@ -55,10 +55,13 @@ public final class Dispatcher: Sendable {
     private let early = Mutex(EarlyRuns())
     private struct EarlyRuns {
         var open = false
-        /// Admitted, claim not yet committed: delivery id -> its hook as configured when admitted.
-        var admitted: [Int64: HookConfig] = [:]
+        /// Hooks whose last pass took every run that was due: only these admit a run claimed early, so
+        /// that a fresh event never takes a slot a due retry (or any older run) is waiting for.
+        var caughtUp: Set<String> = []
+        /// Admitted, claim not yet committed: delivery id -> its hook.
+        var admitted: [Int64: String] = [:]
         /// Committed, waiting for the dispatcher to start them.
-        var claimed: [(DeliveryClaim, HookConfig)] = []
+        var claimed: [DeliveryClaim] = []
     }
     /// Deliveries looked at per pass.
     static let batch = 64
@@ -112,22 +115,35 @@ public final class Dispatcher: Sendable {
     /// runs are handed to `spawn` in the log's order. Throws when the log cannot record a start: what
     /// was claimed still runs, nothing else is started in this pass.
     func startDue(spawn: (DeliveryClaim, HookConfig) -> Void) async throws(EventLogError) -> Int {
-        let claimedEarly = early.withLock { runs in
-            defer { runs.claimed.removeAll() }
-            return runs.claimed
-        }
-        for (claim, hook) in claimedEarly { spawn(claim, hook) }
+        let startedEarly = await startClaimedEarly(spawn: spawn)
         let (open, free) = openHooks()
-        guard !open.isEmpty else { return claimedEarly.count }
+        guard !open.isEmpty else { return startedEarly }
         let limit = policy.withLock { $0.perHookConcurrency }
         let now = clock.nowMilliseconds()
         var admitted: [(id: Int64, hook: HookConfig)] = []
         // No more than can start: on a backlog a run ends, one slot frees, and the pass reads one row
         // instead of a batch it would mostly leave.
         let wanted = min(Self.batch, free)
-        for delivery in try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: wanted) {
+        let runnable = try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: wanted)
+        var leftBehind = Set<String>()
+        for delivery in runnable {
             guard let hook = open[delivery.hook] else { continue }
-            if take(delivery.id, hook: hook.name, limit: limit) { admitted.append((delivery.id, hook)) }
+            if take(delivery.id, hook: hook.name, limit: limit) {
+                admitted.append((delivery.id, hook))
+            } else {
+                leftBehind.insert(hook.name)
+            }
+        }
+        // A hook is caught up when this pass saw all of its due runs (fewer rows than asked for) and
+        // took every one.
+        early.withLock { runs in
+            for name in open.keys {
+                if runnable.count < wanted, !leftBehind.contains(name) {
+                    runs.caughtUp.insert(name)
+                } else {
+                    runs.caughtUp.remove(name)
+                }
+            }
         }
         let claims = await withTaskGroup(of: (Int, Result<DeliveryClaim?, EventLogError>).self) { group in
             for (index, candidate) in admitted.enumerated() {
@@ -143,7 +159,7 @@ public final class Dispatcher: Sendable {
             for await (index, result) in group { results[index] = result }
             return results
         }
-        var started = claimedEarly.count
+        var started = startedEarly
         var failure: EventLogError?
         for (candidate, result) in zip(admitted, claims) {
             switch result {
@@ -175,6 +191,23 @@ public final class Dispatcher: Sendable {
         }
     }
 
+    /// Starts the runs the log claimed for us (`EarlyStarts`) with their hooks as configured now; a run
+    /// whose hook a reload removed meanwhile is recorded interrupted instead (it waits for its hook).
+    private func startClaimedEarly(spawn: (DeliveryClaim, HookConfig) -> Void) async -> Int {
+        let claimed = early.withLock { runs in
+            defer { runs.claimed.removeAll() }
+            return runs.claimed
+        }
+        guard !claimed.isEmpty else { return 0 }
+        let configured = Dictionary(hooks().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var removed: [DeliveryClaim] = []
+        for claim in claimed {
+            if let hook = configured[claim.delivery.hook] { spawn(claim, hook) } else { removed.append(claim) }
+        }
+        await interruptUnstarted(removed)
+        return claimed.count - removed.count
+    }
+
     /// Lets the log claim runs itself from now on (`EarlyStarts`), or no longer. Closing returns what
     /// was claimed but not started yet: the caller records it as interrupted.
     func acceptEarlyStarts(_ accept: Bool) -> [DeliveryClaim] {
@@ -182,22 +215,28 @@ public final class Dispatcher: Sendable {
             runs.open = accept
             guard !accept else { return [] }
             defer { runs.claimed.removeAll() }
-            return runs.claimed.map(\.0)
+            return runs.claimed
         }
     }
 
-    /// Claims the daemon's own shutdown kept from starting: pending again, the attempt not spent, as
-    /// for a run the shutdown stopped. A claim not recorded so stays running and runs at the next start.
+    /// Claims that were never started (the daemon's own shutdown, a hook removed meanwhile): pending
+    /// again, the attempt not spent, as for a run the shutdown stopped; written together. A claim not
+    /// recorded so stays running and runs again at the next start.
     func interruptUnstarted(_ claims: [DeliveryClaim]) async {
-        for claim in claims {
-            release(claim.delivery.id)
-            let metadata: Logger.Metadata = ["delivery.id": "\(claim.delivery.id)", "attempt": "\(claim.attempt)"]
-            _ = await persist("interrupted run", metadata) { [store, clock] () async throws(EventLogError) in
-                try await store.interruptDelivery(
-                    id: claim.delivery.id, attempt: claim.attempt, now: clock.nowMilliseconds())
+        guard !claims.isEmpty else { return }
+        await withDiscardingTaskGroup { group in
+            for claim in claims {
+                group.addTask { [self] in
+                    let metadata: Logger.Metadata = ["delivery.id": "\(claim.delivery.id)", "attempt": "\(claim.attempt)"]
+                    _ = await persist("interrupted run", metadata) { [store, clock] () async throws(EventLogError) in
+                        try await store.interruptDelivery(
+                            id: claim.delivery.id, attempt: claim.attempt, now: clock.nowMilliseconds())
+                    }
+                    release(claim.delivery.id)
+                }
             }
         }
-        if !claims.isEmpty { signal.signal() }
+        signal.signal()
     }
 
     /// Runs one claimed attempt and records how it ended.
@@ -361,9 +400,14 @@ public final class Dispatcher: Sendable {
 
 extension Dispatcher: EarlyStarts {
     public func admit(id: Int64, hook name: String) -> Bool {
-        guard early.withLock({ $0.open }), let hook = hooks().first(where: { $0.name == name }) else { return false }
-        guard take(id, hook: name, limit: policy.withLock { $0.perHookConcurrency }) else { return false }
-        early.withLock { $0.admitted[id] = hook }
+        guard early.withLock({ $0.open && $0.caughtUp.contains(name) }), hooks().contains(where: { $0.name == name })
+        else { return false }
+        guard take(id, hook: name, limit: policy.withLock { $0.perHookConcurrency }) else {
+            // At its limit with this run waiting: the next pass takes runs in order, not the next admission.
+            early.withLock { _ = $0.caughtUp.remove(name) }
+            return false
+        }
+        early.withLock { $0.admitted[id] = name }
         return true
     }
 
@@ -377,8 +421,9 @@ extension Dispatcher: EarlyStarts {
         let late = early.withLock { runs -> [DeliveryClaim] in
             var late: [DeliveryClaim] = []
             for claim in claims {
-                guard let hook = runs.admitted.removeValue(forKey: claim.delivery.id) else { continue }
-                if runs.open { runs.claimed.append((claim, hook)) } else { late.append(claim) }
+                let admitted = runs.admitted.removeValue(forKey: claim.delivery.id) != nil
+                assert(admitted, "a run claimed early that was never admitted")
+                if runs.open, admitted { runs.claimed.append(claim) } else { late.append(claim) }
             }
             return late
         }
@@ -418,12 +463,13 @@ struct DispatcherService: Service {
             } onGracefulShutdown: {
                 dispatcher.signal.signal()
             }
-            // No run starts from now on: what the log claimed for us and we did not start yet runs
-            // again at the next start, its attempt not spent.
-            await dispatcher.interruptUnstarted(dispatcher.acceptEarlyStarts(false))
             // Shutting down: give running hooks their grace, then stop them. Outcomes of hooks that have
             // exited are being written meanwhile and are not cut off: the group waits for them.
             let deadline = ContinuousClock.now + shutdownGrace
+            // No run starts from now on: what the log claimed for us and we did not start yet runs
+            // again at the next start, its attempt not spent (written while the grace runs).
+            let unstarted = dispatcher.acceptEarlyStarts(false)
+            group.addTask { await dispatcher.interruptUnstarted(unstarted) }
             while dispatcher.runningHooks > 0, ContinuousClock.now < deadline, !Task.isCancelled {
                 await dispatcher.signal.wait(timeout: deadline - ContinuousClock.now)
             }

@@ -110,8 +110,10 @@ final class GroupCommitWriter: @unchecked Sendable {
                     for job in jobs {
                         try db.cachedStatement(sql: "SAVEPOINT job").execute()
                         do {
-                            completions.append(try job.perform(db))
+                            let complete = try job.perform(db)
                             try db.cachedStatement(sql: "RELEASE job").execute()
+                            // Only once its savepoint is kept: a write rolled back is refused, never also completed.
+                            completions.append(complete)
                         } catch let error as DatabaseError where Self.failsTheBatch(error) {
                             throw error
                         } catch {
