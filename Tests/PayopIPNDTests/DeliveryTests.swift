@@ -523,6 +523,29 @@ struct DeliveryHarnessView {
         #expect(HookProcess.Termination(status: await sleeper.exitStatus) == .signaled(SIGTERM))
     }
 
+    @Test(arguments: [true, false])
+    func theReaperReadsOutputAndKeepsTheTimeoutWithOrWithoutPidfds(pidfds: Bool) async throws {
+        let output = try OutputPipe.open()
+        let talker = try HookProcess.spawn(
+            argv: ["/bin/sh", "-c", "echo hello; echo world >&2"], environment: [], input: [], output: output.writeEnd,
+            watch: { ProcessReaper.shared.watch($0, output: output, pidfds: pidfds) })
+        output.closeWriteEnd()
+        #expect(HookProcess.Termination(status: await talker.exitStatus) == .exited(0))
+        #expect(await output.finish() == "hello\nworld\n")
+        // Past its timeout the reaper runs the expiry once, and the process ends with what it sends.
+        let fired = Mutex(0)
+        let sleeper = try HookProcess.spawn(
+            argv: ["/bin/sleep", "30"], environment: [], input: [], output: 2,
+            watch: { process in
+                ProcessReaper.shared.watch(process, output: nil, timeout: .milliseconds(50), pidfds: pidfds) {
+                    fired.withLock { $0 += 1 }
+                    process.terminate(grace: .seconds(5))
+                }
+            })
+        #expect(HookProcess.Termination(status: await sleeper.exitStatus) == .signaled(SIGTERM))
+        #expect(fired.withLock { $0 } == 1)
+    }
+
     @Test func whatATimedOutHookLeavesBehindIgnoringSIGTERMIsKilledWithIt() async throws {
         let dir = try TemporaryDirectory()
         let pidFile = dir.file("child")

@@ -35,30 +35,29 @@ public struct CommandHookRunner: HookRunner {
         } catch {
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "cannot capture the hook's output: \(error)")
         }
+        // Past the timeout (the reaper keeps it), or when the daemon stops, the whole process group is
+        // terminated: SIGTERM, then SIGKILL after the grace.
+        let grace = TimeAmount.milliseconds(Int64(invocation.killGraceSeconds * 1000))
+        let timedOut = Atomic<Bool>(false)
         let process: HookProcess
         do {
-            process = try await Self.spawn(argv: argv, environment: environment, input: invocation.body, output: capture)
+            process = try await Self.spawn(
+                argv: argv, environment: environment, input: invocation.body, output: capture,
+                timeout: .milliseconds(Int64(invocation.hook.timeoutSeconds * 1000))
+            ) { process in
+                timedOut.store(true, ordering: .relaxed)
+                process.terminate(grace: grace)
+            }
         } catch {
             capture.abandon()
             return HookResult(outcome: .failed(retryAfterMilliseconds: nil), error: "could not run \(program): \(error)")
         }
         capture.closeWriteEnd()
-        // Past the timeout, or when the daemon stops, the whole process group is terminated: SIGTERM,
-        // then SIGKILL after the grace.
-        let grace = TimeAmount.milliseconds(Int64(invocation.killGraceSeconds * 1000))
-        let timedOut = Atomic<Bool>(false)
-        let timer = MultiThreadedEventLoopGroup.singleton.next().scheduleTask(
-            in: .milliseconds(Int64(invocation.hook.timeoutSeconds * 1000))
-        ) {
-            timedOut.store(true, ordering: .relaxed)
-            process.terminate(grace: grace)
-        }
         let status = await withTaskCancellationHandler {
             await process.exitStatus
         } onCancel: {
             process.terminate(grace: grace)
         }
-        timer.cancel()
         let output = await capture.finish()
         if timedOut.load(ordering: .relaxed) {
             return HookResult(
@@ -78,15 +77,18 @@ public struct CommandHookRunner: HookRunner {
 
     /// Starts the hook, trying again on ETXTBSY: a script just written is still open for writing in a
     /// process another thread is starting (it holds the descriptor until its own exec), gone in moments.
-    private static func spawn(argv: [String], environment: [String], input: [UInt8], output: OutputPipe)
-        async throws(SystemError) -> HookProcess
-    {
+    private static func spawn(
+        argv: [String], environment: [String], input: [UInt8], output: OutputPipe, timeout: Duration,
+        expired: @escaping @Sendable (HookProcess) -> Void
+    ) async throws(SystemError) -> HookProcess {
         var attempt = 1
         while true {
             do {
                 return try HookProcess.spawn(
                     argv: argv, environment: environment, input: input, output: output.writeEnd,
-                    watch: { ProcessReaper.shared.watch($0, output: output) })
+                    watch: { process in
+                        ProcessReaper.shared.watch(process, output: output, timeout: timeout) { expired(process) }
+                    })
             } catch where error.code == ETXTBSY && attempt < 5 {
                 attempt += 1
                 try? await Task.sleep(for: .milliseconds(10))

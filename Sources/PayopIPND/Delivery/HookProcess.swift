@@ -239,10 +239,17 @@ final class ProcessReaper: @unchecked Sendable {
         /// Monotonic nanoseconds past which the pipe is ended, read or not: set when its hook exits.
         var deadline: UInt64?
     }
+    /// A running hook's timeout: `expired` runs once, on this thread, if it has not exited by `deadline`.
+    private struct Timeout {
+        let deadline: UInt64
+        let expired: @Sendable () -> Void
+    }
     /// pidfd -> process (and its output).
     private var watched: [Int32: Watch] = [:]
     /// Output read end -> pipe still being read.
     private var reading: [Int32: Reading] = [:]
+    /// Hooks with a timeout not yet reached, until they are reaped (by process: a pid may be reused).
+    private var timeouts: [ObjectIdentifier: Timeout] = [:]
     private let lock = NSLock()
     /// A pipe whose byte wakes `poll` to look at a newly watched process.
     private let wakeRead: Int32
@@ -257,20 +264,36 @@ final class ProcessReaper: @unchecked Sendable {
         thread.start()
     }
 
-    /// Watches `process` until it is reaped, and reads `output` meanwhile.
-    func watch(_ process: HookProcess, output: OutputPipe?) {
-        let pidfd = wakeRead >= 0 ? systemPidfdOpen(process.pid, 0) : -1
+    /// Watches `process` until it is reaped, and reads `output` meanwhile. Past `timeout` (if it has
+    /// not exited by then), `expired` runs once, on the reaper thread: the hook's timer, without a timer
+    /// of its own.
+    /// `pidfds: false` takes the fallback for kernels without them (tests).
+    func watch(
+        _ process: HookProcess, output: OutputPipe?, timeout: Duration? = nil, pidfds: Bool = true,
+        expired: @escaping @Sendable () -> Void = {}
+    ) {
+        let pidfd = pidfds && wakeRead >= 0 ? systemPidfdOpen(process.pid, 0) : -1
+        let deadline = timeout.map { Self.now() &+ Self.nanoseconds($0) }
         lock.withLock {
             if let output { reading[output.readEnd] = Reading(output: output) }
             if pidfd >= 0 { watched[pidfd] = Watch(process: process, output: output) }
+            if let deadline { timeouts[ObjectIdentifier(process)] = Timeout(deadline: deadline, expired: expired) }
         }
         if pidfd < 0 {
             process.reapOnItsOwnThread { [self] in
+                lock.withLock { _ = timeouts.removeValue(forKey: ObjectIdentifier(process)) }
                 exited(output)
                 wake()
             }
         }
         wake()
+    }
+
+    /// A timeout in nanoseconds, capped at about a year (a hook's timeout is validated far below).
+    private static func nanoseconds(_ duration: Duration) -> UInt64 {
+        let (seconds, attoseconds) = duration.components
+        guard seconds >= 0 else { return 0 }
+        return UInt64(min(seconds, 31_536_000)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
     }
 
     private func wake() {
@@ -303,9 +326,11 @@ final class ProcessReaper: @unchecked Sendable {
             var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             fds += processes.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
             fds += outputs.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
-            // Until the nearest linger deadline (rounded up to a millisecond), else until something happens.
+            let pending = lock.withLock { timeouts.values.map(\.deadline).min() }
+            // Until the nearest deadline (rounded up to a millisecond, at most a second), else until
+            // something happens.
             var timeout: Int32 = -1
-            if let nearest = outputs.compactMap(\.value.deadline).min() {
+            if let nearest = (outputs.compactMap(\.value.deadline) + (pending.map { [$0] } ?? [])).min() {
                 let now = Self.now()
                 timeout = nearest <= now ? 0 : Int32(min((nearest - now + 999_999) / 1_000_000, 1_000))
             }
@@ -325,7 +350,10 @@ final class ProcessReaper: @unchecked Sendable {
             var unreaped = false
             for (index, entry) in processes.enumerated() where fds[index + 1].revents != 0 {
                 if entry.value.process.reap() {
-                    lock.withLock { _ = watched.removeValue(forKey: entry.key) }
+                    lock.withLock {
+                        _ = watched.removeValue(forKey: entry.key)
+                        _ = timeouts.removeValue(forKey: ObjectIdentifier(entry.value.process))
+                    }
                     close(entry.key)
                     exited(entry.value.output)
                 } else {
@@ -333,6 +361,12 @@ final class ProcessReaper: @unchecked Sendable {
                 }
             }
             let now = Self.now()
+            let expired = lock.withLock { () -> [@Sendable () -> Void] in
+                let due = timeouts.filter { $0.value.deadline <= now }
+                for key in due.keys { timeouts.removeValue(forKey: key) }
+                return due.values.map(\.expired)
+            }
+            for action in expired { action() }
             for entry in outputs where !ended.contains(entry.key) {
                 if let deadline = entry.value.deadline, deadline <= now {
                     _ = entry.value.output.read(into: &buffer)
