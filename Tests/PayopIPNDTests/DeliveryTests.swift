@@ -436,6 +436,24 @@ struct DeliveryHarnessView {
         #expect(result.output.hasSuffix("[... \(5_000_000 - HookResult.maxOutputBytes) more bytes not kept]"))
     }
 
+    @Test func aWriterThatNeverStopsNeitherKeepsItsRunGoingNorStallsOtherRuns() async throws {
+        let dir = try TemporaryDirectory()
+        // `yes` outlives the hook on its stdout and writes as fast as the pipe is read.
+        let endless = try script(dir, "endless", "yes & exit 0")
+        let quick = try script(dir, "quick", "echo done")
+        let started = ContinuousClock.now
+        async let flood = runOnce(endless, body: [])
+        try await Task.sleep(for: .milliseconds(200))
+        let beside = ContinuousClock.now
+        #expect(await runOnce(quick, body: []).output == "done\n")
+        #expect(ContinuousClock.now - beside < .seconds(1))  // the reaper still reaps and reads the others
+        let result = await flood
+        // Ended a second after the hook exited (the reader closes the pipe; `yes` then dies of SIGPIPE).
+        #expect(ContinuousClock.now - started < .seconds(4))
+        #expect(result.outcome == .delivered)
+        #expect(result.output.contains("more bytes not kept]"))
+    }
+
     private func runOnce(
         _ path: String, body: [UInt8] = Array("{}".utf8), timeout: Double = 10, killGrace: Double = 0.1
     ) async -> HookResult {

@@ -203,6 +203,44 @@ struct EarlyStartHarness {
         #expect(h.runner.all.map(\.entity) == ["A", "B", "C"])
     }
 
+    @Test func aRunRefusedASlotWhileAPassReadsKeepsTheHookBehind() async throws {
+        /// Runs `during` between the pass's read of the log and its use: admissions racing the pass.
+        final class InterleavingStore: ForwardingDeliveryStore, @unchecked Sendable {
+            let during = Mutex<(@Sendable () -> Void)?>(nil)
+            override func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError)
+                -> [Delivery]
+            {
+                let rows = try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
+                during.withLock { $0 }?()
+                return rows
+            }
+        }
+        let h = try await EarlyStartHarness()
+        defer { h.log.close() }
+        let store = InterleavingStore(h.log)
+        let dispatcher = Dispatcher(
+            store: store, runner: h.runner, hooks: { [log = h.log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 0.2, perHookConcurrency: 2),
+            clock: h.clock, logger: quietLogger)
+        _ = dispatcher.acceptEarlyStarts(true)
+        #expect(try await dispatcher.dispatchDue() == 0)  // caught up
+        #expect(dispatcher.admit(id: 1001, hook: "fulfil"))
+        store.during.withLock {
+            $0 = {
+                #expect(dispatcher.admit(id: 1002, hook: "fulfil"))  // the last slot
+                #expect(!dispatcher.admit(id: 1003, hook: "fulfil"))  // refused: 1003 now waits
+            }
+        }
+        #expect(try await dispatcher.startDue { _, _ in } == 0)
+        store.during.withLock { $0 = nil }
+        dispatcher.withdraw([1001])
+        // A slot is free, and 1003 waits for it: a fresh run is not admitted ahead of it.
+        #expect(!dispatcher.admit(id: 1004, hook: "fulfil"))
+        dispatcher.withdraw([1002])
+    }
+
     @Test func runsClaimedButNotStartedWhenTheDispatcherStopsRunAgainUnspent() async throws {
         let h = try await EarlyStartHarness()
         defer { h.log.close() }

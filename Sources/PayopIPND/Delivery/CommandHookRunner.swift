@@ -144,17 +144,22 @@ final class OutputPipe: Sendable {
     }
 
     /// Reads what the pipe holds now into the capture (the reaper thread); true once it has ended.
-    func read(into buffer: inout [UInt8]) -> Bool {
-        while true {
+    /// At most `reads` reads a call: a writer that never stops (something the hook left behind) gets
+    /// its share of the reaper, not all of it; `poll` reports the pipe again.
+    func read(into buffer: inout [UInt8], reads: Int = 4) -> Bool {
+        var left = reads
+        while left > 0 {
             let count = buffer.withUnsafeMutableBytes { Glibc.read(readEnd, $0.baseAddress, $0.count) }
             if count > 0 {
                 state.withLock { $0.capture.append(buffer.prefix(count)) }
+                left -= 1
             } else if count < 0, errno == EINTR {
                 continue
             } else {
                 return !(count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             }
         }
+        return false
     }
 
     /// Stops reading (the reaper thread, once): closes the read end and hands what was read to `finish`.

@@ -58,6 +58,9 @@ public final class Dispatcher: Sendable {
         /// Hooks whose last pass took every run that was due: only these admit a run claimed early, so
         /// that a fresh event never takes a slot a due retry (or any older run) is waiting for.
         var caughtUp: Set<String> = []
+        /// Per hook, how often an admission was refused at the limit (a run now waits for a slot): a
+        /// pass that started before a refusal cannot declare the hook caught up.
+        var refusals: [String: Int] = [:]
         /// Admitted, claim not yet committed: delivery id -> its hook.
         var admitted: [Int64: String] = [:]
         /// Committed, waiting for the dispatcher to start them.
@@ -117,6 +120,8 @@ public final class Dispatcher: Sendable {
     func startDue(spawn: (DeliveryClaim, HookConfig) -> Void) async throws(EventLogError) -> Int {
         let startedEarly = await startClaimedEarly(spawn: spawn)
         let (open, free) = openHooks()
+        let configuredNames = Set(hooks().map(\.name))
+        early.withLock { $0.caughtUp.formIntersection(configuredNames) }
         guard !open.isEmpty else { return startedEarly }
         let limit = policy.withLock { $0.perHookConcurrency }
         let now = clock.nowMilliseconds()
@@ -124,6 +129,7 @@ public final class Dispatcher: Sendable {
         // No more than can start: on a backlog a run ends, one slot frees, and the pass reads one row
         // instead of a batch it would mostly leave.
         let wanted = min(Self.batch, free)
+        let refusalsBefore = early.withLock { $0.refusals }
         let runnable = try await store.runnableDeliveries(now: now, hooks: Array(open.keys), limit: wanted)
         var leftBehind = Set<String>()
         for delivery in runnable {
@@ -134,11 +140,12 @@ public final class Dispatcher: Sendable {
                 leftBehind.insert(hook.name)
             }
         }
-        // A hook is caught up when this pass saw all of its due runs (fewer rows than asked for) and
-        // took every one.
+        // A hook is caught up when this pass saw all of its due runs (fewer rows than asked for), took
+        // every one, and no run was refused a slot meanwhile. Hooks no longer configured are forgotten
+        // (added back, their waiting runs come first).
         early.withLock { runs in
             for name in open.keys {
-                if runnable.count < wanted, !leftBehind.contains(name) {
+                if runnable.count < wanted, !leftBehind.contains(name), runs.refusals[name] == refusalsBefore[name] {
                     runs.caughtUp.insert(name)
                 } else {
                     runs.caughtUp.remove(name)
@@ -224,6 +231,8 @@ public final class Dispatcher: Sendable {
     /// recorded so stays running and runs again at the next start.
     func interruptUnstarted(_ claims: [DeliveryClaim]) async {
         guard !claims.isEmpty else { return }
+        // No process runs for them: shutdown's grace does not wait for these.
+        inFlight.withLock { runs in for claim in claims { runs[claim.delivery.id]?.running = false } }
         await withDiscardingTaskGroup { group in
             for claim in claims {
                 group.addTask { [self] in
@@ -404,7 +413,10 @@ extension Dispatcher: EarlyStarts {
         else { return false }
         guard take(id, hook: name, limit: policy.withLock { $0.perHookConcurrency }) else {
             // At its limit with this run waiting: the next pass takes runs in order, not the next admission.
-            early.withLock { _ = $0.caughtUp.remove(name) }
+            early.withLock { runs in
+                runs.caughtUp.remove(name)
+                runs.refusals[name, default: 0] &+= 1
+            }
             return false
         }
         early.withLock { $0.admitted[id] = name }

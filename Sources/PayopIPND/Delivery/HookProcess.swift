@@ -272,7 +272,7 @@ final class ProcessReaper: @unchecked Sendable {
         _ process: HookProcess, output: OutputPipe?, timeout: Duration? = nil, pidfds: Bool = true,
         expired: @escaping @Sendable () -> Void = {}
     ) {
-        let pidfd = pidfds && wakeRead >= 0 ? systemPidfdOpen(process.pid, 0) : -1
+        let pidfd = pidfds ? systemPidfdOpen(process.pid, 0) : -1
         let deadline = timeout.map { Self.now() &+ Self.nanoseconds($0) }
         lock.withLock {
             if let output { reading[output.readEnd] = Reading(output: output) }
@@ -334,6 +334,8 @@ final class ProcessReaper: @unchecked Sendable {
                 let now = Self.now()
                 timeout = nearest <= now ? 0 : Int32(min((nearest - now + 999_999) / 1_000_000, 1_000))
             }
+            // Without a wake pipe a new run cannot interrupt `poll`: look every 10 ms instead.
+            if wakeRead < 0, timeout < 0 || timeout > 10 { timeout = 10 }
             let ready = poll(&fds, nfds_t(fds.count), timeout)
             if ready < 0 {
                 if errno != EINTR { usleep(10_000) }  // never a hot loop, whatever poll says
@@ -369,7 +371,7 @@ final class ProcessReaper: @unchecked Sendable {
             for action in expired { action() }
             for entry in outputs where !ended.contains(entry.key) {
                 if let deadline = entry.value.deadline, deadline <= now {
-                    _ = entry.value.output.read(into: &buffer)
+                    _ = entry.value.output.read(into: &buffer, reads: 1)
                     ended.append(entry.key)
                 }
             }
