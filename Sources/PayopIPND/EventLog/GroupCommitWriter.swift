@@ -37,10 +37,17 @@ final class GroupCommitWriter: @unchecked Sendable {
     }
 
     /// Runs `operation` in the next group commit and returns its result once the commit is on disk.
-    func write<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError) -> T {
+    /// `settled` runs first, on the writer thread, with whether it committed: what must follow the
+    /// commit at once (starting a claimed run) does not wait for the caller's task to be scheduled.
+    func write<T: Sendable>(
+        _ operation: @escaping @Sendable (Database) throws -> T, settled: @escaping @Sendable (Bool) -> Void = { _ in }
+    ) async throws(EventLogError) -> T {
         do {
             return try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<T, any Error>) in
-                submit(operation) { continuation.resume(with: $0.mapError { $0 as any Error }) }
+                submit(operation) { result in
+                    if case .success = result { settled(true) } else { settled(false) }
+                    continuation.resume(with: result.mapError { $0 as any Error })
+                }
             }
         } catch let error as EventLogError {
             throw error

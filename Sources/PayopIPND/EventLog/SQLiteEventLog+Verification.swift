@@ -31,15 +31,8 @@ extension SQLiteEventLog {
     {
         let hooks = self.hooks
         let early = earlyClaims()
-        do {
-            let applied = try await write { db in
-                try Self.apply(answer, to: check, now: now, policy: policy, hooks: hooks, early: early, in: db)
-            }
-            early?.settle(committed: true)
-            return applied
-        } catch {
-            early?.settle(committed: false)
-            throw error
+        return try await write(claiming: early) { db in
+            try Self.apply(answer, to: check, now: now, policy: policy, hooks: hooks, early: early, in: db)
         }
     }
 

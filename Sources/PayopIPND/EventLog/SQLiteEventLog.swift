@@ -135,6 +135,13 @@ public final class SQLiteEventLog: EventLog {
         try await writer.write(operation)
     }
 
+    /// A write whose early claims are settled on the writer thread as soon as its commit is over.
+    func write<T: Sendable>(claiming early: EarlyClaims?, _ operation: @escaping @Sendable (Database) throws -> T)
+        async throws(EventLogError) -> T
+    {
+        try await writer.write(operation, settled: { early?.settle(committed: $0) })
+    }
+
     /// A read on one of GRDB's reader queues: for operations' queries, which may scan.
     public func read<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError)
         -> T
