@@ -24,6 +24,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var queue: [Job] = []
     private var stopping = false
     private var finished = false
+    /// A checkpoint to run on this connection before the next batch (`requestCheckpoint`).
+    private var checkpointRequested = false
     private let onBatch: @Sendable (Int) -> Void
     private let commits = Atomic<Int>(0)
     var commitCount: Int { commits.load(ordering: .relaxed) }
@@ -89,10 +91,27 @@ final class GroupCommitWriter: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// Asks the writer to checkpoint from its own connection between two batches: no commit can append
+    /// frames meanwhile, so the checkpoint catches up with the WAL and the next commit starts it over
+    /// (one from another connection never does while writes keep coming). Passive: it never waits for
+    /// a reader, it skips the frames one still reads.
+    func requestCheckpoint() {
+        condition.lock()
+        checkpointRequested = true
+        condition.signal()
+        condition.unlock()
+    }
+
     private func run() {
         while true {
             condition.lock()
-            while queue.isEmpty && !stopping { condition.wait() }
+            while queue.isEmpty && !stopping && !checkpointRequested { condition.wait() }
+            if checkpointRequested {
+                checkpointRequested = false
+                condition.unlock()
+                _ = try? database.writeWithoutTransaction { db in try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)") }
+                continue
+            }
             if queue.isEmpty {
                 finished = true
                 condition.broadcast()

@@ -30,9 +30,10 @@ public final class SQLiteEventLog: EventLog {
 
     private init(
         path: String, database: DatabasePool, stageReader: DatabaseQueue, clock: any WallClock,
-        onBatch: @escaping @Sendable (Int) -> Void
+        walRestartFrames: Int, onBatch: @escaping @Sendable (Int) -> Void
     ) {
         self.path = path
+        self.walRestartFrames = walRestartFrames
         self.database = database
         self.stageReader = stageReader
         self.clock = clock
@@ -42,7 +43,7 @@ public final class SQLiteEventLog: EventLog {
     /// Opens (creating when `create`) the log at `path`, migrates it and checks that commits are durable.
     public static func open(
         path: String, mode: Mode, create: Bool = true, clock: any WallClock = SystemWallClock(),
-        lockDeadlineSeconds: TimeInterval = SQLiteEventLog.lockDeadlineSeconds,
+        lockDeadlineSeconds: TimeInterval = SQLiteEventLog.lockDeadlineSeconds, walRestartFrames: Int = 4096,
         onBatch: @escaping @Sendable (Int) -> Void = { _ in }
     ) throws(EventLogError) -> SQLiteEventLog {
         let fileManager = FileManager.default
@@ -84,7 +85,9 @@ public final class SQLiteEventLog: EventLog {
         } catch {
             throw EventLogError(.unavailable, "cannot open the event log at \(path)", cause: error)
         }
-        let log = SQLiteEventLog(path: path, database: database, stageReader: stageReader, clock: clock, onBatch: onBatch)
+        let log = SQLiteEventLog(
+            path: path, database: database, stageReader: stageReader, clock: clock, walRestartFrames: walRestartFrames,
+            onBatch: onBatch)
         let level = try log.synchronousLevel()
         guard level == 2 else {
             throw EventLogError(
@@ -175,17 +178,31 @@ public final class SQLiteEventLog: EventLog {
 
     /// Moves committed WAL frames into the database file. Runs from its own connection so the writer
     /// never pays for it inside a commit (the source of occasional 10-30 ms commits otherwise).
-    public func checkpoint() throws(EventLogError) {
+    ///
+    /// SQLite starts the WAL over only after a checkpoint has caught up with the writer, and one from
+    /// another connection never does while IPNs keep coming: during a 20 s ingest bench the WAL grew
+    /// to 1.2 GB, every commit growing the file. So when the WAL still holds more than
+    /// `walRestartFrames` after this pass, the writer checkpoints too, between two batches: it copies
+    /// only the frames committed since (milliseconds of them), and its next commit starts the WAL over.
+    /// Returns the WAL's frames as this pass found them.
+    @discardableResult
+    public func checkpoint() throws(EventLogError) -> Int {
+        let frames: Int
         do {
             let connection = try DatabaseQueue(path: path, configuration: checkpointConfiguration)
-            try connection.writeWithoutTransaction { db in
-                _ = try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")
+            defer { try? connection.close() }
+            frames = try connection.writeWithoutTransaction { db in
+                try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")?[1] ?? 0
             }
-            try connection.close()
         } catch {
             throw EventLogError(.unavailable, "cannot checkpoint the event log", cause: error)
         }
+        if frames > walRestartFrames { writer.requestCheckpoint() }
+        return frames
     }
+
+    /// WAL frames (4 KiB pages) past which a checkpoint makes the WAL start over: 16 MiB by default.
+    let walRestartFrames: Int
 
     private var checkpointConfiguration: Configuration {
         var configuration = Configuration()

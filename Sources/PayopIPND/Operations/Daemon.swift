@@ -364,7 +364,7 @@ struct CheckpointService: Service {
             if commits == checkpointed && !failing { continue }
             do {
                 try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, any Error>) in
-                    queue.async { done.resume(with: Result { try log.checkpoint() }) }
+                    queue.async { done.resume(with: Result { _ = try log.checkpoint() }) }
                 }
                 if failing { logger.notice("event log checkpoints work again") }
                 failing = false
