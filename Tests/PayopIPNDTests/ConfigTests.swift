@@ -132,8 +132,17 @@ import Testing
                 events: ["*"]
               - name: noevents
                 command: [/bin/true]
+              - name: forever
+                command: [/bin/true]
+                events: ["*"]
+                timeout_seconds: 1e16
+            delivery:
+              kill_grace_seconds: 1e300
             """
         ).filter { $0.severity == .error }
+        // Past a year: a count of milliseconds that would not fit, refused before any run could trap on it.
+        #expect(found.contains { $0.key == "hooks[forever].timeout_seconds" && $0.message.contains("at most") })
+        #expect(found.contains { $0.key == "delivery.kill_grace_seconds" && $0.message.contains("at most") })
         #expect(found.contains { $0.key == "hooks[fulfil].command" && $0.message.contains("absolute") })
         #expect(found.contains { $0.key == "hooks[crm].url" && $0.message.contains("127.0.0.1") })
         #expect(found.contains { $0.key == "hooks[both]" })

@@ -45,8 +45,8 @@ public struct CommandHookRunner: HookRunner {
                 argv: argv, environment: environment, input: invocation.body, output: capture,
                 timeout: .milliseconds(Int64(invocation.hook.timeoutSeconds * 1000))
             ) { process in
-                timedOut.store(true, ordering: .relaxed)
-                process.terminate(grace: grace)
+                // Not when the hook was reaped just before (it ended on its own, as its timeout came).
+                if process.terminate(grace: grace) { timedOut.store(true, ordering: .relaxed) }
             }
         } catch {
             capture.abandon()

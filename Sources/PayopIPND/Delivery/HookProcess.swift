@@ -48,11 +48,18 @@ final class HookProcess: Sendable {
     }
 
     /// SIGTERM to the group now, SIGKILL after `grace` if the hook has not exited by then; whatever of
-    /// the group outlives the hook is killed when the hook is reaped.
-    func terminate(grace: TimeAmount) {
-        state.withLock { $0.terminating = true }
+    /// the group outlives the hook is killed when the hook is reaped. False when it was reaped already
+    /// (nothing sent: it ended on its own).
+    @discardableResult
+    func terminate(grace: TimeAmount) -> Bool {
+        let running = state.withLock { state in
+            state.terminating = true
+            return state.status == nil
+        }
+        guard running else { return false }
         signalGroup(SIGTERM)
         MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: grace) { self.signalGroup(SIGKILL) }
+        return true
     }
 
     /// Reaps the process if it has exited, without waiting; true when it was (the reaper then forgets it).
@@ -289,7 +296,7 @@ final class ProcessReaper: @unchecked Sendable {
         wake()
     }
 
-    /// A timeout in nanoseconds, capped at about a year (a hook's timeout is validated far below).
+    /// A timeout in nanoseconds, capped at a year (the config refuses longer ones).
     private static func nanoseconds(_ duration: Duration) -> UInt64 {
         let (seconds, attoseconds) = duration.components
         guard seconds >= 0 else { return 0 }

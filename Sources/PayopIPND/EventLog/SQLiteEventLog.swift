@@ -2,6 +2,10 @@ import Foundation
 import GRDB
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The durable event log: one SQLite file in WAL mode with `synchronous=FULL`, written only through
 /// the group-commit writer, read by any number of readers and other processes (the CLI) at once.
 public final class SQLiteEventLog: EventLog {
@@ -179,29 +183,57 @@ public final class SQLiteEventLog: EventLog {
     /// Moves committed WAL frames into the database file. Runs from its own connection so the writer
     /// never pays for it inside a commit (the source of occasional 10-30 ms commits otherwise).
     ///
-    /// SQLite starts the WAL over only after a checkpoint has caught up with the writer, and one from
-    /// another connection never does while IPNs keep coming: during a 20 s ingest bench the WAL grew
-    /// to 1.2 GB, every commit growing the file. So when the WAL still holds more than
-    /// `walRestartFrames` after this pass, the writer checkpoints too, between two batches: it copies
-    /// only the frames committed since (milliseconds of them), and its next commit starts the WAL over.
-    /// Returns the WAL's frames as this pass found them.
+    /// SQLite starts the WAL over at a commit only when a checkpoint has copied every frame before it,
+    /// which one from another connection never does while IPNs keep coming (commits land while it
+    /// copies): during a 20 s ingest bench the WAL grew to 1.2 GB, every commit growing the file. So
+    /// past `walRestartFrames` the pass is repeated over what was committed meanwhile (at most
+    /// `catchUpPasses` times), and when a few hundred frames are left at most, the writer copies those
+    /// itself between two batches (`GroupCommitWriter.requestCheckpoint`, about a millisecond): it is
+    /// then caught up, and its next commit starts the WAL over. Returns the frames the WAL held.
     @discardableResult
     public func checkpoint() throws(EventLogError) -> Int {
-        let frames: Int
+        let (found, left): (Int, Int)
         do {
             let connection = try DatabaseQueue(path: path, configuration: checkpointConfiguration)
             defer { try? connection.close() }
-            frames = try connection.writeWithoutTransaction { db in
-                try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")?[1] ?? 0
+            (found, left) = try connection.writeWithoutTransaction { db in
+                var pass = 0
+                var found = 0
+                while true {
+                    let row = try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")
+                    let (frames, copied): (Int, Int) = (row?[1] ?? 0, row?[2] ?? 0)
+                    if pass == 0 { found = frames }
+                    pass += 1
+                    guard found > walRestartFrames, copied < frames, pass < Self.catchUpPasses else {
+                        return (found, frames - copied)
+                    }
+                }
             }
         } catch {
             throw EventLogError(.unavailable, "cannot checkpoint the event log", cause: error)
         }
-        if frames > walRestartFrames { writer.requestCheckpoint() }
-        return frames
+        // Even when this pass copied everything, the writer was most likely inside a commit, whose
+        // frames come after it: the writer copies what is left between two batches. SQLite syncs the
+        // database file only at a checkpoint that reaches the WAL's end, which under load is the
+        // writer's: the pages copied here are synced here first, off the commit path (the writer's
+        // checkpoint took 7-8 ms with a second of them to sync, and commits waited for it).
+        if found > walRestartFrames, left <= Self.writerCheckpointFrames {
+            let file = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+            if file >= 0 {
+                _ = fdatasync(file)
+                Glibc.close(file)
+            }
+            writer.requestCheckpoint()
+        }
+        return found
     }
 
-    /// WAL frames (4 KiB pages) past which a checkpoint makes the WAL start over: 16 MiB by default.
+    /// Passes of one checkpoint at most, catching up with the writer.
+    static let catchUpPasses = 8
+    /// Frames left at most for the writer to copy itself: the pause it costs commits stays short.
+    static let writerCheckpointFrames = 512
+
+    /// WAL frames (4 KiB pages) past which a checkpoint catches up with the writer: 16 MiB by default.
     let walRestartFrames: Int
 
     private var checkpointConfiguration: Configuration {

@@ -170,6 +170,10 @@ private final class Reader {
         return scalar.string
     }
 
+    /// Every number in the config is seconds (or a size) that must fit a 64-bit count of milliseconds;
+    /// no setting means more than a year.
+    static let largestNumber: Double = 31_536_000
+
     func number(_ node: Node?, _ key: String, minimum: Double, allowZero: Bool = false) -> Double? {
         guard let node else { return nil }
         guard case .scalar = node, let value = node.float, value.isFinite else {
@@ -178,6 +182,10 @@ private final class Reader {
         }
         guard value > minimum || (allowZero && value == 0) else {
             error(key, node, allowZero ? "must be 0 or more" : "must be greater than \(Self.show(minimum))")
+            return nil
+        }
+        guard value <= Self.largestNumber else {
+            error(key, node, "must be at most \(Self.show(Self.largestNumber)) (a year)")
             return nil
         }
         return value
