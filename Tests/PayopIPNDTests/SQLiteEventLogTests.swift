@@ -144,6 +144,32 @@ import Testing
         #expect(try await log.counts().events == 31)
     }
 
+    @Test func pastTheLimitTheWriterCopiesWhatTheOtherConnectionCouldNot() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, walRestartFrames: 16)
+        defer { log.close() }
+        for n in 0..<30 { _ = try await log.ingest(try ipn(checkoutBody(transaction: "tx-\(n)", state: 2))) }
+        // A reader's snapshot stops the other connection's passes short of the WAL's end.
+        let reader = try lockingConnection(dir.file("events.sqlite3"))
+        try await reader.writeWithoutTransaction { db in
+            try db.execute(sql: "BEGIN")
+            _ = try Int.fetchOne(db, sql: "SELECT count(*) FROM events")
+        }
+        for n in 0..<5 { _ = try await log.ingest(try ipn(checkoutBody(transaction: "late-\(n)", state: 2))) }
+        #expect(try log.checkpoint() > 16)
+        try await log.checkWritable()  // the writer has taken its turn
+        #expect(log.writerCheckpoints == 1)  // asked for: past the limit, a few frames left
+        try await reader.writeWithoutTransaction { db in try db.execute(sql: "COMMIT") }
+        // The writer's checkpoint, between two batches, catches up; its next commit starts the WAL over.
+        log.checkpointFromWriter()
+        try await log.checkWritable()
+        let walSize = { try FileManager.default.attributesOfItem(atPath: dir.file("events.sqlite3-wal"))[.size] as? Int }
+        let before = try walSize()
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "after", state: 2)))
+        #expect(try walSize() == before)
+        #expect(try await log.counts().events == 36)
+    }
+
     @Test func fullDiskFailsTheWriteAndLosesNothingAlreadyCommitted() async throws {
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)

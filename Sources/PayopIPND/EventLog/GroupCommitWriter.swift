@@ -26,6 +26,11 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var finished = false
     /// A checkpoint to run on this connection before the next batch (`requestCheckpoint`).
     private var checkpointRequested = false
+    /// How the last one failed, for the checkpoint service to report (`takeCheckpointFailure`).
+    private var checkpointFailure: (any Error)?
+    private let checkpointsRun = Atomic<Int>(0)
+    /// Checkpoints this writer ran between batches (tests).
+    var checkpointCount: Int { checkpointsRun.load(ordering: .relaxed) }
     private let onBatch: @Sendable (Int) -> Void
     private let commits = Atomic<Int>(0)
     var commitCount: Int { commits.load(ordering: .relaxed) }
@@ -102,6 +107,16 @@ final class GroupCommitWriter: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// The writer's last checkpoint failure, if it has not been reported yet.
+    func takeCheckpointFailure() -> (any Error)? {
+        condition.lock()
+        defer {
+            checkpointFailure = nil
+            condition.unlock()
+        }
+        return checkpointFailure
+    }
+
     private func run() {
         while true {
             condition.lock()
@@ -109,7 +124,16 @@ final class GroupCommitWriter: @unchecked Sendable {
             if checkpointRequested {
                 checkpointRequested = false
                 condition.unlock()
-                _ = try? database.writeWithoutTransaction { db in try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)") }
+                do {
+                    _ = try database.writeWithoutTransaction { db in
+                        try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")
+                    }
+                    checkpointsRun.add(1, ordering: .relaxed)
+                } catch {
+                    condition.lock()
+                    checkpointFailure = error
+                    condition.unlock()
+                }
                 continue
             }
             if queue.isEmpty {

@@ -192,41 +192,65 @@ public final class SQLiteEventLog: EventLog {
     /// then caught up, and its next commit starts the WAL over. Returns the frames the WAL held.
     @discardableResult
     public func checkpoint() throws(EventLogError) -> Int {
-        let (found, left): (Int, Int)
+        if let failure = writer.takeCheckpointFailure() {
+            throw EventLogError(.unavailable, "the writer's checkpoint failed", cause: failure)
+        }
+        let found: Int
         do {
             let connection = try DatabaseQueue(path: path, configuration: checkpointConfiguration)
             defer { try? connection.close() }
-            (found, left) = try connection.writeWithoutTransaction { db in
+            found = try connection.writeWithoutTransaction { db in
                 var pass = 0
                 var found = 0
                 while true {
-                    let row = try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")
-                    let (frames, copied): (Int, Int) = (row?[1] ?? 0, row?[2] ?? 0)
+                    let (frames, copied) = try Self.passiveCheckpoint(db)
                     if pass == 0 { found = frames }
                     pass += 1
-                    guard found > walRestartFrames, copied < frames, pass < Self.catchUpPasses else {
-                        return (found, frames - copied)
-                    }
+                    guard found > walRestartFrames, copied < frames, pass < Self.catchUpPasses else { return found }
                 }
             }
+            guard found > walRestartFrames else { return found }
+            // SQLite syncs the database file only at a checkpoint that reaches the WAL's end, which
+            // under load is the writer's: the pages copied here are synced here first, off the commit
+            // path (the writer's checkpoint took 7-8 ms with a second of them to sync, and commits
+            // waited for it). A failed sync is reported, and then the writer is not asked: the WAL
+            // must not start over on pages that may not be on disk.
+            try Self.syncFile(path)
+            // Even when these passes copied everything, the writer was most likely inside a commit
+            // whose frames came after them: once few are left (looked at again after the sync), the
+            // writer copies them between two batches.
+            let (frames, copied) = try connection.writeWithoutTransaction { db in try Self.passiveCheckpoint(db) }
+            if frames >= 0, frames - copied <= Self.writerCheckpointFrames { writer.requestCheckpoint() }
+        } catch let error as EventLogError {
+            throw error
         } catch {
             throw EventLogError(.unavailable, "cannot checkpoint the event log", cause: error)
         }
-        // Even when this pass copied everything, the writer was most likely inside a commit, whose
-        // frames come after it: the writer copies what is left between two batches. SQLite syncs the
-        // database file only at a checkpoint that reaches the WAL's end, which under load is the
-        // writer's: the pages copied here are synced here first, off the commit path (the writer's
-        // checkpoint took 7-8 ms with a second of them to sync, and commits waited for it).
-        if found > walRestartFrames, left <= Self.writerCheckpointFrames {
-            let file = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-            if file >= 0 {
-                _ = fdatasync(file)
-                Glibc.close(file)
-            }
-            writer.requestCheckpoint()
-        }
         return found
     }
+
+    /// One passive pass: the WAL's frames and how many of them are in the database file now (-1 and
+    /// -1 when another checkpoint was running).
+    private static func passiveCheckpoint(_ db: Database) throws -> (frames: Int, copied: Int) {
+        let row = try Row.fetchOne(db, sql: "PRAGMA wal_checkpoint(PASSIVE)")
+        return (row?[1] ?? -1, row?[2] ?? -1)
+    }
+
+    private static func syncFile(_ path: String) throws(EventLogError) {
+        let file = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard file >= 0 else {
+            throw EventLogError(.unavailable, "cannot open the event log to sync it", cause: SystemError(errno))
+        }
+        defer { Glibc.close(file) }
+        guard fdatasync(file) == 0 else {
+            throw EventLogError(.unavailable, "cannot sync the event log's database file", cause: SystemError(errno))
+        }
+    }
+
+    /// The writer checkpoints between two batches (see `checkpoint()`).
+    func checkpointFromWriter() { writer.requestCheckpoint() }
+    /// Checkpoints the writer ran between batches (tests).
+    var writerCheckpoints: Int { writer.checkpointCount }
 
     /// Passes of one checkpoint at most, catching up with the writer.
     static let catchUpPasses = 8

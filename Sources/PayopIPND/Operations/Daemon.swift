@@ -366,7 +366,10 @@ struct CheckpointService: Service {
             try? await Task.sleep(for: busy ? interval / 10 : interval)
             // Nothing written since the last checkpoint: nothing to move, and an idle daemon stays idle.
             let commits = log.commitCount
-            if commits == checkpointed && !failing { continue }
+            if commits == checkpointed && !failing {
+                busy = false
+                continue
+            }
             do {
                 let frames = try await withCheckedThrowingContinuation { (done: CheckedContinuation<Int, any Error>) in
                     queue.async { done.resume(with: Result { try log.checkpoint() }) }
