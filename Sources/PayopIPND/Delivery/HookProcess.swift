@@ -280,7 +280,8 @@ final class ProcessReaper: @unchecked Sendable {
         expired: @escaping @Sendable () -> Void = {}
     ) {
         let pidfd = pidfds ? systemPidfdOpen(process.pid, 0) : -1
-        let deadline = timeout.map { Self.now() &+ Self.nanoseconds($0) }
+        // Capped at a year (the config refuses longer timeouts).
+        let deadline = timeout.map { Self.now() &+ WorkSignal.nanoseconds(min($0, .seconds(31_536_000))) }
         lock.withLock {
             if let output { reading[output.readEnd] = Reading(output: output) }
             if pidfd >= 0 { watched[pidfd] = Watch(process: process, output: output) }
@@ -294,13 +295,6 @@ final class ProcessReaper: @unchecked Sendable {
             }
         }
         wake()
-    }
-
-    /// A timeout in nanoseconds, capped at a year (the config refuses longer ones).
-    private static func nanoseconds(_ duration: Duration) -> UInt64 {
-        let (seconds, attoseconds) = duration.components
-        guard seconds >= 0 else { return 0 }
-        return UInt64(min(seconds, 31_536_000)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
     }
 
     private func wake() {
@@ -329,15 +323,16 @@ final class ProcessReaper: @unchecked Sendable {
         var drain = [UInt8](repeating: 0, count: 64)
         var buffer = [UInt8](repeating: 0, count: 16_384)
         while true {
-            let (processes, outputs) = lock.withLock { (Array(watched), Array(reading)) }
+            let (processes, outputs, nearestTimeout) = lock.withLock {
+                (Array(watched), Array(reading), timeouts.values.map(\.deadline).min())
+            }
             var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             fds += processes.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
             fds += outputs.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
-            let pending = lock.withLock { timeouts.values.map(\.deadline).min() }
             // Until the nearest deadline (rounded up to a millisecond, at most a second), else until
             // something happens.
             var timeout: Int32 = -1
-            if let nearest = (outputs.compactMap(\.value.deadline) + (pending.map { [$0] } ?? [])).min() {
+            if let nearest = (outputs.compactMap(\.value.deadline) + (nearestTimeout.map { [$0] } ?? [])).min() {
                 let now = Self.now()
                 timeout = nearest <= now ? 0 : Int32(min((nearest - now + 999_999) / 1_000_000, 1_000))
             }

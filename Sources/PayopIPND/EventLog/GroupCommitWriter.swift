@@ -51,10 +51,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     ) async throws(EventLogError) -> T {
         do {
             return try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<T, any Error>) in
-                submit(operation) { result in
-                    if case .success = result { settled(true) } else { settled(false) }
-                    continuation.resume(with: result.mapError { $0 as any Error })
-                }
+                submit(operation, settled: settled) { continuation.resume(with: $0.mapError { $0 as any Error }) }
             }
         } catch let error as EventLogError {
             throw error
@@ -64,18 +61,25 @@ final class GroupCommitWriter: @unchecked Sendable {
     }
 
     /// Runs `operation` in the next group commit; `completion` is called on the writer thread once the
-    /// commit is on disk (or has failed). The listener's path: no Swift task, one hop back to its
-    /// event loop.
+    /// commit is on disk (or has failed), right after `settled` with whether it committed. The
+    /// listener's path: no Swift task, one hop back to its event loop.
     func submit<T: Sendable>(
         _ operation: @escaping @Sendable (Database) throws -> T,
+        settled: @escaping @Sendable (Bool) -> Void = { _ in },
         completion: @escaping @Sendable (Result<T, EventLogError>) -> Void
     ) {
         let job = Job(
             perform: { db in
                 let value = try operation(db)
-                return { completion(.success(value)) }
+                return {
+                    settled(true)
+                    completion(.success(value))
+                }
             },
-            fail: { completion(.failure($0)) })
+            fail: {
+                settled(false)
+                completion(.failure($0))
+            })
         condition.lock()
         if stopping {
             condition.unlock()

@@ -276,10 +276,7 @@ public final class SQLiteEventLog: EventLog {
         let early = ipn.verifiedBySignature ? earlyClaims() : nil
         writer.submit(
             { db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy, early: early) },
-            completion: { result in
-                if case .success = result { early?.settle(committed: true) } else { early?.settle(committed: false) }
-                completion(result)
-            })
+            settled: { early?.settle(committed: $0) }, completion: completion)
     }
 
     public func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void) {

@@ -360,8 +360,8 @@ struct CheckpointService: Service {
         var checkpointed = -1
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             // While IPNs pour in (the WAL past an eighth of its limit a second after the last pass), look
-            // again ten times sooner: the WAL then starts over every few tenths of a second and stays
-            // far below the size SQLite truncates it to at a restart (a truncation costs that commit
+            // again ten times sooner: the WAL then starts over every few tenths of a second, mostly
+            // below the size SQLite truncates it to at a restart (a truncation costs that commit
             // milliseconds).
             try? await Task.sleep(for: busy ? interval / 10 : interval)
             // Nothing written since the last checkpoint: nothing to move, and an idle daemon stays idle.
