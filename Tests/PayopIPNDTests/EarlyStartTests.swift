@@ -63,6 +63,15 @@ struct EarlyStartHarness {
         try await log.deliveries(state: nil, hook: nil, limit: 100).reversed()
     }
 
+    /// A signed IPN whose write fails: no slot is kept and no delivery exists.
+    func expectSignedIPNRefusedHoldingNothing(sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        await #expect(throws: EventLogError.self, sourceLocation: sourceLocation) {
+            try await ingestSigned(log, clock: clock)
+        }
+        #expect(dispatcher.running == 0, sourceLocation: sourceLocation)
+        #expect(try await deliveries().isEmpty, sourceLocation: sourceLocation)
+    }
+
     /// Makes every commit that records a run as started fail at `COMMIT` (a deferred foreign key the
     /// claim's own statement violates), after the write itself has succeeded; `false` lifts it.
     func failCommitsOfClaims(_ fail: Bool) async throws {
@@ -155,9 +164,7 @@ struct EarlyStartHarness {
         let h = try await EarlyStartHarness()
         defer { h.log.close() }
         try await h.failCommitsOfClaims(true)
-        await #expect(throws: EventLogError.self) { try await ingestSigned(h.log, clock: h.clock) }
-        #expect(h.dispatcher.running == 0)
-        #expect(try await h.deliveries().isEmpty)
+        try await h.expectSignedIPNRefusedHoldingNothing()
         // Payop's answer the same way: the verification is not recorded, and nothing is claimed.
         try await h.failCommitsOfClaims(false)
         try await h.ingestCheckout("tx-1")
@@ -179,9 +186,7 @@ struct EarlyStartHarness {
         let h = try await EarlyStartHarness()
         defer { h.log.close() }
         try await h.failClaims(true)
-        await #expect(throws: EventLogError.self) { try await ingestSigned(h.log, clock: h.clock) }
-        #expect(h.dispatcher.running == 0)
-        #expect(try await h.deliveries().isEmpty)
+        try await h.expectSignedIPNRefusedHoldingNothing()
         try await h.failClaims(false)
         try await ingestSigned(h.log, clock: h.clock)
         #expect(try await h.deliveries().map(\.state) == [.running])

@@ -127,28 +127,38 @@ import Testing
         #expect(try await log.counts().events == 1)
     }
 
-    @Test func aCheckpointPastTheLimitSaysSoAndTheNextCommitStartsTheWALOver() async throws {
-        let dir = try TemporaryDirectory()
+    /// A log in `dir` whose checkpoints catch up past 16 WAL frames, holding 30 checkouts.
+    func logPastItsWALLimit(in dir: TemporaryDirectory) async throws -> SQLiteEventLog {
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, walRestartFrames: 16)
-        defer { log.close() }
         for n in 0..<30 { _ = try await log.ingest(try ipn(checkoutBody(transaction: "tx-\(n)", state: 2))) }
-        // Past the limit (the service looks again sooner), copied up to the last commit: the next commit
-        // starts the WAL over.
-        #expect(try log.checkpoint() > 16)
+        return log
+    }
+
+    /// Commits one more checkout; true when it was written over the WAL's old frames (the file did not grow).
+    func nextCommitReusesTheWAL(_ log: SQLiteEventLog, in dir: TemporaryDirectory) async throws -> Bool {
         let walSize = { try FileManager.default.attributesOfItem(atPath: dir.file("events.sqlite3-wal"))[.size] as? Int }
         let before = try walSize()
         _ = try await log.ingest(try ipn(checkoutBody(transaction: "after", state: 2)))
+        return try walSize() == before
+    }
+
+    @Test func aCheckpointPastTheLimitSaysSoAndTheNextCommitStartsTheWALOver() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try await logPastItsWALLimit(in: dir)
+        defer { log.close() }
+        // Past the limit (the service looks again sooner), copied up to the last commit: the next commit
+        // starts the WAL over.
+        #expect(try log.checkpoint() > 16)
+        #expect(try await nextCommitReusesTheWAL(log, in: dir))  // over the old frames: the file did not grow
         let frames = try log.checkpoint()
         #expect(frames > 0 && frames <= 16)  // one commit's frames, written from the top
-        #expect(try walSize() == before)  // over the old frames: the file did not grow
         #expect(try await log.counts().events == 31)
     }
 
     @Test func pastTheLimitTheWriterCopiesWhatTheOtherConnectionCouldNot() async throws {
         let dir = try TemporaryDirectory()
-        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, walRestartFrames: 16)
+        let log = try await logPastItsWALLimit(in: dir)
         defer { log.close() }
-        for n in 0..<30 { _ = try await log.ingest(try ipn(checkoutBody(transaction: "tx-\(n)", state: 2))) }
         // A reader's snapshot stops the other connection's passes short of the WAL's end.
         let reader = try lockingConnection(dir.file("events.sqlite3"))
         try await reader.writeWithoutTransaction { db in
@@ -163,10 +173,7 @@ import Testing
         // The writer's checkpoint, between two batches, catches up; its next commit starts the WAL over.
         log.checkpointFromWriter()
         try await log.checkWritable()
-        let walSize = { try FileManager.default.attributesOfItem(atPath: dir.file("events.sqlite3-wal"))[.size] as? Int }
-        let before = try walSize()
-        _ = try await log.ingest(try ipn(checkoutBody(transaction: "after", state: 2)))
-        #expect(try walSize() == before)
+        #expect(try await nextCommitReusesTheWAL(log, in: dir))
         #expect(try await log.counts().events == 36)
     }
 
