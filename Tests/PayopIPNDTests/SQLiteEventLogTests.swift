@@ -233,6 +233,77 @@ import Testing
         #expect(event.event.duplicates == 1)
     }
 
+    /// Receipts stamped up to the slack out of order (two event loops), in seeded random runs: the time
+    /// ranges read through the ids' order find exactly what the stamps say, and pruning deletes exactly
+    /// what was received before its cutoff. With stamps further out of order (a clock stepped back by
+    /// more), pruning still never deletes a receipt received at or after its cutoff.
+    @Test(arguments: [(UInt64(1), false), (2, false), (3, false), (4, true), (5, true)])
+    func timeRangesOverReceiptsFollowTheirStamps(seed: UInt64, wild: Bool) async throws {
+        var random = SeededRandom(seed: seed)
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let slack = SQLiteEventLog.receiptOrderSlack
+        let start: Int64 = 1_795_000_000_000
+        var clock = start
+        let stamps = (0..<Int.random(in: 1...400, using: &random)).map { _ in
+            clock += Int64.random(in: 0...3_000, using: &random)
+            return clock + Int64.random(in: 0..<(wild ? 20 * slack : slack), using: &random)
+        }
+        try await log.write { db in
+            for (n, at) in stamps.enumerated() {
+                try db.execute(
+                    sql: """
+                        INSERT INTO receipts (received_at, source_ip, path, answer, size, body)
+                        VALUES (?, '3.125.109.58', '/payop/ipn', ?, 0, x'')
+                        """, arguments: [at, n % 3 == 0 ? 401 : 200])
+            }
+        }
+        let ids: @Sendable (String, Int64) async throws -> [Int64] = { condition, time in
+            try await log.read { try Int64.fetchAll($0, sql: "SELECT id FROM receipts WHERE \(condition) ORDER BY id DESC", arguments: [time]) }
+        }
+        let lowest = stamps.min()!, highest = stamps.max()!
+        for _ in 0..<40 {
+            let time = Int64.random(in: (lowest - 2 * slack)...(highest + 2 * slack), using: &random)
+            let found = try await log.receipts(refusedOnly: false, since: time, limit: 10_000).map(\.id)
+            if !wild { #expect(found == (try await ids("received_at >= ?", time)), "since \(time)") }
+            let overview = try await log.overview(now: time + 86_400_000)
+            let day = try await ids("received_at >= ? AND answer = 200", time)
+            if !wild { #expect(overview.ipnsLastDay == day.count && overview.ipnsPerMinute.reduce(0, +) <= day.count) }
+        }
+        let cutoff = Int64.random(in: lowest...(highest + 1), using: &random)
+        let old = try await ids("received_at < ?", cutoff)
+        let pruned = try await log.prune(before: cutoff).receipts
+        let kept = Set(try await ids("received_at >= ?", Int64.min))
+        #expect(kept.isSuperset(of: try await ids("received_at >= ?", cutoff)))
+        #expect(wild ? pruned <= old.count : pruned == old.count)
+        #expect(kept.isDisjoint(with: wild ? [] : old) && kept.count + pruned == stamps.count)
+    }
+
+    /// Events' ids are made for their receipt's time and never before it, so a time range is an id range.
+    @Test func eventIDsAreNeverOlderThanTheTimeTheyWereMadeFor() {
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        for at in [now, now - 60_000, now + 1, 1_000, 0] {
+            let id = SortableID.make(prefix: "evt_", millisecondsSince1970: at)
+            #expect(id >= SortableID.first(prefix: "evt_", millisecondsSince1970: at), "\(at)")
+        }
+        #expect(SortableID.first(prefix: "evt_", millisecondsSince1970: now) < SortableID.first(prefix: "evt_", millisecondsSince1970: now + 1))
+        #expect(SortableID.make(prefix: "evt_", millisecondsSince1970: 4_000) < SortableID.first(prefix: "evt_", millisecondsSince1970: 4_102_444_800_000))
+    }
+
+    /// Every index is a page more in most commits: what each table carries is decided here, not by accident.
+    @Test func theIngestTablesCarryOnlyTheIndexesTheHotPathAndTheVerifierNeed() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let indexes = try await log.read { db in
+            try String.fetchAll(
+                db, sql: "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN ('events', 'receipts') ORDER BY name")
+        }
+        // The id and the dedupe key; the verifier's schedule; each event's copies (and the foreign key's check).
+        #expect(indexes == ["events_due_for_check", "receipts_by_event", "sqlite_autoindex_events_1", "sqlite_autoindex_events_2"])
+    }
+
     @Test func openingAMissingLogForAToolIsAClearError() throws {
         let dir = try TemporaryDirectory()
         #expect(throws: EventLogError.self) {

@@ -8,14 +8,15 @@ extension SQLiteEventLog {
             let hour = now - 3_600_000
             let day = now - 86_400_000
             var overview = EventLogOverview(deliveries: counts)
+            let dayOfReceipts = try Self.firstReceiptID(stampedFrom: day - Self.receiptOrderSlack, db)
             if let row = try Row.fetchOne(
                 db,
                 sql: """
                     SELECT count(*) FILTER (WHERE received_at >= ? AND answer = 200) AS hour,
                            count(*) FILTER (WHERE answer = 200) AS day,
                            count(*) FILTER (WHERE answer <> 200) AS refused
-                    FROM receipts WHERE received_at >= ?
-                    """, arguments: [hour, day])
+                    FROM receipts WHERE id >= ? AND received_at >= ?
+                    """, arguments: [hour, dayOfReceipts, day])
             {
                 overview.ipnsLastHour = row["hour"]
                 overview.ipnsLastDay = row["day"]
@@ -25,8 +26,8 @@ extension SQLiteEventLog {
                 db,
                 sql: """
                     SELECT count(*) FILTER (WHERE received_at >= ?) AS hour, count(*) AS day
-                    FROM events WHERE received_at >= ?
-                    """, arguments: [hour, day])
+                    FROM events WHERE id >= ? AND received_at >= ?
+                    """, arguments: [hour, SortableID.first(prefix: "evt_", millisecondsSince1970: day), day])
             {
                 overview.eventsLastHour = row["hour"]
                 overview.eventsLastDay = row["day"]
@@ -34,7 +35,7 @@ extension SQLiteEventLog {
             overview.awaitingVerification =
                 try Int.fetchOne(db, sql: "SELECT count(*) FROM events WHERE state = 'received'") ?? 0
             overview.lastIPNAt = try Int64.fetchOne(
-                db, sql: "SELECT received_at FROM receipts WHERE answer = 200 ORDER BY received_at DESC LIMIT 1")
+                db, sql: "SELECT received_at FROM receipts WHERE answer = 200 ORDER BY id DESC LIMIT 1")
             if let row = try Row.fetchOne(
                 db, sql: "SELECT at, outcome FROM verification_attempts ORDER BY id DESC LIMIT 1")
             {
@@ -46,8 +47,8 @@ extension SQLiteEventLog {
                 db,
                 sql: """
                     SELECT (received_at - ? - 1) / 60000 AS minute, count(*) AS n FROM receipts
-                    WHERE received_at > ? AND received_at <= ? AND answer = 200 GROUP BY minute
-                    """, arguments: [day, day, now])
+                    WHERE id >= ? AND received_at > ? AND received_at <= ? AND answer = 200 GROUP BY minute
+                    """, arguments: [day, dayOfReceipts, day, now])
             for row in rows {
                 let minute: Int = row["minute"]
                 if perMinute.indices.contains(minute) { perMinute[minute] = row["n"] }

@@ -361,7 +361,11 @@ public final class SQLiteEventLog: EventLog {
             conditions.add("events.kind || '.' || events.status = ?", filter.type)
             conditions.add("events.status = ?", filter.status)
             conditions.add("events.state = ?", filter.state)
-            conditions.add("events.received_at >= ?", filter.since)
+            if let since = filter.since {
+                // The id range first (a seek of the primary key), then the exact time.
+                conditions.add("events.id >= ?", SortableID.first(prefix: "evt_", millisecondsSince1970: since))
+                conditions.add("events.received_at >= ?", since)
+            }
             if let query = filter.query {
                 // No index on these ids (each would cost every ingest a write): a search scans, which a
                 // person at the console can afford and the hot path cannot.
@@ -372,12 +376,12 @@ public final class SQLiteEventLog: EventLog {
                     """, arguments: StatementArguments(Array(repeating: query, count: 7)))
             }
             if let before = filter.before {
-                conditions.add("(events.received_at, events.id) < (?, ?)", arguments: [before.receivedAt, before.id])
+                conditions.add("events.id < ?", before.id)
             }
             return try Row.fetchAll(
                 db,
                 sql:
-                    "\(Event.select) \(conditions.whereClause) ORDER BY events.received_at DESC, events.id DESC LIMIT ?",
+                    "\(Event.select) \(conditions.whereClause) ORDER BY events.id DESC LIMIT ?",
                 arguments: conditions.arguments + [filter.limit]
             ).map(Event.init(row:))
         }
@@ -394,7 +398,7 @@ public final class SQLiteEventLog: EventLog {
             let body = receiptBodies.map { ", substr(body, 1, \(max($0, 0))) AS body" } ?? ""
             let receipts = try Row.fetchAll(
                 db,
-                sql: "SELECT \(Receipt.columns)\(body) FROM receipts WHERE event_id = ? ORDER BY received_at, id LIMIT ?",
+                sql: "SELECT \(Receipt.columns)\(body) FROM receipts WHERE event_id = ? ORDER BY id LIMIT ?",
                 arguments: [id, receiptLimit ?? -1]
             ).map(Receipt.init(row:))
             let attempts = try Row.fetchAll(
@@ -427,11 +431,13 @@ public final class SQLiteEventLog: EventLog {
         try await read { db in
             var conditions = SQLFilter()
             conditions.add("answer <> 200", when: refusedOnly)
-            conditions.add("received_at >= ?", since)
+            if let since {
+                conditions.add("id >= ?", try Self.firstReceiptID(stampedFrom: since - Self.receiptOrderSlack, db))
+                conditions.add("received_at >= ?", since)
+            }
             return try Row.fetchAll(
                 db,
-                sql:
-                    "SELECT \(Receipt.columns) FROM receipts \(conditions.whereClause) ORDER BY received_at DESC, id DESC LIMIT ?",
+                sql: "SELECT \(Receipt.columns) FROM receipts \(conditions.whereClause) ORDER BY id DESC LIMIT ?",
                 arguments: conditions.arguments + [limit]
             ).map(Receipt.init(row:))
         }
@@ -442,11 +448,13 @@ public final class SQLiteEventLog: EventLog {
     /// for `replay`.
     public func prune(before cutoff: Int64) async throws(EventLogError) -> PruneResult {
         try await write { db in
+            // Every receipt from the bound on was received at the cutoff or later: the scan stops there.
+            let bound = try Self.firstReceiptID(stampedFrom: cutoff + Self.receiptOrderSlack, db)
             try db.execute(
                 sql: """
-                    DELETE FROM receipts WHERE received_at < ?
+                    DELETE FROM receipts WHERE id < ? AND received_at < ?
                     AND id NOT IN (SELECT first_receipt FROM events WHERE first_receipt IS NOT NULL)
-                    """, arguments: [cutoff])
+                    """, arguments: [bound, cutoff])
             let receipts = db.changesCount
             try db.execute(
                 sql: """
@@ -457,6 +465,28 @@ public final class SQLiteEventLog: EventLog {
                 sql: "DELETE FROM deliveries WHERE state = 'delivered' AND finished_at < ?", arguments: [cutoff])
             return PruneResult(receipts: receipts, deliveries: db.changesCount)
         }
+    }
+
+    /// How far apart in time two receipts written one after the other can be stamped: two event loops
+    /// stamp their own, and the clock may be stepped back. Time ranges over receipts count on it.
+    static let receiptOrderSlack: Int64 = 60_000
+
+    /// The receipts have no index on their time (it cost every commit pages, for the console and the
+    /// pruning only): they are numbered as they are written, in the order they arrived give or take
+    /// `receiptOrderSlack`. This bisects the ids, a few dozen seeks of the primary key, for the point
+    /// where the stamps reach `time`. With stamps at most the slack out of order, every receipt below
+    /// it was received before `time + slack`, and every one from it on at `time - slack` or later.
+    static func firstReceiptID(stampedFrom time: Int64, _ db: Database) throws -> Int64 {
+        guard let last = try Int64.fetchOne(db, sql: "SELECT max(id) FROM receipts") else { return 0 }
+        let seek = try db.cachedStatement(sql: "SELECT id, received_at FROM receipts WHERE id >= ? ORDER BY id LIMIT 1")
+        var low = try Int64.fetchOne(db, sql: "SELECT min(id) FROM receipts") ?? 0
+        var high = last + 1
+        while low < high {
+            let middle = low + (high - low) / 2
+            guard let row = try Row.fetchOne(seek, arguments: [middle]) else { break }
+            if row[1] as Int64 >= time { high = middle } else { low = (row[0] as Int64) + 1 }
+        }
+        return low
     }
 
     public func counts() async throws(EventLogError) -> (events: Int, receipts: Int) {

@@ -156,6 +156,15 @@ enum Schema {
                     CREATE INDEX delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
                     """)
         }
+        migrator.registerMigration("0006-time-ordered-ids") { db in
+            // Time ranges read the ids' order instead (`SQLiteEventLog.receiptIDs`, `eventIDs`): these two
+            // indexes were a fifth of the pages every commit wrote, for the console and the pruning only.
+            try db.execute(
+                sql: """
+                    DROP INDEX events_by_received_at;
+                    DROP INDEX receipts_by_received_at;
+                    """)
+        }
         return migrator
     }
 }

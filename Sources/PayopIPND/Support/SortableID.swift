@@ -31,12 +31,7 @@ public enum SortableID {
             }
             return (state.milliseconds, state.high, state.low)
         }
-        var chars = [UInt8](repeating: 0, count: 26)
-        var timeBits = UInt64(max(0, time))
-        for index in stride(from: 9, through: 0, by: -1) {
-            chars[index] = alphabet[Int(timeBits & 31)]
-            timeBits >>= 5
-        }
+        var chars = timeDigits(time)
         // 80 bits, most significant first: 16 digits of 5 bits.
         var random = UInt128(high) << 64 | UInt128(low)
         for index in stride(from: 25, through: 10, by: -1) {
@@ -44,5 +39,23 @@ public enum SortableID {
             random >>= 5
         }
         return prefix + String(decoding: chars, as: UTF8.self)
+    }
+
+    /// The smallest id `make` can return for `prefix` at `ms` or later: ids at or above it were made
+    /// at `ms` or later, and an id is never older than the time it was made for (a clock stepped back
+    /// keeps counting from the newest), so a time range is a range of ids.
+    public static func first(prefix: String, millisecondsSince1970 ms: Int64) -> String {
+        prefix + String(decoding: timeDigits(ms), as: UTF8.self)
+    }
+
+    /// 26 digits: the time's 10, then zeros.
+    private static func timeDigits(_ ms: Int64) -> [UInt8] {
+        var chars = [UInt8](repeating: alphabet[0], count: 26)
+        var timeBits = UInt64(max(0, ms))
+        for index in stride(from: 9, through: 0, by: -1) {
+            chars[index] = alphabet[Int(timeBits & 31)]
+            timeBits >>= 5
+        }
+        return chars
     }
 }
