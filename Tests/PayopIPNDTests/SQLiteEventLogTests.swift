@@ -304,6 +304,17 @@ import Testing
         #expect(indexes == ["events_due_for_check", "receipts_by_event", "sqlite_autoindex_events_1", "sqlite_autoindex_events_2"])
     }
 
+    /// What `top -H`, `perf` and a stack dump show: the thread that fsyncs is named, not one of the pool's.
+    @Test func theWriterThreadCarriesItsNameWhereOperatorsLook() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        try await log.checkWritable()
+        let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")
+        let names = tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
+        #expect(names.contains("ipnd-log-writer\n"))
+    }
+
     @Test func openingAMissingLogForAToolIsAClearError() throws {
         let dir = try TemporaryDirectory()
         #expect(throws: EventLogError.self) {

@@ -109,10 +109,10 @@ final class HookProcess: Sendable {
     /// (holding no lock meanwhile), then reaping it; `exited` runs once it is reaped.
     func reapOnItsOwnThread(exited: @escaping @Sendable () -> Void = {}) {
         let thread = Thread {
+            Thread.current.name = "ipnd-hook-wait"
             while !(Self.exitState(self.pid, wait: true) != .running && self.reap()) {}
             exited()
         }
-        thread.name = "payop-ipnd.hook-wait"
         thread.start()
     }
 
@@ -266,8 +266,10 @@ final class ProcessReaper: @unchecked Sendable {
         var fds: [Int32] = [-1, -1]
         _ = systemPipe2(&fds, O_CLOEXEC | O_NONBLOCK)
         (wakeRead, wakeWrite) = (fds[0], fds[1])
-        let thread = Thread { [self] in run() }
-        thread.name = "payop-ipnd.hook-reaper"
+        let thread = Thread { [self] in
+            Thread.current.name = "ipnd-hook-reap"  // as `top -H` shows it: Linux keeps 15 characters
+            run()
+        }
         thread.start()
     }
 
