@@ -315,6 +315,40 @@ import Testing
         #expect(names.contains("ipnd-log-writer\n"))
     }
 
+    /// The ingest's statements bound through SQLite's C API store what GRDB stores for the same values
+    /// (a NUL inside text, non-ASCII, NULLs, bytes that are not UTF-8), so a row written one way is found
+    /// the other; they fail with GRDB's error and result code, and run again after failing.
+    @Test func rawStatementsStoreWhatGRDBWouldAndFailTheSameWay() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        try await log.write { db in
+            try db.execute(sql: "CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT, n INTEGER, b BLOB NOT NULL)")
+            let insert = try db.cachedStatement(sql: "INSERT INTO t (id, s, n, b) VALUES (?, ?, ?, ?)")
+            let texts: [String?] = ["é\u{0}x", "", nil, "o-1\u{1F600}", "\u{0}"]
+            for (index, text) in texts.enumerated() {
+                let bytes: [UInt8] = [0xFF, 0x00, UInt8(index)]
+                try insert.run { $0.add(Int64(2 * index)); $0.add(text); $0.add(index == 2 ? nil : index); $0.add(blob: bytes) }
+                try db.execute(
+                    sql: "INSERT INTO t (id, s, n, b) VALUES (?, ?, ?, ?)",
+                    arguments: [2 * index + 1, text, index == 2 ? nil : index, Data(bytes)])
+            }
+            let differing = try Int.fetchOne(
+                db, sql: "SELECT count(*) FROM t AS raw JOIN t AS grdb ON grdb.id = raw.id + 1 WHERE raw.id % 2 = 0 AND NOT (raw.s IS grdb.s AND raw.n IS grdb.n AND raw.b = grdb.b)")
+            #expect(differing == 0)
+            #expect(try Int.fetchOne(db, sql: "SELECT count(*) FROM t") == 2 * texts.count)
+            let failure = #expect(throws: DatabaseError.self) {
+                try insert.run { $0.add(0 as Int64?); $0.add("again"); $0.add(0 as Int?); $0.add(blob: [1]) }
+            }
+            #expect(failure?.resultCode == .SQLITE_CONSTRAINT)
+            try insert.run { $0.add(100 as Int64?); $0.add("after"); $0.add(7 as Int?); $0.add(blob: []) }
+            let read = try db.cachedStatement(sql: "SELECT s, length(b) FROM t WHERE id = ?")
+            #expect(try read.firstRow { $0.add(100 as Int64?) } read: { $0.text(0) } == "after")
+            #expect(try Int.fetchOne(db, sql: "SELECT length(b) FROM t WHERE id = 100") == 0)
+            #expect(try read.firstRow { $0.add(99 as Int64?) } read: { $0.text(0) } == nil)
+        }
+    }
+
     @Test func openingAMissingLogForAToolIsAClearError() throws {
         let dir = try TemporaryDirectory()
         #expect(throws: EventLogError.self) {

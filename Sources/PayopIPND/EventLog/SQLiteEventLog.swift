@@ -313,21 +313,41 @@ public final class SQLiteEventLog: EventLog {
     ) throws -> IngestOutcome {
         let n = ipn.notification
         let now = ipn.receivedAt
-        let existing = try Row.fetchOne(
-            db.cachedStatement(sql: "SELECT id, state FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"),
-            arguments: [n.kind.rawValue, n.entityID, n.status.dedupeKey])
-        let eventID: String = existing?["id"] ?? SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        // The statements every IPN runs are bound through SQLite's C API (`RawStatement`).
+        let existing = try db.cachedStatement(
+            sql: "SELECT id, state FROM events WHERE kind = ? AND entity_id = ? AND status_key = ?"
+        ).firstRow {
+            $0.add(n.kind.rawValue)
+            $0.add(n.entityID)
+            $0.add(n.status.dedupeKey)
+        } read: { (id: $0.text(0) ?? "", state: $0.text(1)) }
+        let eventID = existing?.id ?? SortableID.make(prefix: "evt_", millisecondsSince1970: now)
         // The receipt first, so a new event can point at it. Each copy keeps its own claims: a later copy
         // is judged on its own against Payop.
-        try db.cachedStatement(sql: insertReceipt).execute(arguments: [
-            now, ipn.sourceIP, ipn.path, 200, nil, n.kind.rawValue, n.entityID, n.status.name, eventID,
-            ipn.body.count, Data(ipn.body), n.orderID, n.amount, n.currency, n.invoiceID, n.transactionID,
-        ])
+        try db.cachedStatement(sql: insertReceipt).run {
+            $0.add(now)
+            $0.add(ipn.sourceIP)
+            $0.add(ipn.path)
+            $0.add(200)
+            $0.add(nil as String?)
+            $0.add(n.kind.rawValue)
+            $0.add(n.entityID)
+            $0.add(n.status.name)
+            $0.add(eventID)
+            $0.add(ipn.body.count)
+            $0.add(blob: ipn.body)
+            $0.add(n.orderID)
+            $0.add(n.amount)
+            $0.add(n.currency)
+            $0.add(n.invoiceID)
+            $0.add(n.transactionID)
+        }
         let receiptID = db.lastInsertedRowID
         if let existing {
-            try db.cachedStatement(sql: "UPDATE events SET duplicates = duplicates + 1 WHERE id = ?").execute(
-                arguments: [eventID])
-            if existing["state"] as String == "rejected",
+            try db.cachedStatement(sql: "UPDATE events SET duplicates = duplicates + 1 WHERE id = ?").run {
+                $0.add(eventID)
+            }
+            if existing.state == "rejected",
                 var machine = try verification(db, eventID)
             {
                 machine.ipnRepeated(now: now, policy: policy)
@@ -338,13 +358,25 @@ public final class SQLiteEventLog: EventLog {
                 ipn.verifiedBySignature
                 ? EventVerification.signed(kind: n.kind, status: n.status, receivedAt: now)
                 : EventVerification.fresh(kind: n.kind, status: n.status, receivedAt: now)
-            try db.cachedStatement(sql: insertEvent).execute(arguments: [
-                eventID, n.kind.rawValue, n.entityID, n.status.name, n.status.dedupeKey, n.status.payopState,
-                machine.state.name, ipn.verifiedBySignature ? "signature" : nil,
-                n.transactionID, n.invoiceID, n.orderID, n.refundID, n.withdrawalID, n.amount, n.currency,
-                n.errorMessage, n.legacy != nil, now, ipn.verifiedBySignature ? now : nil, receiptID,
-                machine.nextCheckAt,
-            ])
+            try db.cachedStatement(sql: insertEvent).run {
+                $0.add(eventID)
+                $0.add(n.kind.rawValue)
+                $0.add(n.entityID)
+                $0.add(n.status.name)
+                $0.add(n.status.dedupeKey)
+                $0.add(n.status.payopState)
+                $0.add(machine.state.name)
+                $0.add(ipn.verifiedBySignature ? "signature" : nil)
+                for fact in [n.transactionID, n.invoiceID, n.orderID, n.refundID, n.withdrawalID, n.amount, n.currency] {
+                    $0.add(fact)
+                }
+                $0.add(n.errorMessage)
+                $0.add(n.legacy != nil)
+                $0.add(now)
+                $0.add(ipn.verifiedBySignature ? now : nil)
+                $0.add(receiptID)
+                $0.add(machine.nextCheckAt)
+            }
             if ipn.verifiedBySignature {
                 try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now, early: early)
             }

@@ -1,0 +1,87 @@
+import GRDB
+import GRDBSQLite
+
+/// The writer's per-IPN statements, bound and stepped through SQLite's C API. GRDB boxes every argument
+/// in an existential and needs the body as `Data` (a copy): on the ingest path that was a few percent
+/// of the writer thread's samples, the thread every commit waits for. Everything else keeps GRDB's API;
+/// errors come out as GRDB's `DatabaseError`, so the group commit judges them the same way.
+extension Statement {
+    /// Runs the statement to its end with the parameters `bind` sets, in order.
+    func run(_ bind: (inout RawParameters) -> Void) throws {
+        _ = try firstRow(bind) { _ in () }
+    }
+
+    /// Runs the statement with the parameters `bind` sets and reads its first row, if any, with `read`.
+    func firstRow<T>(_ bind: (inout RawParameters) -> Void, read: (RawColumns) -> T) throws -> T? {
+        let handle = sqliteStatement
+        sqlite3_reset(handle)
+        sqlite3_clear_bindings(handle)
+        var parameters = RawParameters(handle: handle)
+        bind(&parameters)
+        defer { sqlite3_reset(handle) }
+        var row: T?
+        while true {
+            switch sqlite3_step(handle) {
+            case SQLITE_ROW:
+                if row == nil { row = read(RawColumns(handle: handle)) }
+            case SQLITE_DONE:
+                return row
+            case let code:
+                throw DatabaseError(
+                    resultCode: ResultCode(rawValue: code),
+                    message: String(cString: sqlite3_errmsg(sqlite3_db_handle(handle))), sql: sql)
+            }
+        }
+    }
+}
+
+/// A statement's parameters, set in order from the first.
+struct RawParameters {
+    fileprivate let handle: OpaquePointer
+    private var next: Int32 = 1
+
+    fileprivate init(handle: OpaquePointer) { self.handle = handle }
+
+    /// SQLite copies what it is given (`SQLITE_TRANSIENT`): nothing has to outlive the call.
+    private static let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
+
+    /// As a C string, the way GRDB binds text (a NUL ends it): the same value must match the same rows
+    /// whichever way it was bound (the dedupe key is also looked up through GRDB).
+    mutating func add(_ value: String?) {
+        defer { next += 1 }
+        guard let value else { sqlite3_bind_null(handle, next); return }
+        sqlite3_bind_text(handle, next, value, -1, Self.transient)
+    }
+
+    mutating func add(_ value: Int64?) {
+        defer { next += 1 }
+        guard let value else { sqlite3_bind_null(handle, next); return }
+        sqlite3_bind_int64(handle, next, value)
+    }
+
+    mutating func add(_ value: Int?) { add(value.map(Int64.init)) }
+
+    mutating func add(_ value: Bool) { add(Int64(value ? 1 : 0)) }
+
+    /// A blob, never NULL (an empty body is an empty blob, as GRDB stores an empty `Data`).
+    mutating func add(blob bytes: [UInt8]) {
+        defer { next += 1 }
+        bytes.withUnsafeBytes { buffer in
+            if let base = buffer.baseAddress {
+                sqlite3_bind_blob(handle, next, base, Int32(buffer.count), Self.transient)
+            } else {
+                sqlite3_bind_zeroblob(handle, next, 0)
+            }
+        }
+    }
+}
+
+/// The current row's columns, by position.
+struct RawColumns {
+    fileprivate let handle: OpaquePointer
+
+    func text(_ column: Int32) -> String? {
+        guard let bytes = sqlite3_column_text(handle, column) else { return nil }
+        return String(cString: bytes)
+    }
+}
