@@ -278,17 +278,51 @@ import Testing
         #expect(kept.isSuperset(of: try await ids("received_at >= ?", cutoff)))
         #expect(wild ? pruned <= old.count : pruned == old.count)
         #expect(kept.isDisjoint(with: wild ? [] : old) && kept.count + pruned == stamps.count)
+        // The ids pruning left, with gaps, still bisect.
+        for _ in 0..<20 where !wild {
+            let time = Int64.random(in: (lowest - 2 * slack)...(highest + 2 * slack), using: &random)
+            let found = try await log.receipts(refusedOnly: false, since: time, limit: 10_000).map(\.id)
+            #expect(found == (try await ids("received_at >= ?", time)), "since \(time), after pruning")
+        }
     }
 
-    /// Events' ids are made for their receipt's time and never before it, so a time range is an id range.
-    @Test func eventIDsAreNeverOlderThanTheTimeTheyWereMadeFor() {
+    @Test func timeRangesOverNoReceiptsAreEmpty() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        #expect(try await log.receipts(refusedOnly: false, since: 0, limit: 10).isEmpty)
+        #expect(try await log.receipts(refusedOnly: false, since: .min, limit: 10).isEmpty)
+        #expect(try await log.prune(before: .max) == .init(receipts: 0, deliveries: 0))
+        #expect(try await log.overview(now: 1_795_000_000_000).ipnsLastDay == 0)
+    }
+
+    /// Events' ids are made for their receipt's time and never before it, so a time range is an id range
+    /// plus the exact test: with the clock stepped back between IPNs, `since` still finds exactly the
+    /// events stamped at or after it, and the newest-first list pages through every event once.
+    @Test func eventTimeRangesFindWhatTheStampsSayWithTheClockSteppedBack() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
         let now = Int64(Date().timeIntervalSince1970 * 1000)
-        for at in [now, now - 60_000, now + 1, 1_000, 0] {
-            let id = SortableID.make(prefix: "evt_", millisecondsSince1970: at)
-            #expect(id >= SortableID.first(prefix: "evt_", millisecondsSince1970: at), "\(at)")
+        let stamps: [Int64] = [now, now + 5, now - 120_000, now - 119_990, now + 10, now - 300_000, now + 10]
+        for (n, at) in stamps.enumerated() {
+            _ = try await log.ingest(try ipn(checkoutBody(transaction: "stepped-\(n)", state: 2), at: at))
         }
-        #expect(SortableID.first(prefix: "evt_", millisecondsSince1970: now) < SortableID.first(prefix: "evt_", millisecondsSince1970: now + 1))
-        #expect(SortableID.make(prefix: "evt_", millisecondsSince1970: 4_000) < SortableID.first(prefix: "evt_", millisecondsSince1970: 4_102_444_800_000))
+        for since in Set(stamps.flatMap { [$0 - 1, $0, $0 + 1] }) {
+            let found = try await log.events(.init(since: since, limit: 100)).map(\.id)
+            let stamped = try await log.read {
+                try String.fetchAll($0, sql: "SELECT id FROM events WHERE received_at >= ?", arguments: [since])
+            }
+            #expect(Set(found) == Set(stamped) && found.count == stamped.count, "since \(since)")
+        }
+        var pages: [[String]] = []
+        var cursor: EventCursor?
+        repeat {
+            let page = try await log.events(.init(before: cursor, limit: 2))
+            pages.append(page.map(\.id))
+            cursor = page.last.map { EventCursor(receivedAt: $0.receivedAt, id: $0.id) }
+        } while !(pages.last?.isEmpty ?? true)
+        #expect(Set(pages.joined()).count == stamps.count && pages.joined().count == stamps.count)
     }
 
     /// Every index is a page more in most commits: what each table carries is decided here, not by accident.
@@ -309,10 +343,9 @@ import Testing
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
-        try await log.checkWritable()
-        let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")
-        let names = tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
-        #expect(names.contains("ipnd-log-writer\n"))
+        // Read on the writer thread itself: another test's writer carries the same name.
+        let name = try await log.write { _ in try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8) }
+        #expect(name == "ipnd-log-writer\n")
     }
 
     /// The ingest's statements bound through SQLite's C API store what GRDB stores for the same values
@@ -342,6 +375,18 @@ import Testing
             }
             #expect(failure?.resultCode == .SQLITE_CONSTRAINT)
             try insert.run { $0.add(100 as Int64?); $0.add("after"); $0.add(7 as Int?); $0.add(blob: []) }
+            try insert.run { $0.add(101 as Int64?); $0.add("yes"); $0.add(true); $0.add(blob: [3]) }
+            #expect(try Int.fetchOne(db, sql: "SELECT n FROM t WHERE id = 101") == 1)
+            // A value missing, or one too many, fails the statement as it fails in GRDB: nothing is stored.
+            let missing = #expect(throws: DatabaseError.self) {
+                try insert.run { $0.add(102 as Int64?); $0.add("short"); $0.add(1 as Int?) }
+            }
+            #expect(missing?.resultCode == .SQLITE_MISUSE)
+            let extra = #expect(throws: DatabaseError.self) {
+                try insert.run { $0.add(103 as Int64?); $0.add("long"); $0.add(1 as Int?); $0.add(blob: [4]); $0.add("x") }
+            }
+            #expect(extra?.resultCode == .SQLITE_RANGE)
+            #expect(try Int.fetchOne(db, sql: "SELECT count(*) FROM t WHERE id IN (102, 103)") == 0)
             let read = try db.cachedStatement(sql: "SELECT s, length(b) FROM t WHERE id = ?")
             #expect(try read.firstRow { $0.add(100 as Int64?) } read: { $0.text(0) } == "after")
             #expect(try Int.fetchOne(db, sql: "SELECT length(b) FROM t WHERE id = 100") == 0)

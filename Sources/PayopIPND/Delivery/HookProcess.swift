@@ -109,7 +109,7 @@ final class HookProcess: Sendable {
     /// (holding no lock meanwhile), then reaping it; `exited` runs once it is reaped.
     func reapOnItsOwnThread(exited: @escaping @Sendable () -> Void = {}) {
         let thread = Thread {
-            Thread.current.name = "ipnd-hook-wait"
+            nameCurrentThread("ipnd-hook-wait")
             while !(Self.exitState(self.pid, wait: true) != .running && self.reap()) {}
             exited()
         }
@@ -267,7 +267,7 @@ final class ProcessReaper: @unchecked Sendable {
         _ = systemPipe2(&fds, O_CLOEXEC | O_NONBLOCK)
         (wakeRead, wakeWrite) = (fds[0], fds[1])
         let thread = Thread { [self] in
-            Thread.current.name = "ipnd-hook-reap"  // as `top -H` shows it: Linux keeps 15 characters
+            nameCurrentThread("ipnd-hook-reap")
             run()
         }
         thread.start()

@@ -39,8 +39,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.database = database
         self.onBatch = onBatch
         let thread = Thread { [self] in
-            // Named from the thread itself, as `top -H` and `perf` show it (Linux keeps 15 characters).
-            Thread.current.name = "ipnd-log-writer"
+            nameCurrentThread("ipnd-log-writer")
             self.run()
         }
         thread.start()

@@ -19,6 +19,19 @@ extension Statement {
         var parameters = RawParameters(handle: handle)
         bind(&parameters)
         defer { sqlite3_reset(handle) }
+        // As GRDB refuses to run a statement with a value missing or one too many: a column added to an
+        // INSERT without its value must fail the write, not store NULL.
+        if let failure = parameters.failure {
+            throw DatabaseError(
+                resultCode: ResultCode(rawValue: failure),
+                message: String(cString: sqlite3_errmsg(sqlite3_db_handle(handle))), sql: sql)
+        }
+        guard parameters.count == sqlite3_bind_parameter_count(handle) else {
+            throw DatabaseError(
+                resultCode: .SQLITE_MISUSE,
+                message: "\(parameters.count) values bound for \(sqlite3_bind_parameter_count(handle)) parameters",
+                sql: sql)
+        }
         var row: T?
         while true {
             switch sqlite3_step(handle) {
@@ -39,8 +52,16 @@ extension Statement {
 struct RawParameters {
     fileprivate let handle: OpaquePointer
     private var next: Int32 = 1
+    /// How many values were bound, and the first binding SQLite refused.
+    fileprivate var count: Int32 { next - 1 }
+    fileprivate private(set) var failure: Int32?
 
     fileprivate init(handle: OpaquePointer) { self.handle = handle }
+
+    private mutating func bound(_ code: Int32) {
+        if code != SQLITE_OK, failure == nil { failure = code }
+        next += 1
+    }
 
     /// SQLite copies what it is given (`SQLITE_TRANSIENT`): nothing has to outlive the call.
     private static let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
@@ -48,31 +69,29 @@ struct RawParameters {
     /// As a C string, the way GRDB binds text (a NUL ends it): the same value must match the same rows
     /// whichever way it was bound (the dedupe key is also looked up through GRDB).
     mutating func add(_ value: String?) {
-        defer { next += 1 }
-        guard let value else { sqlite3_bind_null(handle, next); return }
-        sqlite3_bind_text(handle, next, value, -1, Self.transient)
+        guard let value else { return bound(sqlite3_bind_null(handle, next)) }
+        bound(sqlite3_bind_text(handle, next, value, -1, Self.transient))
     }
 
     mutating func add(_ value: Int64?) {
-        defer { next += 1 }
-        guard let value else { sqlite3_bind_null(handle, next); return }
-        sqlite3_bind_int64(handle, next, value)
+        guard let value else { return bound(sqlite3_bind_null(handle, next)) }
+        bound(sqlite3_bind_int64(handle, next, value))
     }
 
     mutating func add(_ value: Int?) { add(value.map(Int64.init)) }
 
     mutating func add(_ value: Bool) { add(Int64(value ? 1 : 0)) }
 
-    /// A blob, never NULL (an empty body is an empty blob, as GRDB stores an empty `Data`).
+    /// A blob, never NULL (an empty body is an empty blob).
     mutating func add(blob bytes: [UInt8]) {
-        defer { next += 1 }
-        bytes.withUnsafeBytes { buffer in
+        let code = bytes.withUnsafeBytes { buffer in
             if let base = buffer.baseAddress {
                 sqlite3_bind_blob(handle, next, base, Int32(buffer.count), Self.transient)
             } else {
                 sqlite3_bind_zeroblob(handle, next, 0)
             }
         }
+        bound(code)
     }
 }
 

@@ -8,7 +8,7 @@ extension SQLiteEventLog {
             let hour = now - 3_600_000
             let day = now - 86_400_000
             var overview = EventLogOverview(deliveries: counts)
-            let dayOfReceipts = try Self.firstReceiptID(stampedFrom: day - Self.receiptOrderSlack, db)
+            let dayOfReceipts = try Self.firstReceiptID(stampedFrom: day, earlier: Self.receiptOrderSlack, db)
             if let row = try Row.fetchOne(
                 db,
                 sql: """

@@ -464,7 +464,7 @@ public final class SQLiteEventLog: EventLog {
             var conditions = SQLFilter()
             conditions.add("answer <> 200", when: refusedOnly)
             if let since {
-                conditions.add("id >= ?", try Self.firstReceiptID(stampedFrom: since - Self.receiptOrderSlack, db))
+                conditions.add("id >= ?", try Self.firstReceiptID(stampedFrom: since, earlier: Self.receiptOrderSlack, db))
                 conditions.add("received_at >= ?", since)
             }
             return try Row.fetchAll(
@@ -481,7 +481,7 @@ public final class SQLiteEventLog: EventLog {
     public func prune(before cutoff: Int64) async throws(EventLogError) -> PruneResult {
         try await write { db in
             // Every receipt from the bound on was received at the cutoff or later: the scan stops there.
-            let bound = try Self.firstReceiptID(stampedFrom: cutoff + Self.receiptOrderSlack, db)
+            let bound = try Self.firstReceiptID(stampedFrom: cutoff, earlier: -Self.receiptOrderSlack, db)
             try db.execute(
                 sql: """
                     DELETE FROM receipts WHERE id < ? AND received_at < ?
@@ -508,11 +508,15 @@ public final class SQLiteEventLog: EventLog {
     /// `receiptOrderSlack`. This bisects the ids, a few dozen seeks of the primary key, for the point
     /// where the stamps reach `time`. With stamps at most the slack out of order, every receipt below
     /// it was received before `time + slack`, and every one from it on at `time - slack` or later.
-    static func firstReceiptID(stampedFrom time: Int64, _ db: Database) throws -> Int64 {
+    /// `earlier` moves the time back (forward when negative), saturating: a time from the command line
+    /// may be anything.
+    static func firstReceiptID(stampedFrom time: Int64, earlier: Int64 = 0, _ db: Database) throws -> Int64 {
+        let (moved, overflow) = time.subtractingReportingOverflow(earlier)
+        let time = overflow ? (earlier > 0 ? Int64.min : Int64.max) : moved
         guard let last = try Int64.fetchOne(db, sql: "SELECT max(id) FROM receipts") else { return 0 }
         let seek = try db.cachedStatement(sql: "SELECT id, received_at FROM receipts WHERE id >= ? ORDER BY id LIMIT 1")
         var low = try Int64.fetchOne(db, sql: "SELECT min(id) FROM receipts") ?? 0
-        var high = last + 1
+        var high = last == .max ? last : last + 1
         while low < high {
             let middle = low + (high - low) / 2
             guard let row = try Row.fetchOne(seek, arguments: [middle]) else { break }
