@@ -13,6 +13,7 @@ import Testing
         #expect(SinceArgument(argument: "yesterday") == nil)
         #expect(SinceArgument(argument: "0d") == nil)
         #expect(SinceArgument(argument: "7w") == nil)
+        #expect(SinceArgument(argument: "999999999999999d") == nil)
     }
 
     @Test(arguments: [

@@ -286,7 +286,8 @@ import Testing
         }
     }
 
-    @Test func timeRangesOverNoReceiptsAreEmpty() async throws {
+    /// The ends of time, on an empty log and on one with receipts: nothing traps, and the bounds hold.
+    @Test func timeRangesAtTheEndsOfTimeHoldTheirBounds() async throws {
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
@@ -294,6 +295,15 @@ import Testing
         #expect(try await log.receipts(refusedOnly: false, since: .min, limit: 10).isEmpty)
         #expect(try await log.prune(before: .max) == .init(receipts: 0, deliveries: 0))
         #expect(try await log.overview(now: 1_795_000_000_000).ipnsLastDay == 0)
+        for n in 0..<3 {
+            _ = try await log.ingest(try ipn(checkoutBody(transaction: "ends-\(n)", state: 2), at: 1_795_000_000_000 + Int64(n)))
+            _ = try await log.ingest(try ipn(checkoutBody(transaction: "ends-\(n)", state: 2), at: 1_795_000_000_100 + Int64(n)))
+        }
+        #expect(try await log.receipts(refusedOnly: false, since: .min, limit: 10).count == 6)
+        #expect(try await log.receipts(refusedOnly: false, since: .max, limit: 10).isEmpty)
+        #expect(try await log.prune(before: .min) == .init(receipts: 0, deliveries: 0))
+        // Every receipt but the three each event's `ipn` comes from.
+        #expect(try await log.prune(before: .max) == .init(receipts: 3, deliveries: 0))
     }
 
     /// Events' ids are made for their receipt's time and never before it, so a time range is an id range
@@ -321,8 +331,15 @@ import Testing
             let page = try await log.events(.init(before: cursor, limit: 2))
             pages.append(page.map(\.id))
             cursor = page.last.map { EventCursor(receivedAt: $0.receivedAt, id: $0.id) }
-        } while !(pages.last?.isEmpty ?? true)
+        } while !(pages.last?.isEmpty ?? true) && pages.count <= stamps.count
         #expect(Set(pages.joined()).count == stamps.count && pages.joined().count == stamps.count)
+        // The bound itself: the time's digits, then the smallest of the rest; later times sort later.
+        for at: Int64 in [0, 1_000, now] {
+            let first = SortableID.first(prefix: "evt_", millisecondsSince1970: at)
+            #expect(first.count == 30 && first.hasSuffix("0000000000000000"))
+            #expect(first < SortableID.first(prefix: "evt_", millisecondsSince1970: at + 1))
+            #expect(SortableID.make(prefix: "evt_", millisecondsSince1970: at) >= first)
+        }
     }
 
     /// Every index is a page more in most commits: what each table carries is decided here, not by accident.
@@ -377,7 +394,7 @@ import Testing
             try insert.run { $0.add(100 as Int64?); $0.add("after"); $0.add(7 as Int?); $0.add(blob: []) }
             try insert.run { $0.add(101 as Int64?); $0.add("yes"); $0.add(true); $0.add(blob: [3]) }
             #expect(try Int.fetchOne(db, sql: "SELECT n FROM t WHERE id = 101") == 1)
-            // A value missing, or one too many, fails the statement as it fails in GRDB: nothing is stored.
+            // A value missing, or one too many, fails the statement (as GRDB refuses it): nothing is stored.
             let missing = #expect(throws: DatabaseError.self) {
                 try insert.run { $0.add(102 as Int64?); $0.add("short"); $0.add(1 as Int?) }
             }

@@ -520,7 +520,15 @@ public final class SQLiteEventLog: EventLog {
         while low < high {
             let middle = low + (high - low) / 2
             guard let row = try Row.fetchOne(seek, arguments: [middle]) else { break }
-            if row[1] as Int64 >= time { high = middle } else { low = (row[0] as Int64) + 1 }
+            let id: Int64 = row[0]
+            if row[1] as Int64 >= time {
+                high = middle
+            } else if id == .max {
+                // Every receipt is older, and none can come after this id.
+                return id
+            } else {
+                low = id + 1
+            }
         }
         return low
     }

@@ -157,8 +157,9 @@ enum Schema {
                     """)
         }
         migrator.registerMigration("0006-time-ordered-ids") { db in
-            // Time ranges read the ids' order instead (`SQLiteEventLog.receiptIDs`, `eventIDs`): these two
-            // indexes were a fifth of the pages every commit wrote, for the console and the pruning only.
+            // Time ranges read the ids' order instead (`SQLiteEventLog.firstReceiptID`, `SortableID.first`):
+            // these two indexes were about a sixth of the pages every commit wrote, for `--since`, the
+            // console's overview and `prune` only.
             try db.execute(
                 sql: """
                     DROP INDEX events_by_received_at;

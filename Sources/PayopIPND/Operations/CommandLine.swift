@@ -118,7 +118,10 @@ struct SinceArgument: ExpressibleByArgument {
         case "d": factor = 86_400_000
         default: return nil
         }
-        milliseconds = SystemWallClock().nowMilliseconds() - amount * factor
+        // Further back than a clock can count is a mistake, not a time: a usage error.
+        let (span, overflow) = amount.multipliedReportingOverflow(by: factor)
+        guard !overflow else { return nil }
+        milliseconds = SystemWallClock().nowMilliseconds() - span
     }
 
     static var defaultValueDescription: String { "RFC 3339 time or duration like 90m, 24h, 7d" }
@@ -322,7 +325,9 @@ struct PruneCommand: AsyncParsableCommand {
             let (config, log) = try await openEventLog(config)
             defer { log.close() }
             let days = olderThan ?? config.storage.retentionDays
-            let cutoff = SystemWallClock().nowMilliseconds() - Int64(days) * 86_400_000
+            // More days than a clock counts keep everything.
+            let (span, overflow) = Int64(days).multipliedReportingOverflow(by: 86_400_000)
+            let cutoff = overflow ? Int64.min : SystemWallClock().nowMilliseconds() - span
             let result = try await log.prune(before: cutoff)
             print(
                 "deleted \(result.receipts) receipt(s) and \(result.deliveries) delivered deliver\(result.deliveries == 1 ? "y" : "ies") older than \(days) day(s)"
