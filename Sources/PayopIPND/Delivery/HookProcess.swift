@@ -315,11 +315,8 @@ final class ProcessReaper: @unchecked Sendable {
         }
     }
 
-    private static func now() -> UInt64 {
-        var time = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &time)
-        return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
-    }
+    /// Monotonic nanoseconds, the clock `WorkSignal` keeps its deadlines on.
+    private static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 
     private func run() {
         var drain = [UInt8](repeating: 0, count: 64)

@@ -21,11 +21,7 @@ extension Statement {
         defer { sqlite3_reset(handle) }
         // As GRDB refuses to run a statement with a value missing or one too many: a column added to an
         // INSERT without its value must fail the write, not store NULL.
-        if let failure = parameters.failure {
-            throw DatabaseError(
-                resultCode: ResultCode(rawValue: failure),
-                message: String(cString: sqlite3_errmsg(sqlite3_db_handle(handle))), sql: sql)
-        }
+        if let failure = parameters.failure { throw error(failure) }
         guard parameters.count == sqlite3_bind_parameter_count(handle) else {
             throw DatabaseError(
                 resultCode: .SQLITE_MISUSE,
@@ -40,11 +36,16 @@ extension Statement {
             case SQLITE_DONE:
                 return row
             case let code:
-                throw DatabaseError(
-                    resultCode: ResultCode(rawValue: code),
-                    message: String(cString: sqlite3_errmsg(sqlite3_db_handle(handle))), sql: sql)
+                throw error(code)
             }
         }
+    }
+
+    /// SQLite's `code` and its message for this connection, as GRDB reports them.
+    private func error(_ code: Int32) -> DatabaseError {
+        DatabaseError(
+            resultCode: ResultCode(rawValue: code),
+            message: String(cString: sqlite3_errmsg(sqlite3_db_handle(sqliteStatement))), sql: sql)
     }
 }
 

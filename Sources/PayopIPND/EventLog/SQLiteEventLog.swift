@@ -247,7 +247,7 @@ public final class SQLiteEventLog: EventLog {
         }
     }
 
-    /// The writer checkpoints between two batches (see `checkpoint()`).
+    /// The writer checkpoints between two batches (see `checkpoint()`; tests).
     func checkpointFromWriter() { writer.requestCheckpoint() }
     /// Checkpoints the writer ran between batches (tests).
     var writerCheckpoints: Int { writer.checkpointCount }
@@ -367,9 +367,13 @@ public final class SQLiteEventLog: EventLog {
                 $0.add(n.status.payopState)
                 $0.add(machine.state.name)
                 $0.add(ipn.verifiedBySignature ? "signature" : nil)
-                for fact in [n.transactionID, n.invoiceID, n.orderID, n.refundID, n.withdrawalID, n.amount, n.currency] {
-                    $0.add(fact)
-                }
+                $0.add(n.transactionID)
+                $0.add(n.invoiceID)
+                $0.add(n.orderID)
+                $0.add(n.refundID)
+                $0.add(n.withdrawalID)
+                $0.add(n.amount)
+                $0.add(n.currency)
                 $0.add(n.errorMessage)
                 $0.add(n.legacy != nil)
                 $0.add(now)
@@ -510,7 +514,7 @@ public final class SQLiteEventLog: EventLog {
     /// it was received before `time + slack`, and every one from it on at `time - slack` or later.
     /// `earlier` moves the time back (forward when negative), saturating: a time from the command line
     /// may be anything.
-    static func firstReceiptID(stampedFrom time: Int64, earlier: Int64 = 0, _ db: Database) throws -> Int64 {
+    static func firstReceiptID(stampedFrom time: Int64, earlier: Int64, _ db: Database) throws -> Int64 {
         let (moved, overflow) = time.subtractingReportingOverflow(earlier)
         let time = overflow ? (earlier > 0 ? Int64.min : Int64.max) : moved
         guard let last = try Int64.fetchOne(db, sql: "SELECT max(id) FROM receipts") else { return 0 }
