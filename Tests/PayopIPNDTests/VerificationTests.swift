@@ -117,6 +117,46 @@ import Testing
         }
     }
 
+    @Test func simulatorAnswersWithPayopsFieldNames() async throws {
+        let payop = SimulatedPayop(jwt: "j")
+        let paid = payop.create(.checkout, state: 2, amount: "25.50", currency: "EUR")
+        let refund = payop.create(.refund, state: 2)
+        let withdrawal = payop.create(.withdrawal, state: 3)
+        func answer(_ path: String, _ query: [String: String] = [:]) async throws -> (Int, [String: Any]) {
+            let (status, body) = await payop.answer(path: path, query: query, authorization: "Bearer j")
+            return (status, try #require(try JSONSerialization.jsonObject(with: body) as? [String: Any]))
+        }
+        let (status, one) = try await answer("/v2/transactions/\(paid.id)")
+        #expect(status == 200 && one["status"] as? Int == 1)
+        let transaction = try #require(one["data"] as? [String: Any])
+        #expect(
+            Set(transaction.keys) == ["identifier", "amount", "currency", "state", "error", "createdAt", "orderId", "resultUrl"])
+        #expect(transaction["amount"] as? String == "25.50" && transaction["state"] as? Int == 2)
+        let (_, filtered) = try await answer("/v1/transactions/filter", ["query[identifiers]": "\(paid.id),unknown"])
+        #expect((filtered["data"] as? [[String: Any]])?.map { $0["identifier"] as? String } == [paid.id])
+        let (_, refunds) = try await answer("/v1/refunds/user-refunds", ["query[identifier]": refund.id])
+        let refundRecord = try #require((refunds["data"] as? [[String: Any]])?.first)
+        #expect(Set(refundRecord.keys) == ["identifier", "status", "amount", "currency", "sourceTransaction", "metadata"])
+        #expect((refundRecord["sourceTransaction"] as? [String: Any])?["identifier"] as? String == refund.sourceTransactionID)
+        let (_, withdrawals) = try await answer("/v1/withdrawals/user-withdrawals", ["query[identifier]": withdrawal.id])
+        let withdrawalRecord = try #require((withdrawals["data"] as? [[String: Any]])?.first)
+        #expect(Set(withdrawalRecord.keys) == ["identifier", "status", "amount", "currency", "comment"])
+        let (missing, message) = try await answer("/v2/transactions/unknown")
+        #expect(missing == 404 && message["message"] as? String == "Transaction not found")
+    }
+
+    @Test func simulatorKeepsItsLatestCallsNotEveryCall() async throws {
+        let payop = SimulatedPayop(jwt: "j")
+        for n in 0..<(SimulatedPayop.callsKept + 10) {
+            _ = await payop.answer(path: "/v2/transactions/\(n)", query: [:], authorization: nil)
+        }
+        _ = await payop.answer(path: "/v2/transactions/last", query: [:], authorization: "Bearer j")
+        #expect(payop.calls.count <= SimulatedPayop.callsKept)
+        #expect(payop.calls.count >= SimulatedPayop.callsKept / 2)
+        let last = try #require(payop.calls.last)
+        #expect(last.path == "/v2/transactions/last" && last.authorization == "Bearer j" && last.answer == 404)
+    }
+
     @Test func refundAndWithdrawalAreVerifiedThroughTheirEndpoints() async throws {
         try await PayopHarness.with { h, _ in
             let refund = h.payop.create(.refund, state: 2, amount: "100", currency: "USD")
