@@ -11,13 +11,19 @@ install_missing() {
     fi
 }
 
-# release_binary PRODUCT builds PRODUCT in release mode and prints its path. PAYOP_IPND_BIN names another
-# payop-ipnd binary to measure instead (a baseline built from an earlier commit).
+# release_binary PRODUCT builds PRODUCT in release mode and prints its path. PAYOP_IPND_BIN and
+# PAYOP_SIMULATOR_BIN name another payop-ipnd or payop-simulator binary to run instead (a baseline built
+# from an earlier commit).
 release_binary() {
-    if [ "$1" = payop-ipnd ] && [ -n "${PAYOP_IPND_BIN:-}" ]; then
-        case $PAYOP_IPND_BIN in /*) ;; *) echo "PAYOP_IPND_BIN must be an absolute path" >&2; return 1 ;; esac
-        [ -x "$PAYOP_IPND_BIN" ] || { echo "PAYOP_IPND_BIN: $PAYOP_IPND_BIN is not an executable" >&2; return 1; }
-        echo "$PAYOP_IPND_BIN"
+    local other=
+    case $1 in
+        payop-ipnd) other=${PAYOP_IPND_BIN:-} ;;
+        payop-simulator) other=${PAYOP_SIMULATOR_BIN:-} ;;
+    esac
+    if [ -n "$other" ]; then
+        case $other in /*) ;; *) echo "$1: $other must be an absolute path" >&2; return 1 ;; esac
+        [ -x "$other" ] || { echo "$1: $other is not an executable" >&2; return 1; }
+        echo "$other"
         return
     fi
     swift build -c release --product "$1" >/dev/null
