@@ -42,9 +42,24 @@ extension SQLiteEventLog {
                     sql: "SELECT kind, entity_id, status FROM events WHERE id = ? AND state = 'verified'"),
                 arguments: [eventID])
         else { return [] }
-        let kind: String = row["kind"]
-        let entity: String = row["entity_id"]
-        let type = "\(kind).\(row["status"] as String)"
+        return try enqueueDeliveries(db, of: OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2]), hooks: hooks, now: now)
+    }
+
+    /// What the outbox needs of an event it knows to be verified (the caller has just read or written it).
+    struct OutboxEvent {
+        var eventID: String
+        var kind: String
+        var entityID: String
+        var status: String
+        var type: String { "\(kind).\(status)" }
+    }
+
+    /// The outbox for an event the caller knows to be verified: no read of the event again.
+    @discardableResult
+    static func enqueueDeliveries(_ db: Database, of event: OutboxEvent, hooks: [HookConfig], now: Int64) throws
+        -> [Delivery]
+    {
+        let type = event.type
         let progress = DeliveryProgress.created(now: now)
         var created: [Delivery] = []
         for hook in hooks where hook.matches(type: type) {
@@ -54,14 +69,20 @@ extension SQLiteEventLog {
                                                       created_at)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                     """
-            ).execute(arguments: [
-                eventID, hook.name, kind, entity, progress.state.rawValue, progress.attempts, progress.nextAttemptAt,
-                now,
-            ])
+            ).run {
+                $0.add(event.eventID)
+                $0.add(hook.name)
+                $0.add(event.kind)
+                $0.add(event.entityID)
+                $0.add(progress.state.rawValue)
+                $0.add(progress.attempts)
+                $0.add(progress.nextAttemptAt)
+                $0.add(now)
+            }
             guard db.changesCount == 1 else { continue }
             created.append(
                 Delivery(
-                    id: db.lastInsertedRowID, eventID: eventID, hook: hook.name, state: progress.state,
+                    id: db.lastInsertedRowID, eventID: event.eventID, hook: hook.name, state: progress.state,
                     attempts: progress.attempts, nextAttemptAt: progress.nextAttemptAt))
         }
         return created
@@ -70,28 +91,32 @@ extension SQLiteEventLog {
     /// The outbox, and the runs of it `early` admits claimed in the same transaction.
     @discardableResult
     static func enqueueDeliveries(
-        _ db: Database, eventID: String, hooks: [HookConfig], now: Int64, early: EarlyClaims?
+        _ db: Database, of event: OutboxEvent, hooks: [HookConfig], now: Int64, early: EarlyClaims?
     ) throws -> [Delivery] {
-        let created = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now)
+        let created = try enqueueDeliveries(db, of: event, hooks: hooks, now: now)
         try early?.claim(created, now: now, in: db)
         return created
     }
 
     /// Head-of-line pending deliveries of the given hooks: nothing earlier of their (hook, kind, entity)
-    /// is pending or running. `inDueOrder` walks them along `deliveries_due`, so that a query in due
-    /// order stops at the first rows it needs: left to itself SQLite scanned every pending delivery
-    /// (2 ms per dispatcher pass with 3,400 waiting, 0.05 ms this way), and a backlog slowed its own
-    /// draining.
-    private static func headOfLine(inDueOrder: Bool = false) -> String {
+    /// is pending or running. Walked along `deliveries_due`, so that a query in due order stops at the
+    /// first rows it needs: left to itself SQLite scanned every pending delivery (2 ms per dispatcher
+    /// pass with 3,400 waiting, 0.05 ms this way), and a backlog slowed its own draining.
+    private static let headOfLine = """
+        FROM deliveries AS d INDEXED BY deliveries_due
+        WHERE d.state = 'pending' AND d.hook IN (SELECT value FROM json_each(?)) AND \(nothingEarlier)
         """
-        FROM deliveries AS d \(inDueOrder ? "INDEXED BY deliveries_due" : "")
-        WHERE d.state = 'pending' AND d.hook IN (SELECT value FROM json_each(?))
-        AND NOT EXISTS (
+
+    /// Nothing earlier of `d`'s (hook, kind, entity) is pending or running.
+    private static let nothingEarlier = """
+        NOT EXISTS (
             SELECT 1 FROM deliveries AS e
             WHERE e.hook = d.hook AND e.kind = d.kind AND e.entity_id = d.entity_id AND e.id < d.id
             AND e.state IN ('pending', 'running'))
         """
-    }
+
+    /// Whether the delivery `?` is pending and first in line: `headOfLine`'s rule for one delivery.
+    private static let firstInLine = "SELECT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.id = ? AND d.state = 'pending' AND \(nothingEarlier))"
 
     private static func hookList(_ hooks: [String]) -> String {
         String(decoding: (try? JSONEncoder().encode(hooks)) ?? Data("[]".utf8), as: UTF8.self)
@@ -103,7 +128,7 @@ extension SQLiteEventLog {
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
-                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine(inDueOrder: true)) AND d.next_attempt_at <= ?
+                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine) AND d.next_attempt_at <= ?
                         ORDER BY d.next_attempt_at, d.id LIMIT ?
                         """), arguments: [Self.hookList(hooks), now, limit]
             ).map(Delivery.init(row:))
@@ -115,7 +140,7 @@ extension SQLiteEventLog {
         return try readInPlace { db in
             try Int64.fetchOne(
                 db.cachedStatement(
-                    sql: "SELECT d.next_attempt_at \(Self.headOfLine(inDueOrder: true)) ORDER BY d.next_attempt_at LIMIT 1"),
+                    sql: "SELECT d.next_attempt_at \(Self.headOfLine) ORDER BY d.next_attempt_at LIMIT 1"),
                 arguments: [Self.hookList(hooks)])
         }
     }
@@ -140,10 +165,7 @@ extension SQLiteEventLog {
     /// line (the same rule the runnable list uses, checked where it is claimed).
     static func claim(_ db: Database, id: Int64, now: Int64) throws -> DeliveryClaim? {
         guard var delivery = try delivery(db, id) else { return nil }
-        let firstInLine =
-            try Bool.fetchOne(
-                db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 \(headOfLine()) AND d.id = ?)"),
-                arguments: [hookList([delivery.hook]), id]) ?? false
+        let firstInLine = try Bool.fetchOne(db.cachedStatement(sql: Self.firstInLine), arguments: [id]) ?? false
         var progress = delivery.progress
         guard firstInLine, let attempt = progress.start(now: now),
             let row = try Row.fetchOne(

@@ -65,6 +65,7 @@ extension SQLiteEventLog {
     // MARK: - The machine's state in rows
 
     static func verification(_ db: Database, _ eventID: String) throws -> EventVerification? {
+        // Read by position, as `Event(row:)`: the writer runs this for every answer.
         guard
             let row = try Row.fetchOne(
                 db.cachedStatement(
@@ -73,13 +74,12 @@ extension SQLiteEventLog {
                                next_check_at, watch_until
                         FROM events WHERE id = ?
                         """), arguments: [eventID]),
-            let kind = IPNKind(rawValue: row["kind"]),
-            let state = VerificationState(name: row["state"], reason: row["rejection_reason"])
+            let kind = IPNKind(rawValue: row[0]),
+            let state = VerificationState(name: row[3], reason: row[4])
         else { return nil }
         return EventVerification(
-            kind: kind, status: PaymentStatus(name: row["status"], payopState: row["payop_state"]),
-            receivedAt: row["received_at"], legacy: row["legacy"], state: state, attempts: row["check_attempts"],
-            nextCheckAt: row["next_check_at"], watchUntil: row["watch_until"])
+            kind: kind, status: PaymentStatus(name: row[1], payopState: row[2]), receivedAt: row[6], legacy: row[5],
+            state: state, attempts: row[7], nextCheckAt: row[8], watchUntil: row[9])
     }
 
     /// The distinct claims of the event's accepted copies, each with its first receipt, newest first:
@@ -96,39 +96,53 @@ extension SQLiteEventLog {
                     """), arguments: [eventID]
         ).map { row in
             IPNClaim(
-                receiptID: row["id"], orderID: row["claim_order_id"], amount: row["claim_amount"],
-                currency: row["claim_currency"], invoiceID: row["claim_invoice_id"],
-                transactionID: row["claim_transaction_id"])
+                receiptID: row[0], orderID: row[1], amount: row[2], currency: row[3], invoiceID: row[4], transactionID: row[5])
         }
     }
 
-    /// Writes what a transition returned: the state, the schedule and, on verification, Payop's facts.
+    /// Writes what a transition returned: the state, the schedule and, on verification, Payop's facts
+    /// (in the same statement: one row update per answer).
     static func persist(_ machine: EventVerification, eventID: String, facts: VerifiedFacts?, now: Int64, in db: Database)
         throws
     {
-        try db.cachedStatement(
-            sql: """
-                UPDATE events SET state = ?, rejection_reason = ?, check_attempts = ?, next_check_at = ?, watch_until = ?,
-                    verification = CASE WHEN ? = 'verified' THEN COALESCE(verification, 'payop_api') ELSE NULL END,
-                    verified_at = CASE WHEN ? = 'verified' THEN COALESCE(verified_at, ?) ELSE NULL END
-                WHERE id = ?
-                """
-        ).execute(arguments: [
-            machine.state.name, machine.state.reason?.rawValue, machine.attempts, machine.nextCheckAt,
-            machine.watchUntil, machine.state.name, machine.state.name, now, eventID,
-        ])
-        guard let facts else { return }
-        try db.cachedStatement(
-            sql: """
-                UPDATE events SET transaction_id = ?, invoice_id = ?, order_id = ?, amount = ?, currency = ?,
-                    error_message = ?, first_receipt = COALESCE(?, first_receipt)
-                WHERE id = ?
-                """
-        ).execute(arguments: [
-            facts.transactionID, facts.invoiceID, facts.orderID, facts.amount, facts.currency, facts.errorMessage,
-            facts.receiptID, eventID,
-        ])
+        let state = machine.state.name
+        let statement =
+            facts == nil
+            ? try db.cachedStatement(sql: "UPDATE events SET \(Self.machineColumns) WHERE id = ?")
+            : try db.cachedStatement(
+                sql: """
+                    UPDATE events SET \(Self.machineColumns), transaction_id = ?, invoice_id = ?, order_id = ?, amount = ?,
+                        currency = ?, error_message = ?, first_receipt = COALESCE(?, first_receipt)
+                    WHERE id = ?
+                    """)
+        try statement.run {
+            $0.add(state)
+            $0.add(machine.state.reason?.rawValue)
+            $0.add(machine.attempts)
+            $0.add(machine.nextCheckAt)
+            $0.add(machine.watchUntil)
+            $0.add(state)
+            $0.add(state)
+            $0.add(now)
+            if let facts {
+                $0.add(facts.transactionID)
+                $0.add(facts.invoiceID)
+                $0.add(facts.orderID)
+                $0.add(facts.amount)
+                $0.add(facts.currency)
+                $0.add(facts.errorMessage)
+                $0.add(facts.receiptID)
+            }
+            $0.add(eventID)
+        }
     }
+
+    /// The verification machine's columns, as `persist` sets them.
+    private static let machineColumns = """
+        state = ?, rejection_reason = ?, check_attempts = ?, next_check_at = ?, watch_until = ?,
+        verification = CASE WHEN ? = 'verified' THEN COALESCE(verification, 'payop_api') ELSE NULL END,
+        verified_at = CASE WHEN ? = 'verified' THEN COALESCE(verified_at, ?) ELSE NULL END
+        """
 
     /// Payop reported another status of the entity than `asker`'s: that status is verified as its own
     /// event, as if its IPN had arrived (created when the log lacks it).
@@ -172,19 +186,18 @@ extension SQLiteEventLog {
     static func verifiedEvent(
         _ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64, early: EarlyClaims?
     ) throws -> [VerifiedEvent] {
-        let created = try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now, early: early)
         guard
             let row = try Row.fetchOne(
-                db.cachedStatement(sql: "SELECT kind, status, received_at FROM events WHERE id = ?"),
+                db.cachedStatement(sql: "SELECT kind, entity_id, status, received_at, state FROM events WHERE id = ?"),
                 arguments: [eventID])
         else {
             return []
         }
-        return [
-            VerifiedEvent(
-                eventID: eventID, type: "\(row["kind"] as String).\(row["status"] as String)",
-                receivedAt: row["received_at"], deliveries: created.count)
-        ]
+        let event = OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2])
+        let created =
+            (row[4] as String) == VerificationState.verified.name
+            ? try enqueueDeliveries(db, of: event, hooks: hooks, now: now, early: early) : []
+        return [VerifiedEvent(eventID: eventID, type: event.type, receivedAt: row[3], deliveries: created.count)]
     }
 
     static func attempt(

@@ -382,7 +382,8 @@ public final class SQLiteEventLog: EventLog {
                 $0.add(machine.nextCheckAt)
             }
             if ipn.verifiedBySignature {
-                try enqueueDeliveries(db, eventID: eventID, hooks: hooks, now: now, early: early)
+                let event = OutboxEvent(eventID: eventID, kind: n.kind.rawValue, entityID: n.entityID, status: n.status.name)
+                try enqueueDeliveries(db, of: event, hooks: hooks, now: now, early: early)
             }
         }
         return IngestOutcome(receiptID: receiptID, eventID: eventID, duplicate: existing != nil)
