@@ -117,6 +117,25 @@ import Testing
         }
     }
 
+    @Test func idsAreSentPercentEncodedByteByByte() {
+        #expect(PayopHTTPClient.encode("3f2a-9b.c_d~E") == "3f2a-9b.c_d~E")
+        #expect(PayopHTTPClient.encode("a b/é?&=#%,") == "a%20b%2F%C3%A9%3F%26%3D%23%25%2C")
+        #expect(PayopHTTPClient.encode("") == "")
+    }
+
+    @Test func anIDWithReservedAndNonASCIICharactersReachesPayopIntact() async throws {
+        try await PayopHarness.with { h, port in
+            let id = "ref/1 é?&=#%"
+            h.payop.create(.refund, id: id, state: 2)
+            let client = PayopHTTPClient(
+                http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: SecretBox(h.jwt))
+            let found = try await client.lookup(.refund, id: id)
+            let other = try await client.lookup(.refund, id: "ref/1 e?&=#%")
+            #expect(found?.id == id)
+            #expect(other == nil)
+        }
+    }
+
     @Test func simulatorAnswersWithPayopsFieldNames() async throws {
         let payop = SimulatedPayop(jwt: "j")
         let paid = payop.create(.checkout, state: 2, amount: "25.50", currency: "EUR")
