@@ -15,14 +15,15 @@ install_missing() {
 # PAYOP_SIMULATOR_BIN name another payop-ipnd or payop-simulator binary to run instead (a baseline built
 # from an earlier commit).
 release_binary() {
-    local other=
+    local variable=
     case $1 in
-        payop-ipnd) other=${PAYOP_IPND_BIN:-} ;;
-        payop-simulator) other=${PAYOP_SIMULATOR_BIN:-} ;;
+        payop-ipnd) variable=PAYOP_IPND_BIN ;;
+        payop-simulator) variable=PAYOP_SIMULATOR_BIN ;;
     esac
+    local other=${variable:+${!variable:-}}
     if [ -n "$other" ]; then
-        case $other in /*) ;; *) echo "$1: $other must be an absolute path" >&2; return 1 ;; esac
-        [ -x "$other" ] || { echo "$1: $other is not an executable" >&2; return 1; }
+        case $other in /*) ;; *) echo "$variable must be an absolute path" >&2; return 1 ;; esac
+        [ -x "$other" ] || { echo "$variable: $other is not an executable" >&2; return 1; }
         echo "$other"
         return
     fi

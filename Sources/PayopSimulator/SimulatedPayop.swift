@@ -112,7 +112,7 @@ public final class SimulatedPayop: Sendable {
 
     public func setFaults(_ faults: Faults) { state.withLock { $0.faults = faults } }
     public func updateFaults(_ change: (inout Faults) -> Void) { state.withLock { change(&$0.faults) } }
-    /// The latest calls to the API (up to `callsKept`), oldest first.
+    /// The latest calls to the API, oldest first: once `callsKept` are kept, the older half is dropped.
     public var calls: [APICall] { state.withLock { $0.calls } }
 
     // MARK: - The API, as Payop answers it
@@ -131,7 +131,7 @@ public final class SimulatedPayop: Sendable {
         return (status, (try? JSONEncoder().encode(body)) ?? Data("{}".utf8))
     }
 
-    /// How many of the latest API calls `calls` keeps: a sandbox runs for days.
+    /// The most API calls `calls` keeps (between half of it and all of it): a sandbox runs for days.
     public static let callsKept = 10_000
 
     private static func respond(path: String, query: [String: String], authorization: String?, jwt: String, state: inout State)

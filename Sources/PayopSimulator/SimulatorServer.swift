@@ -16,7 +16,9 @@ public enum SimulatorServer {
         let router = Router()
         let poster = IPNPoster()
         router.get("/v2/transactions/:id") { request, context in
-            await apiAnswer(payop, path: "/v2/transactions/\(context.parameters.get("id") ?? "")", request)
+            // Hummingbird leaves a path parameter percent-encoded (query values it decodes).
+            let id = context.parameters.get("id").map { $0.removingPercentEncoding ?? $0 } ?? ""
+            return await apiAnswer(payop, path: "/v2/transactions/\(id)", request)
         }
         for path in ["/v1/transactions/filter", "/v1/refunds/user-refunds", "/v1/withdrawals/user-withdrawals"] {
             router.get(RouterPath(path)) { request, _ in await apiAnswer(payop, path: path, request) }
@@ -56,9 +58,11 @@ public enum SimulatorServer {
     }
 
     private static func apiAnswer(_ payop: SimulatedPayop, path: String, _ request: Request) async -> Response {
+        // Hummingbird has percent-decoded the values already; decoding them again would turn an id's
+        // own `%41` into `A`.
         var query: [String: String] = [:]
         for (key, value) in request.uri.queryParameters {
-            query[String(key).removingPercentEncoding ?? String(key)] = String(value).removingPercentEncoding ?? String(value)
+            query[String(key).removingPercentEncoding ?? String(key)] = String(value)
         }
         let (status, body) = await payop.answer(
             path: path, query: query, authorization: request.headers[.authorization])

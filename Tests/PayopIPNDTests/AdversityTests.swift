@@ -407,6 +407,11 @@ func lockingConnection(_ path: String) throws -> DatabaseQueue {
         #expect(try PayopAnswers.single(body, kind: .checkout, id: "ABC-1")?.status.name == "accepted")
     }
 
+    @Test func payopAnswerThatDoesNotNameTheTransactionConfirmsNothing() {
+        let body = Data(#"{"data":{"state":2,"amount":"1.00","currency":"EUR"},"status":1}"#.utf8)
+        #expect(throws: PayopError.self) { try PayopAnswers.single(body, kind: .checkout, id: "abc-1") }
+    }
+
     @Test func lagginAPIReportingAnOlderStatusAfterAFinalOneIsIgnored() {
         let policy = VerificationPolicy(
             backoff: Backoff(initialSeconds: 1, maxSeconds: 300, jitter: Backoff.noJitter),

@@ -17,6 +17,9 @@ import Testing
             #expect(event.verification == "payop_api")
             #expect(event.amount == "25.50" && event.currency == "EUR")
             #expect(event.verifiedAt == h.clock.nowMilliseconds())
+            // Every fact the answer's one UPDATE writes, in its place.
+            #expect(event.transactionID == paid.id && event.orderID == paid.orderID && event.invoiceID == paid.invoiceID)
+            #expect(event.ipn == Array(SimulatedPayop.ipnBody(for: paid)))
         }
     }
 
@@ -123,16 +126,34 @@ import Testing
         #expect(PayopHTTPClient.encode("") == "")
     }
 
-    @Test func anIDWithReservedAndNonASCIICharactersReachesPayopIntact() async throws {
+    @Test func idsWithReservedAndNonASCIICharactersReachPayopIntact() async throws {
         try await PayopHarness.with { h, port in
-            let id = "ref/1 é?&=#%"
-            h.payop.create(.refund, id: id, state: 2)
             let client = PayopHTTPClient(
                 http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: SecretBox(h.jwt))
-            let found = try await client.lookup(.refund, id: id)
-            let other = try await client.lookup(.refund, id: "ref/1 e?&=#%")
-            #expect(found?.id == id)
-            #expect(other == nil)
+            let checkouts = ["a%41/b é?&=#", "tx 2+%2C"]
+            for id in checkouts { h.payop.create(.checkout, id: id, state: 2) }
+            let refund = "ref/1 é?&=#%41"
+            h.payop.create(.refund, id: refund, state: 2)
+            let one = try await client.lookup(.checkout, id: checkouts[0])
+            let both = try await client.lookupTransactions(ids: checkouts)
+            let found = try await client.lookup(.refund, id: refund)
+            let near = try await client.lookup(.refund, id: "ref/1 é?&=#A")
+            #expect(one?.id == checkouts[0])
+            #expect(Set(both.map(\.id)) == Set(checkouts))
+            #expect(found?.id == refund)
+            #expect(near == nil)
+        }
+    }
+
+    @Test func dotSegmentsAreNeverSentAsATransactionsPath() async throws {
+        try await PayopHarness.with { h, port in
+            let client = PayopHTTPClient(
+                http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: SecretBox(h.jwt))
+            for id in ["", ".", ".."] {
+                let record = try await client.lookup(.checkout, id: id)
+                #expect(record == nil)
+            }
+            #expect(h.payop.calls.isEmpty)
         }
     }
 
@@ -156,10 +177,12 @@ import Testing
         let (_, refunds) = try await answer("/v1/refunds/user-refunds", ["query[identifier]": refund.id])
         let refundRecord = try #require((refunds["data"] as? [[String: Any]])?.first)
         #expect(Set(refundRecord.keys) == ["identifier", "status", "amount", "currency", "sourceTransaction", "metadata"])
+        #expect(refundRecord["status"] as? Int == 2 && refundRecord["amount"] is String && refundRecord["metadata"] is [String: Any])
         #expect((refundRecord["sourceTransaction"] as? [String: Any])?["identifier"] as? String == refund.sourceTransactionID)
         let (_, withdrawals) = try await answer("/v1/withdrawals/user-withdrawals", ["query[identifier]": withdrawal.id])
         let withdrawalRecord = try #require((withdrawals["data"] as? [[String: Any]])?.first)
         #expect(Set(withdrawalRecord.keys) == ["identifier", "status", "amount", "currency", "comment"])
+        #expect(withdrawalRecord["status"] as? Int == 3 && withdrawalRecord["amount"] is String)
         let (missing, message) = try await answer("/v2/transactions/unknown")
         #expect(missing == 404 && message["message"] as? String == "Transaction not found")
     }

@@ -65,7 +65,7 @@ extension SQLiteEventLog {
     // MARK: - The machine's state in rows
 
     static func verification(_ db: Database, _ eventID: String) throws -> EventVerification? {
-        // Read by position, as `Event(row:)`: the writer runs this for every answer.
+        // Read by position (the SELECT above, in its order): the writer runs this for every answer.
         guard
             let row = try Row.fetchOne(
                 db.cachedStatement(

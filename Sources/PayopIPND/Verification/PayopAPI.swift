@@ -137,7 +137,12 @@ enum PayopAnswers {
         guard let entry = try? sharedJSONDecoder.decode(Envelope<Entry>.self, from: body).data else {
             throw PayopError(.badResponse, "Payop's answer for \(id) is not {\"data\": {...}}")
         }
-        if let identifier = entry.identifier, identifier != id { return nil }
+        // Payop's answer names the transaction; one that does not is not known to be about it (another
+        // resource's answer, say), so it confirms nothing.
+        guard let identifier = entry.identifier else {
+            throw PayopError(.badResponse, "Payop's answer for \(id) does not name the transaction")
+        }
+        if identifier != id { return nil }
         return try entry.record(kind: kind, id: id)
     }
 

@@ -52,6 +52,9 @@ public final class PayopHTTPClient: PayopAPI {
         let encoded = Self.encode(id)
         switch kind {
         case .checkout:
+            // A path segment of `.` or `..` would name another resource once the URL is normalized: no
+            // transaction has such an id (nor an empty one).
+            if ["", ".", ".."].contains(id) { return nil }
             let (status, body) = try await get("/v2/transactions/\(encoded)")
             if status == 404 || status == 422 { return nil }
             try Self.check(status, body)
