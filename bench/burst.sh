@@ -2,7 +2,8 @@
 # Payop replaying a backlog: TOTAL distinct checkout IPNs posted as fast as 64 clients can, then the
 # time until every one has been verified against the simulator (as Payop, on loopback) and its hook
 # (/bin/true) has run and been recorded. The same TOTAL requests sent to Debian's `webhook` running
-# /bin/true each, in the same run, for comparison.
+# /bin/true each, in the same run, for comparison. Also payop-ipnd's CPU per event over the burst (from
+# /proc), split between its writer thread, its hook reaper, its event loops and the rest (Swift tasks).
 #
 #   bench/burst.sh [TOTAL] [CONNECTIONS]
 set -euo pipefail
@@ -72,6 +73,31 @@ while True:
 print(f"{answered} {done} {posted - start:.2f} {last / 1000 - start:.2f}")
 PY
 read -r ANSWERED DONE POST_S ALL_S <"$WORK/daemon.txt"
+# The daemon's CPU over the whole burst per event, and its threads' shares (from /proc, now that all is
+# hooked: the writer thread, the hook reaper, the event loops, and the rest, mostly Swift tasks).
+CPU_LINE=$(python3 - "$DAEMON" "$DONE" <<'PY'
+import glob, os, sys
+pid, events = sys.argv[1], max(1, int(sys.argv[2]))
+tick = os.sysconf("SC_CLK_TCK")
+def cpu(stat_path):
+    fields = open(stat_path).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+total = cpu(f"/proc/{pid}/stat")
+groups = {"writer thread": 0.0, "hook reaper": 0.0, "event loops": 0.0}
+for task in glob.glob(f"/proc/{pid}/task/*"):
+    try:
+        name = open(f"{task}/comm").read().strip()
+        used = cpu(f"{task}/stat")
+    except OSError:
+        continue
+    if name == "ipnd-log-writer": groups["writer thread"] += used
+    elif name.startswith("ipnd-hook"): groups["hook reaper"] += used
+    elif name.startswith("NIO-"): groups["event loops"] += used
+groups["Swift tasks and the rest"] = total - sum(groups.values())
+parts = ", ".join(f"{k} {v * 1e6 / events:.0f}" for k, v in groups.items())
+print(f"  payop-ipnd's CPU over the burst: {total * 1e6 / events:.0f} us per event ({parts})")
+PY
+)
 # webhook: the same count of requests, 64 at a time (ApacheBench has a request count).
 python3 -c 'print("{\"transaction\":{\"id\":\"x\",\"state\":2}}")' >"$WORK/body.json"
 W_S=$(ab -q -n "$TOTAL" -c "$CONNECTIONS" -p "$WORK/body.json" -T application/json \
@@ -82,5 +108,6 @@ W_END=$W_S
 
 echo "burst of $TOTAL distinct IPNs from $CONNECTIONS connections ($(nproc) cores, simulator as Payop, hook /bin/true):"
 echo "  payop-ipnd: $ANSWERED answered 200 in ${POST_S}s; all $DONE verified and hooked ${ALL_S}s after the first"
+echo "$CPU_LINE"
 python3 -c "print(f'  webhook:    $W_ANSWERED requests (each a /bin/true run) in {$W_END - $W_START:.2f}s')"
 python3 -c "print(f'  ratio (time to handle the backlog), webhook / payop-ipnd: {($W_END - $W_START) / $ALL_S:.2f}x  (1x: as fast as webhook)')"
