@@ -82,7 +82,11 @@ tick = os.sysconf("SC_CLK_TCK")
 def cpu(stat_path):
     fields = open(stat_path).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / tick
-total = cpu(f"/proc/{pid}/stat")
+try:
+    total = cpu(f"/proc/{pid}/stat")
+except OSError:
+    print("  payop-ipnd's CPU over the burst: not read (the daemon is gone)")
+    sys.exit(0)
 groups = {"writer thread": 0.0, "hook reaper": 0.0, "event loops": 0.0}
 for task in glob.glob(f"/proc/{pid}/task/*"):
     try:
