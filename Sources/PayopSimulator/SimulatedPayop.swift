@@ -200,7 +200,8 @@ public final class SimulatedPayop: Sendable {
         var resultUrl = "https://shop.example/result"
 
         init(_ e: Entity, state: Int) {
-            (identifier, amount, currency, self.state, error, orderId) = (e.id, e.amount, e.currency, state, e.errorMessage, e.orderID)
+            (identifier, amount, currency, error, orderId) = (e.id, e.amount, e.currency, e.errorMessage, e.orderID)
+            self.state = state
         }
     }
 

@@ -42,7 +42,8 @@ extension SQLiteEventLog {
                     sql: "SELECT kind, entity_id, status FROM events WHERE id = ? AND state = 'verified'"),
                 arguments: [eventID])
         else { return [] }
-        return try enqueueDeliveries(db, of: OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2]), hooks: hooks, now: now)
+        let event = OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2])
+        return try enqueueDeliveries(db, of: event, hooks: hooks, now: now)
     }
 
     /// What the outbox needs of an event it knows to be verified (the caller has just read or written it).
@@ -116,7 +117,9 @@ extension SQLiteEventLog {
         """
 
     /// Whether the delivery `?` is pending and first in line: `headOfLine`'s rule for one delivery.
-    private static let firstInLine = "SELECT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.id = ? AND d.state = 'pending' AND \(nothingEarlier))"
+    private static let firstInLine = """
+        SELECT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.id = ? AND d.state = 'pending' AND \(nothingEarlier))
+        """
 
     private static func hookList(_ hooks: [String]) -> String {
         String(decoding: (try? JSONEncoder().encode(hooks)) ?? Data("[]".utf8), as: UTF8.self)

@@ -96,7 +96,8 @@ extension SQLiteEventLog {
                     """), arguments: [eventID]
         ).map { row in
             IPNClaim(
-                receiptID: row[0], orderID: row[1], amount: row[2], currency: row[3], invoiceID: row[4], transactionID: row[5])
+                receiptID: row[0], orderID: row[1], amount: row[2], currency: row[3], invoiceID: row[4],
+                transactionID: row[5])
         }
     }
 
@@ -111,8 +112,8 @@ extension SQLiteEventLog {
             ? try db.cachedStatement(sql: "UPDATE events SET \(Self.machineColumns) WHERE id = ?")
             : try db.cachedStatement(
                 sql: """
-                    UPDATE events SET \(Self.machineColumns), transaction_id = ?, invoice_id = ?, order_id = ?, amount = ?,
-                        currency = ?, error_message = ?, first_receipt = COALESCE(?, first_receipt)
+                    UPDATE events SET \(Self.machineColumns), transaction_id = ?, invoice_id = ?, order_id = ?,
+                        amount = ?, currency = ?, error_message = ?, first_receipt = COALESCE(?, first_receipt)
                     WHERE id = ?
                     """)
         try statement.run {

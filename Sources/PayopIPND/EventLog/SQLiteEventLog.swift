@@ -382,7 +382,8 @@ public final class SQLiteEventLog: EventLog {
                 $0.add(machine.nextCheckAt)
             }
             if ipn.verifiedBySignature {
-                let event = OutboxEvent(eventID: eventID, kind: n.kind.rawValue, entityID: n.entityID, status: n.status.name)
+                let event = OutboxEvent(
+                    eventID: eventID, kind: n.kind.rawValue, entityID: n.entityID, status: n.status.name)
                 try enqueueDeliveries(db, of: event, hooks: hooks, now: now, early: early)
             }
         }
