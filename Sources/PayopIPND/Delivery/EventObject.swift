@@ -2,6 +2,9 @@ import Foundation
 
 /// One (kind, entity, status) with what is known of it: the contract's event object.
 public struct Event: Sendable, Equatable {
+    /// What every event id starts with (`SortableID`); the log's time ranges bound ids with it too.
+    static let idPrefix = "evt_"
+
     public var id: String
     public var kind: String
     public var status: String

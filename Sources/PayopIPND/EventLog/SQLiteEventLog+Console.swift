@@ -27,7 +27,7 @@ extension SQLiteEventLog {
                 sql: """
                     SELECT count(*) FILTER (WHERE received_at >= ?) AS hour, count(*) AS day
                     FROM events WHERE id >= ? AND received_at >= ?
-                    """, arguments: [hour, SortableID.first(prefix: "evt_", millisecondsSince1970: day), day])
+                    """, arguments: [hour, SortableID.first(prefix: Event.idPrefix, millisecondsSince1970: day), day])
             {
                 overview.eventsLastHour = row["hour"]
                 overview.eventsLastDay = row["day"]

@@ -163,7 +163,7 @@ extension SQLiteEventLog {
             return try verifiedEvent(db, existing, hooks: hooks, now: now, early: early)
         }
         let (machine, facts) = EventVerification.reported(record, now: now, policy: policy)
-        let id = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        let id = SortableID.make(prefix: Event.idPrefix, millisecondsSince1970: now)
         try db.cachedStatement(
             sql: """
                 INSERT INTO events (id, kind, entity_id, status, status_key, payop_state, state, source, verification,

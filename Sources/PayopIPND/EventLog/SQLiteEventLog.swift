@@ -321,7 +321,7 @@ public final class SQLiteEventLog: EventLog {
             $0.add(n.entityID)
             $0.add(n.status.dedupeKey)
         } read: { (id: $0.text(0) ?? "", state: $0.text(1)) }
-        let eventID = existing?.id ?? SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        let eventID = existing?.id ?? SortableID.make(prefix: Event.idPrefix, millisecondsSince1970: now)
         // The receipt first, so a new event can point at it. Each copy keeps its own claims: a later copy
         // is judged on its own against Payop.
         try db.cachedStatement(sql: insertReceipt).run {
@@ -401,7 +401,7 @@ public final class SQLiteEventLog: EventLog {
             conditions.add("events.state = ?", filter.state)
             if let since = filter.since {
                 // The id range first (a seek of the primary key), then the exact time.
-                conditions.add("events.id >= ?", SortableID.first(prefix: "evt_", millisecondsSince1970: since))
+                conditions.add("events.id >= ?", SortableID.first(prefix: Event.idPrefix, millisecondsSince1970: since))
                 conditions.add("events.received_at >= ?", since)
             }
             if let query = filter.query {

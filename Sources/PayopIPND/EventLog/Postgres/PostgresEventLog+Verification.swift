@@ -213,7 +213,7 @@ extension PostgresEventLog: VerificationStore {
     ) async throws -> [VerifiedEvent] {
         let detail = "Payop reported it when asked about \(asker)"
         let (machine, facts) = EventVerification.reported(record, now: now, policy: policy)
-        let candidate = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        let candidate = SortableID.make(prefix: Event.idPrefix, millisecondsSince1970: now)
         let inserted = try await connection.query(
             """
             INSERT INTO events (id, kind, entity_id, status, status_key, payop_state, state, source, verification,

@@ -420,7 +420,7 @@ public final class PostgresEventLog: EventStore, Service {
             ipn.verifiedBySignature
             ? EventVerification.signed(kind: n.kind, status: n.status, receivedAt: now)
             : EventVerification.fresh(kind: n.kind, status: n.status, receivedAt: now)
-        let candidate = SortableID.make(prefix: "evt_", millisecondsSince1970: now)
+        let candidate = SortableID.make(prefix: Event.idPrefix, millisecondsSince1970: now)
         // The event first, naming the receipt id it takes from the sequence: when another transaction
         // has the same (kind, entity, status) in flight, ON CONFLICT waits for it and then does nothing,
         // and this IPN becomes that event's duplicate. One event however many daemons receive it.
