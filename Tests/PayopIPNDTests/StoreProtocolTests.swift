@@ -343,6 +343,12 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
             await #expect(throws: EventLogError.self) {
                 _ = try await log.replay(eventID: "evt_missing", hook: nil, hooks: more, now: storeStart)
             }
+            // An event not verified (still waiting for Payop) is never delivered, replayed or not.
+            let waiting = try await log.ingest(try storeIPN(checkoutBody(transaction: "tx-waiting", state: 2))).eventID
+            await #expect(throws: EventLogError.self) {
+                _ = try await log.replay(eventID: waiting, hook: nil, hooks: more, now: storeStart)
+            }
+            #expect(try await log.deliveries(state: nil, hook: nil, eventID: waiting, deadFirst: false, limit: 10).isEmpty)
         }
     }
 

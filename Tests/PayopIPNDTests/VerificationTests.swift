@@ -128,9 +128,8 @@ import Testing
     }
 
     @Test func idsWithReservedAndNonASCIICharactersReachPayopIntact() async throws {
-        try await PayopHarness.with { h, port in
-            let client = PayopHTTPClient(
-                http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: SecretBox(h.jwt))
+        try await PayopHarness.with { h, _ in
+            let client = h.client
             let checkouts = ["a%41/b é?&=#", "tx 2+%2C"]
             for id in checkouts { h.payop.create(.checkout, id: id, state: 2) }
             let refund = "ref/1 é?&=#%41"
@@ -147,9 +146,8 @@ import Testing
     }
 
     @Test func dotSegmentsAreNeverSentAsATransactionsPath() async throws {
-        try await PayopHarness.with { h, port in
-            let client = PayopHTTPClient(
-                http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: SecretBox(h.jwt))
+        try await PayopHarness.with { h, _ in
+            let client = h.client
             for id in ["", ".", ".."] {
                 let record = try await client.lookup(.checkout, id: id)
                 #expect(record == nil)

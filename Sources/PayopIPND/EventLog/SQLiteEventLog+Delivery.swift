@@ -30,23 +30,7 @@ extension Delivery {
 }
 
 extension SQLiteEventLog {
-    /// The outbox: one pending delivery per matching hook for an event that just became verified, in the
-    /// same transaction that verified it. A delivery that exists already is left as it is. Returns the
-    /// deliveries created.
-    @discardableResult
-    static func enqueueDeliveries(_ db: Database, eventID: String, hooks: [HookConfig], now: Int64) throws -> [Delivery]
-    {
-        guard !hooks.isEmpty,
-            let row = try Row.fetchOne(
-                db.cachedStatement(
-                    sql: "SELECT kind, entity_id, status FROM events WHERE id = ? AND state = 'verified'"),
-                arguments: [eventID])
-        else { return [] }
-        let event = OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2])
-        return try enqueueDeliveries(db, of: event, hooks: hooks, now: now)
-    }
-
-    /// What the outbox needs of an event it knows to be verified (the caller has just read or written it).
+    /// What the outbox needs of an event (`outboxEvent` reads it).
     struct OutboxEvent {
         var eventID: String
         var kind: String
@@ -55,7 +39,22 @@ extension SQLiteEventLog {
         var type: String { "\(kind).\(status)" }
     }
 
-    /// The outbox for an event the caller knows to be verified: no read of the event again.
+    /// The event as the outbox needs it, with its verification state and when it was received: one read
+    /// for the verification that just verified it and for `replay`.
+    static func outboxEvent(_ db: Database, _ eventID: String) throws
+        -> (event: OutboxEvent, state: String, receivedAt: Int64)?
+    {
+        try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT kind, entity_id, status, state, received_at FROM events WHERE id = ?"),
+            arguments: [eventID]
+        ).map { row in
+            (OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2]), row[3], row[4])
+        }
+    }
+
+    /// The outbox: one pending delivery per matching hook for an event the caller knows to be verified,
+    /// in the caller's transaction (the one that verified it, or a replay's). A delivery that exists
+    /// already is left as it is. Returns the deliveries created.
     @discardableResult
     static func enqueueDeliveries(_ db: Database, of event: OutboxEvent, hooks: [HookConfig], now: Int64) throws
         -> [Delivery]
@@ -256,15 +255,14 @@ extension SQLiteEventLog {
         -> Int
     {
         try await write { db in
-            guard
-                let state = try String.fetchOne(
-                    db.cachedStatement(sql: "SELECT state FROM events WHERE id = ?"), arguments: [eventID])
-            else { throw EventLogError(.noSuchRecord, "no event \(eventID): list them with 'payop-ipnd events list'") }
+            guard let (event, state, _) = try Self.outboxEvent(db, eventID) else {
+                throw EventLogError(.noSuchRecord, "no event \(eventID): list them with 'payop-ipnd events list'")
+            }
             guard state == VerificationState.verified.name else {
                 throw EventLogError(.noSuchRecord, "event \(eventID) is \(state), not verified: it is never delivered")
             }
             let chosen = hooks.filter { hook == nil || $0.name == hook }
-            try Self.enqueueDeliveries(db, eventID: eventID, hooks: chosen, now: now)
+            try Self.enqueueDeliveries(db, of: event, hooks: chosen, now: now)
             var pending = 0
             let deliveries = try Row.fetchAll(
                 db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ? ORDER BY id", arguments: [eventID]

@@ -187,18 +187,11 @@ extension SQLiteEventLog {
     static func verifiedEvent(
         _ db: Database, _ eventID: String, hooks: [HookConfig], now: Int64, early: EarlyClaims?
     ) throws -> [VerifiedEvent] {
-        guard
-            let row = try Row.fetchOne(
-                db.cachedStatement(sql: "SELECT kind, entity_id, status, received_at, state FROM events WHERE id = ?"),
-                arguments: [eventID])
-        else {
-            return []
-        }
-        let event = OutboxEvent(eventID: eventID, kind: row[0], entityID: row[1], status: row[2])
+        guard let (event, state, receivedAt) = try outboxEvent(db, eventID) else { return [] }
         let created =
-            (row[4] as String) == VerificationState.verified.name
+            state == VerificationState.verified.name
             ? try enqueueDeliveries(db, of: event, hooks: hooks, now: now, early: early) : []
-        return [VerifiedEvent(eventID: eventID, type: event.type, receivedAt: row[3], deliveries: created.count)]
+        return [VerifiedEvent(eventID: eventID, type: event.type, receivedAt: receivedAt, deliveries: created.count)]
     }
 
     static func attempt(
