@@ -22,10 +22,11 @@ struct EarlyStartHarness {
     let clock = TestClock()
     let log: SQLiteEventLog
     let store: ClaimCountingStore
-    let runner = RecordingHookRunner()
+    let runner: RecordingHookRunner
     let dispatcher: Dispatcher
 
-    init(perHook: Int = 16) async throws {
+    init(perHook: Int = 16, runner: RecordingHookRunner = RecordingHookRunner()) async throws {
+        self.runner = runner
         dir = try TemporaryDirectory()
         log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
         log.setHooks([commandHook("fulfil", "/bin/true")])
@@ -142,9 +143,111 @@ struct EarlyStartHarness {
         #expect(try await h.deliveries().map(\.state) == [.running, .pending])
         #expect(h.dispatcher.running == 1)
         #expect(try await h.dispatcher.dispatchDue() == 2)
-        #expect(h.store.count == 1)  // the second, claimed by the dispatcher once the first had ended
+        #expect(h.store.count == 0)  // the second, claimed in the commit of the first's outcome
         #expect(h.runner.all.map(\.entity) == ["1", "2"])
         #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered])
+    }
+
+    /// Starts the run the log claimed for the dispatcher (it must be the only one), and runs it to its end.
+    private func runClaimedEarly(_ h: EarlyStartHarness, sourceLocation: SourceLocation = #_sourceLocation)
+        async throws
+    {
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1, sourceLocation: sourceLocation)
+        let (claim, hook) = try #require(spawned.first, sourceLocation: sourceLocation)
+        await h.dispatcher.execute(claim, hook: hook)
+    }
+
+    @Test func aRunThatEndsHandsItsSlotToItsHooksNextRunInTheCommitOfItsOutcome() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        for order in ["1", "2", "3"] { try await ingestSigned(h.log, clock: h.clock, order: order) }
+        #expect(try await h.deliveries().map(\.state) == [.running, .pending, .pending])
+        let before = h.log.commitCount
+        try await runClaimedEarly(h)
+        // One commit: the first's outcome, and the second recorded as running, its slot the first's.
+        #expect(h.log.commitCount == before + 1)
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
+        #expect(h.dispatcher.running == 1)
+        #expect(try await h.dispatcher.dispatchDue() == 2)
+        #expect(h.store.count == 0)
+        #expect(h.runner.all.map(\.entity) == ["1", "2", "3"])
+        #expect(h.runner.all.map(\.attempt) == [1, 1, 1])
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered, .delivered])
+        #expect(h.dispatcher.running == 0)
+    }
+
+    @Test func aFailedRunHandsItsSlotToAnotherEntityNotToTheStatusBehindIt() async throws {
+        let runner = RecordingHookRunner { invocation in
+            invocation.event.entityID == "A" && invocation.event.type == "checkout.accepted" && invocation.attempt == 1
+                ? HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 1, error: "exited with status 1")
+                : HookResult(outcome: .delivered, exitCode: 0)
+        }
+        let h = try await EarlyStartHarness(perHook: 1, runner: runner)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "A", status: "success")
+        try await ingestSigned(h.log, clock: h.clock, order: "A", status: "error")
+        try await ingestSigned(h.log, clock: h.clock, order: "B")
+        try await runClaimedEarly(h)
+        // A's first status waits for its retry; its second waits behind it; B gets the slot.
+        #expect(try await h.deliveries().map(\.state) == [.pending, .pending, .running])
+        #expect(try await h.dispatcher.dispatchDue() == 1)
+        h.clock.advance(milliseconds: 2_000)
+        #expect(try await h.dispatcher.dispatchDue() == 2)
+        #expect(h.runner.all.map(\.type) == ["checkout.accepted", "checkout.accepted", "checkout.accepted", "checkout.failed"])
+        #expect(h.runner.all.map(\.entity) == ["A", "B", "A", "A"])
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered, .delivered])
+    }
+
+    @Test func aRunEndingAfterTheDispatcherStoppedHandsNothingOver() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
+        #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
+        let (claim, hook) = try #require(spawned.first)
+        await h.dispatcher.execute(claim, hook: hook)
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending])
+        #expect(states.last?.attempts == 0)
+        #expect(h.dispatcher.running == 0)
+    }
+
+    @Test func aNextRunThatCannotBeClaimedLeavesTheOutcomeWrittenAndTheSlotFree() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        try await h.failClaims(true)
+        try await runClaimedEarly(h)
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending])
+        #expect(states.last?.attempts == 0)
+        #expect(h.dispatcher.running == 0)
+        // The dispatcher meets the same refusal on its own path; once claims work, the run starts.
+        await #expect(throws: EventLogError.self) { try await h.dispatcher.dispatchDue() }
+        try await h.failClaims(false)
+        #expect(try await h.dispatcher.dispatchDue() == 1)
+        #expect(h.runner.all.map(\.entity) == ["1", "2"])
+    }
+
+    @Test func aReloadThatLowersTheLimitIsKeptByTheHandOver() async throws {
+        let h = try await EarlyStartHarness(perHook: 2)
+        defer { h.log.close() }
+        for order in ["1", "2", "3"] { try await ingestSigned(h.log, clock: h.clock, order: order) }
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 2)
+        h.dispatcher.reload(
+            DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 0.2, perHookConcurrency: 1))
+        // One run still runs: the one that ends may not hand its slot on (two would then run).
+        let (first, hook) = try #require(spawned.first)
+        await h.dispatcher.execute(first, hook: hook)
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
+        #expect(h.dispatcher.running == 1)
     }
 
     @Test func aRunBehindAnEarlierOneOfItsEntityIsNotClaimedAndKeepsItsOrder() async throws {
@@ -201,9 +304,9 @@ struct EarlyStartHarness {
         #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
         let (claimA, hook) = try #require(spawned.first)
         await h.dispatcher.execute(claimA, hook: hook)
-        // A's slot is free before the dispatcher looks again: C, fresh, must not take it from B.
+        // A's slot went to B with A's outcome; C, fresh, must not take it from B.
         try await ingestSigned(h.log, clock: h.clock, order: "C")
-        #expect(try await h.deliveries().map(\.state) == [.delivered, .pending, .pending])
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
         #expect(try await h.dispatcher.dispatchDue() == 2)
         #expect(h.runner.all.map(\.entity) == ["A", "B", "C"])
     }

@@ -87,12 +87,17 @@ public protocol DeliveryStore: Sendable {
     var leaseRenewal: Duration? { get }
     /// Keeps attempt `attempt`'s claim alive; false when it is no longer this daemon's.
     func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool
+    /// Whether `finishDelivery` offers the ended run's slot to its hook's next due run, claimed in the
+    /// outcome's own transaction (`EarlyStarts.handOver`). The dispatcher then keeps the slot from the
+    /// hook's exit until the outcome is written, instead of freeing it for a pass of its own.
+    var handsOverRunSlots: Bool { get }
 }
 
 extension DeliveryStore {
     /// One daemon per log (SQLite): a claim holds until the daemon records the outcome or restarts.
     public var leaseRenewal: Duration? { nil }
     public func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool { true }
+    public var handsOverRunSlots: Bool { false }
 }
 
 /// Runs a log may claim itself, in the very transaction that makes them due (an event verified, a
@@ -107,4 +112,10 @@ public protocol EarlyStarts: Sendable {
     func withdraw(_ ids: [Int64])
     /// Claims now on disk, in the log's order: their hooks run.
     func start(_ claims: [DeliveryClaim])
+    /// Run `finished` of `hook` has ended, and the transaction recording how is open: its slot goes to
+    /// `next`, that hook's first due run, which the same transaction then claims (no pass, no read and
+    /// no commit of the dispatcher's own in between). False when there is no `next`, runs are not being
+    /// started, the hook is not configured, it would exceed its limit, or `next` is in flight already:
+    /// the slot is then simply free. Either way `finished` no longer counts against the limit.
+    func handOver(from finished: Int64, to next: Int64?, hook: String) -> Bool
 }

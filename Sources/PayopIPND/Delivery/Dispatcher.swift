@@ -260,11 +260,17 @@ public final class Dispatcher: Sendable {
         let renewals = store.leaseRenewal.map { every in Task { await self.renewWhileRunning(claim, every: every) } }
         defer { renewals?.cancel() }
         let result = await runner.run(invocation)
-        // The hook has exited: its slot is free for the next run while the outcome is written (the
-        // delivery stays `running` in the log until then, so nothing later of its entity overtakes it,
-        // and the next claim shares the outcome's group commit instead of waiting for it).
-        inFlight.withLock { $0[claim.delivery.id]?.running = false }
-        signal.signal()
+        let stopping = Task.isCancelled && result.outcome != .delivered
+        // The hook has exited. A log that hands slots over gives this one, in the outcome's transaction,
+        // to the hook's next due run, claimed in the same commit. Otherwise (or stopping) the slot is free
+        // now for the next run while the outcome is written: the delivery stays `running` in the log until
+        // then, so nothing later of its entity overtakes it, and the next claim shares the outcome's group
+        // commit instead of waiting for it.
+        let freeSlot = { [self] in
+            inFlight.withLock { $0[claim.delivery.id]?.running = false }
+            signal.signal()
+        }
+        if stopping || !store.handsOverRunSlots { freeSlot() }
         defer {
             // Written (or given up at shutdown): a later run of its entity may start now.
             release(claim.delivery.id)
@@ -274,7 +280,7 @@ public final class Dispatcher: Sendable {
             "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
             "attempt": "\(claim.attempt)",
         ]
-        if Task.isCancelled, result.outcome != .delivered {
+        if stopping {
             // Stopped by our own shutdown: the attempt is not spent, and it runs again at the next start.
             await persist("interrupted run", metadata) { [store, clock] () async throws(EventLogError) in
                 try await store.interruptDelivery(
@@ -285,9 +291,15 @@ public final class Dispatcher: Sendable {
         }
         let now = clock.nowMilliseconds()
         let end = await persist("delivery result", metadata) { [store] () async throws(EventLogError) in
-            try await store.finishDelivery(
-                id: claim.delivery.id, attempt: claim.attempt, result: result, maxAttempts: hook.maxAttempts,
-                backoff: policy.backoff, now: now)
+            do throws(EventLogError) {
+                return try await store.finishDelivery(
+                    id: claim.delivery.id, attempt: claim.attempt, result: result, maxAttempts: hook.maxAttempts,
+                    backoff: policy.backoff, now: now)
+            } catch {
+                // Not written (a locked log may take a while): the slot does not wait for it.
+                freeSlot()
+                throw error
+            }
         }
         guard let end = end ?? nil else { return }
         if let error = result.error { metadata["error"] = "\(error)" }
@@ -427,6 +439,20 @@ extension Dispatcher: EarlyStarts {
         early.withLock { runs in for id in ids { runs.admitted.removeValue(forKey: id) } }
         for id in ids { release(id) }
         signal.signal()
+    }
+
+    public func handOver(from finished: Int64, to next: Int64?, hook name: String) -> Bool {
+        let open = early.withLock { $0.open } && hooks().contains { $0.name == name }
+        let limit = policy.withLock { $0.perHookConcurrency }
+        let taken = inFlight.withLock { runs -> Bool in
+            runs[finished]?.running = false
+            guard let next, open, runs[next] == nil, Self.busy(runs, name) < limit else { return false }
+            runs[next] = (name, true)
+            return true
+        }
+        guard taken, let next else { return false }
+        early.withLock { $0.admitted[next] = name }
+        return true
     }
 
     public func start(_ claims: [DeliveryClaim]) {

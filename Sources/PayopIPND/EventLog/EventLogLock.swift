@@ -68,8 +68,11 @@ public final class EventLogLock: Sendable {
         return Int(String(decoding: buffer.prefix(count), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
     }
 
-    /// Lets the next daemon in. Closing the descriptor (or dying) releases the lock.
+    /// Lets the next daemon in (dying releases the lock too). Unlocked explicitly, not only closed: a
+    /// process being spawned at that moment holds a copy of the descriptor until its exec closes it,
+    /// and the lock belongs to the open file, not to one descriptor of it.
     public func release() {
+        flock(descriptor, LOCK_UN)
         close(descriptor)
     }
 }

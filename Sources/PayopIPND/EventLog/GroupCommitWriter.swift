@@ -196,7 +196,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     }
 
     /// Errors of the database file itself, as opposed to errors of one write's own logic.
-    private static func failsTheBatch(_ error: DatabaseError) -> Bool {
+    static func failsTheBatch(_ error: DatabaseError) -> Bool {
         switch error.resultCode {
         case .SQLITE_FULL, .SQLITE_IOERR, .SQLITE_READONLY, .SQLITE_BUSY, .SQLITE_LOCKED, .SQLITE_CORRUPT,
             .SQLITE_NOMEM, .SQLITE_CANTOPEN, .SQLITE_NOTADB:

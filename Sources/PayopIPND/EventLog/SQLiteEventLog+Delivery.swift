@@ -102,10 +102,14 @@ extension SQLiteEventLog {
     /// is pending or running. Walked along `deliveries_due`, so that a query in due order stops at the
     /// first rows it needs: left to itself SQLite scanned every pending delivery (2 ms per dispatcher
     /// pass with 3,400 waiting, 0.05 ms this way), and a backlog slowed its own draining.
-    private static let headOfLine = """
-        FROM deliveries AS d INDEXED BY deliveries_due
-        WHERE d.state = 'pending' AND d.hook IN (SELECT value FROM json_each(?)) AND \(nothingEarlier)
+    private static func headOfLine(_ hooks: String) -> String {
         """
+        FROM deliveries AS d INDEXED BY deliveries_due
+        WHERE d.state = 'pending' AND \(hooks) AND \(nothingEarlier)
+        """
+    }
+    /// `headOfLine` for the hooks of a JSON list bound to `?` (the dispatcher's, `hookList`).
+    private static let hooksInList = "d.hook IN (SELECT value FROM json_each(?))"
 
     /// Nothing earlier of `d`'s (hook, kind, entity) is pending or running.
     private static let nothingEarlier = """
@@ -130,7 +134,8 @@ extension SQLiteEventLog {
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
-                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine) AND d.next_attempt_at <= ?
+                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine(Self.hooksInList))
+                        AND d.next_attempt_at <= ?
                         ORDER BY d.next_attempt_at, d.id LIMIT ?
                         """), arguments: [Self.hookList(hooks), now, limit]
             ).map(Delivery.init(row:))
@@ -142,9 +147,19 @@ extension SQLiteEventLog {
         return try readInPlace { db in
             try Int64.fetchOne(
                 db.cachedStatement(
-                    sql: "SELECT d.next_attempt_at \(Self.headOfLine) ORDER BY d.next_attempt_at LIMIT 1"),
+                    sql: "SELECT d.next_attempt_at \(Self.headOfLine(Self.hooksInList)) ORDER BY d.next_attempt_at LIMIT 1"),
                 arguments: [Self.hookList(hooks)])
         }
+    }
+
+    /// The first run of `hook` that may start now, in the dispatcher's order (`runnableDeliveries`).
+    static func firstRunnable(_ db: Database, hook: String, now: Int64) throws -> Int64? {
+        try Int64.fetchOne(
+            db.cachedStatement(
+                sql: """
+                    SELECT d.id \(headOfLine("d.hook = ?")) AND d.next_attempt_at <= ?
+                    ORDER BY d.next_attempt_at, d.id LIMIT 1
+                    """), arguments: [hook, now])
     }
 
     static func delivery(_ db: Database, _ id: Int64) throws -> Delivery? {
@@ -182,11 +197,19 @@ extension SQLiteEventLog {
     public func finishDelivery(
         id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
     ) async throws(EventLogError) -> DeliveryProgress.End? {
-        try await write { db in
-            guard var progress = try Self.delivery(db, id)?.progress,
+        let early = earlyClaims()
+        return try await write(claiming: early) { db in
+            guard let delivery = try Self.delivery(db, id) else { return nil }
+            // Whatever became of the run (replayed meanwhile: nil), its slot may go to its hook's next
+            // due run, claimed in this commit.
+            var progress = delivery.progress
+            guard
                 let end = progress.finish(
                     attempt: attempt, outcome: result.outcome, maxAttempts: maxAttempts, backoff: backoff, now: now)
-            else { return nil }
+            else {
+                try early?.claimNext(after: id, hook: delivery.hook, now: now, in: db)
+                return nil
+            }
             try db.cachedStatement(
                 sql: """
                     UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, last_exit_code = ?,
@@ -208,6 +231,7 @@ extension SQLiteEventLog {
                 id, attempt, now, DeliveryAttempt.outcomeName(result.outcome), result.exitCode, result.httpStatus,
                 result.error, result.output,
             ])
+            try early?.claimNext(after: id, hook: delivery.hook, now: now, in: db)
             return end
         }
     }
@@ -320,18 +344,42 @@ final class EarlyClaims: Sendable {
     /// stays pending for the dispatcher.
     func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
         for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
-            let claim: DeliveryClaim?
-            do {
-                claim = try SQLiteEventLog.claim(db, id: delivery.id, now: now)
-            } catch {
-                starts.withdraw([delivery.id])
-                throw error
-            }
-            if let claim {
-                claimed.withLock { $0.append(claim) }
-            } else {
-                starts.withdraw([delivery.id])
-            }
+            try claimAdmitted(delivery.id, now: now, in: db)
+        }
+    }
+
+    /// Run `finished` of `hook` has ended, in the transaction that records how: its slot goes to the
+    /// hook's first run that may start now, claimed here, when the dispatcher hands it over
+    /// (`EarlyStarts.handOver`). A backlog then drains one commit per run, without a pass of the
+    /// dispatcher's own between two runs.
+    ///
+    /// The outcome never depends on it: a claim that fails on its own (not the database) is left to the
+    /// dispatcher, which meets the same error on its own path, and the outcome is written without it.
+    func claimNext(after finished: Int64, hook: String, now: Int64, in db: Database) throws {
+        let next = try SQLiteEventLog.firstRunnable(db, hook: hook, now: now)
+        guard starts.handOver(from: finished, to: next, hook: hook), let next else { return }
+        do {
+            try claimAdmitted(next, now: now, in: db)
+        } catch let error as DatabaseError where GroupCommitWriter.failsTheBatch(error) {
+            throw error
+        } catch {
+            // Its slot is given back (`claimAdmitted`); the failed statement changed nothing.
+        }
+    }
+
+    /// Claims a run whose slot the dispatcher gave us; gives the slot back when it may not run now.
+    private func claimAdmitted(_ id: Int64, now: Int64, in db: Database) throws {
+        let claim: DeliveryClaim?
+        do {
+            claim = try SQLiteEventLog.claim(db, id: id, now: now)
+        } catch {
+            starts.withdraw([id])
+            throw error
+        }
+        if let claim {
+            claimed.withLock { $0.append(claim) }
+        } else {
+            starts.withdraw([id])
         }
     }
 
