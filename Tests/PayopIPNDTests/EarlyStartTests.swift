@@ -148,14 +148,16 @@ struct EarlyStartHarness {
         #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered])
     }
 
-    /// Starts the run the log claimed for the dispatcher (it must be the only one), and runs it to its end.
+    /// Starts the run the log claimed for the dispatcher (it must be the only one) and runs it to its
+    /// end; returns the run its outcome handed the slot to, if any (not started).
     private func runClaimedEarly(_ h: EarlyStartHarness, sourceLocation: SourceLocation = #_sourceLocation)
-        async throws
+        async throws -> (DeliveryClaim, HookConfig)?
     {
         var spawned: [(DeliveryClaim, HookConfig)] = []
         #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1, sourceLocation: sourceLocation)
         let (claim, hook) = try #require(spawned.first, sourceLocation: sourceLocation)
         await h.dispatcher.execute(claim, hook: hook)
+        return await h.dispatcher.successor(of: claim.delivery.id)
     }
 
     @Test func aRunThatEndsHandsItsSlotToItsHooksNextRunInTheCommitOfItsOutcome() async throws {
@@ -164,12 +166,15 @@ struct EarlyStartHarness {
         for order in ["1", "2", "3"] { try await ingestSigned(h.log, clock: h.clock, order: order) }
         #expect(try await h.deliveries().map(\.state) == [.running, .pending, .pending])
         let before = h.log.commitCount
-        try await runClaimedEarly(h)
+        let second = try #require(try await runClaimedEarly(h))
         // One commit: the first's outcome, and the second recorded as running, its slot the first's.
         #expect(h.log.commitCount == before + 1)
+        #expect(second.0.delivery.id == (try await h.deliveries())[1].id)
         #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
         #expect(h.dispatcher.running == 1)
-        #expect(try await h.dispatcher.dispatchDue() == 2)
+        // The first's task runs it, and the third the same way: no pass of the dispatcher between them.
+        #expect(await h.dispatcher.run(second.0, hook: second.1) == 1)
+        #expect(try await h.dispatcher.dispatchDue() == 0)
         #expect(h.store.count == 0)
         #expect(h.runner.all.map(\.entity) == ["1", "2", "3"])
         #expect(h.runner.all.map(\.attempt) == [1, 1, 1])
@@ -188,10 +193,11 @@ struct EarlyStartHarness {
         try await ingestSigned(h.log, clock: h.clock, order: "A", status: "success")
         try await ingestSigned(h.log, clock: h.clock, order: "A", status: "error")
         try await ingestSigned(h.log, clock: h.clock, order: "B")
-        try await runClaimedEarly(h)
+        let b = try #require(try await runClaimedEarly(h))
         // A's first status waits for its retry; its second waits behind it; B gets the slot.
         #expect(try await h.deliveries().map(\.state) == [.pending, .pending, .running])
-        #expect(try await h.dispatcher.dispatchDue() == 1)
+        #expect(b.0.event.entityID == "B")
+        #expect(await h.dispatcher.run(b.0, hook: b.1) == 0)  // A's retry is not due yet
         h.clock.advance(milliseconds: 2_000)
         #expect(try await h.dispatcher.dispatchDue() == 2)
         #expect(h.runner.all.map(\.type) == ["checkout.accepted", "checkout.accepted", "checkout.accepted", "checkout.failed"])
@@ -209,10 +215,33 @@ struct EarlyStartHarness {
         #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
         let (claim, hook) = try #require(spawned.first)
         await h.dispatcher.execute(claim, hook: hook)
+        #expect(await h.dispatcher.successor(of: claim.delivery.id) == nil)
         let states = try await h.deliveries()
         #expect(states.map(\.state) == [.delivered, .pending])
         #expect(states.last?.attempts == 0)
         #expect(h.dispatcher.running == 0)
+    }
+
+    @Test func aRunHandedASlotButNotStartedWhenTheDispatcherStopsRunsAgainUnspent() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
+        let (claim, hook) = try #require(spawned.first)
+        await h.dispatcher.execute(claim, hook: hook)
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .running])
+        // Stopping before the first's task starts it: the second is given back, its attempt unspent.
+        let unstarted = h.dispatcher.acceptEarlyStarts(false)
+        #expect(unstarted.map(\.delivery.id) == [try await h.deliveries()[1].id])
+        await h.dispatcher.interruptUnstarted(unstarted)
+        #expect(await h.dispatcher.successor(of: claim.delivery.id) == nil)
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending])
+        #expect(states.last?.attempts == 0)
+        #expect(h.dispatcher.running == 0)
+        #expect(h.runner.all.count == 1)
     }
 
     @Test func aNextRunThatCannotBeClaimedLeavesTheOutcomeWrittenAndTheSlotFree() async throws {
@@ -221,7 +250,7 @@ struct EarlyStartHarness {
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
         try await h.failClaims(true)
-        try await runClaimedEarly(h)
+        #expect(try await runClaimedEarly(h) == nil)
         let states = try await h.deliveries()
         #expect(states.map(\.state) == [.delivered, .pending])
         #expect(states.last?.attempts == 0)
@@ -246,6 +275,7 @@ struct EarlyStartHarness {
         // One run still runs: the one that ends may not hand its slot on (two would then run).
         let (first, hook) = try #require(spawned.first)
         await h.dispatcher.execute(first, hook: hook)
+        #expect(await h.dispatcher.successor(of: first.delivery.id) == nil)
         #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
         #expect(h.dispatcher.running == 1)
     }
@@ -307,7 +337,8 @@ struct EarlyStartHarness {
         // A's slot went to B with A's outcome; C, fresh, must not take it from B.
         try await ingestSigned(h.log, clock: h.clock, order: "C")
         #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
-        #expect(try await h.dispatcher.dispatchDue() == 2)
+        let b = try #require(await h.dispatcher.successor(of: claimA.delivery.id))
+        #expect(await h.dispatcher.run(b.0, hook: b.1) == 1)  // and B's to C
         #expect(h.runner.all.map(\.entity) == ["A", "B", "C"])
     }
 

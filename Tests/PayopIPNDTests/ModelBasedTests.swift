@@ -111,7 +111,9 @@ final class Scenario {
             store: log, runner: runner, hooks: { [log] in log.hooks },
             policy: DeliveryPolicy(
                 backoff: Backoff(initialSeconds: 2, maxSeconds: 60, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 1),
+                // A third of the scenarios let one run at a time, a third two: runs wait for slots, and a
+                // run that ends hands its slot on (when the log claims early, below).
+                shutdownGraceSeconds: 1, perHookConcurrency: [1, 2, 16][Int((seed / 4) % 3)]),
             clock: clock, logger: quietLogger,
             pause: { _ in
                 // The other writer finishes (a backup ends) while the dispatcher waits to record an outcome.

@@ -65,6 +65,10 @@ public final class Dispatcher: Sendable {
         var admitted: [Int64: String] = [:]
         /// Committed, waiting for the dispatcher to start them.
         var claimed: [DeliveryClaim] = []
+        /// Handed a slot by a run that ended (`handOver`), claim not yet committed: its id -> that run's.
+        var successors: [Int64: Int64] = [:]
+        /// Committed, waiting for the task of the run that handed them its slot: that run's id -> claim.
+        var handedOn: [Int64: DeliveryClaim] = [:]
     }
     /// Deliveries looked at per pass.
     static let batch = 64
@@ -96,6 +100,12 @@ public final class Dispatcher: Sendable {
     /// Runs of `hook` whose process runs now.
     private static func busy(_ runs: [Int64: (hook: String, running: Bool)], _ hook: String) -> Int {
         runs.values.count { $0.hook == hook && $0.running }
+    }
+
+    /// Whether `hook` may start another run now.
+    private func hasFreeSlot(_ hook: String) -> Bool {
+        let limit = policy.withLock { $0.perHookConcurrency }
+        return inFlight.withLock { Self.busy($0, hook) < limit }
     }
 
     /// Configured hooks that may start another run now, and how many runs they may start together.
@@ -221,8 +231,11 @@ public final class Dispatcher: Sendable {
         early.withLock { runs in
             runs.open = accept
             guard !accept else { return [] }
-            defer { runs.claimed.removeAll() }
-            return runs.claimed
+            defer {
+                runs.claimed.removeAll()
+                runs.handedOn.removeAll()
+            }
+            return runs.claimed + runs.handedOn.sorted { $0.key < $1.key }.map(\.value)
         }
     }
 
@@ -246,6 +259,33 @@ public final class Dispatcher: Sendable {
             }
         }
         signal.signal()
+    }
+
+    /// Runs a claimed attempt, then each run the outcome's commit handed its slot to (`handOver`), in
+    /// this same task: a backlog drains without a pass of the dispatcher between two runs of a slot.
+    /// Returns how many runs it started after the first.
+    @discardableResult
+    func run(_ claim: DeliveryClaim, hook: HookConfig) async -> Int {
+        var next: (DeliveryClaim, HookConfig)? = (claim, hook)
+        var chained = -1
+        while let (claim, hook) = next {
+            chained += 1
+            await execute(claim, hook: hook)
+            next = await successor(of: claim.delivery.id)
+        }
+        return chained
+    }
+
+    /// The run that the outcome of run `finished` handed its slot to, committed, with its hook as
+    /// configured now. One whose hook a reload removed meanwhile, or that would start while the
+    /// dispatcher stops, is recorded interrupted instead (pending again, its attempt not spent).
+    func successor(of finished: Int64) async -> (DeliveryClaim, HookConfig)? {
+        guard let claim = early.withLock({ $0.handedOn.removeValue(forKey: finished) }) else { return nil }
+        guard !Task.isCancelled, let hook = hooks().first(where: { $0.name == claim.delivery.hook }) else {
+            await interruptUnstarted([claim])
+            return nil
+        }
+        return (claim, hook)
     }
 
     /// Runs one claimed attempt and records how it ended.
@@ -272,9 +312,11 @@ public final class Dispatcher: Sendable {
         }
         if stopping || !store.handsOverRunSlots { freeSlot() }
         defer {
-            // Written (or given up at shutdown): a later run of its entity may start now.
+            // Written (or given up at shutdown): a later run of its entity may start now, when a slot of
+            // its hook is free. With every slot taken (a backlog, each slot handed on) a pass could start
+            // nothing: the next slot to come free wakes it.
             release(claim.delivery.id)
-            signal.signal()
+            if hasFreeSlot(hook.name) { signal.signal() }
         }
         var metadata: Logger.Metadata = [
             "delivery.id": "\(claim.delivery.id)", "event.id": "\(claim.delivery.eventID)", "hook": "\(hook.name)",
@@ -385,13 +427,14 @@ public final class Dispatcher: Sendable {
                 pass = .failure(error)
             }
             // What was claimed runs, even when a later claim of the pass failed: it is recorded running.
-            await withDiscardingTaskGroup { group in
+            let chained = await withTaskGroup(of: Int.self) { group in
                 for (claim, hook) in spawned {
-                    group.addTask { await self.execute(claim, hook: hook) }
+                    group.addTask { await self.run(claim, hook: hook) }
                 }
+                return await group.reduce(0, +)
             }
             let started = try pass.get()
-            total += started
+            total += started + chained
             if started == 0 { return total }
         }
     }
@@ -436,7 +479,12 @@ extension Dispatcher: EarlyStarts {
     }
 
     public func withdraw(_ ids: [Int64]) {
-        early.withLock { runs in for id in ids { runs.admitted.removeValue(forKey: id) } }
+        early.withLock { runs in
+            for id in ids {
+                runs.admitted.removeValue(forKey: id)
+                runs.successors.removeValue(forKey: id)
+            }
+        }
         for id in ids { release(id) }
         signal.signal()
     }
@@ -451,25 +499,39 @@ extension Dispatcher: EarlyStarts {
             return true
         }
         guard taken, let next else { return false }
-        early.withLock { $0.admitted[next] = name }
+        early.withLock { runs in
+            runs.admitted[next] = name
+            runs.successors[next] = finished
+        }
         return true
     }
 
     public func start(_ claims: [DeliveryClaim]) {
-        let late = early.withLock { runs -> [DeliveryClaim] in
+        let (late, forThePass) = early.withLock { runs -> ([DeliveryClaim], Bool) in
             var late: [DeliveryClaim] = []
+            var forThePass = false
             for claim in claims {
-                let admitted = runs.admitted.removeValue(forKey: claim.delivery.id) != nil
+                let id = claim.delivery.id
+                let admitted = runs.admitted.removeValue(forKey: id) != nil
                 assert(admitted, "a run claimed early that was never admitted")
-                if runs.open, admitted { runs.claimed.append(claim) } else { late.append(claim) }
+                let finished = runs.successors.removeValue(forKey: id)
+                if !runs.open || !admitted {
+                    late.append(claim)
+                } else if let finished {
+                    // The task of the run that handed it the slot starts it once that outcome is written.
+                    runs.handedOn[finished] = claim
+                } else {
+                    runs.claimed.append(claim)
+                    forThePass = true
+                }
             }
-            return late
+            return (late, forThePass)
         }
         if !late.isEmpty {
             // Committed after the dispatcher stopped starting runs: recorded as interrupted, as at shutdown.
             Task { await interruptUnstarted(late) }
         }
-        signal.signal()
+        if forThePass { signal.signal() }
     }
 }
 
@@ -494,7 +556,7 @@ struct DispatcherService: Service {
             await withGracefulShutdownHandler {
                 await loop.run(while: { !Task.isCancelled && !Task.isShuttingDownGracefully }) {
                     let started = try await dispatcher.startDue { claim, hook in
-                        group.addTask { await dispatcher.execute(claim, hook: hook) }
+                        group.addTask { await dispatcher.run(claim, hook: hook) }
                     }
                     return (started, try await dispatcher.nextDue())
                 }
