@@ -153,13 +153,14 @@ extension SQLiteEventLog {
     }
 
     /// The first run of `hook` that may start now, in the dispatcher's order (`runnableDeliveries`).
-    static func firstRunnable(_ db: Database, hook: String, now: Int64) throws -> Int64? {
-        try Int64.fetchOne(
+    static func firstRunnable(_ db: Database, hook: String, now: Int64) throws -> Delivery? {
+        try Row.fetchOne(
             db.cachedStatement(
                 sql: """
-                    SELECT d.id \(headOfLine("d.hook = ?")) AND d.next_attempt_at <= ?
+                    SELECT \(Delivery.columns(of: "d")) \(headOfLine("d.hook = ?")) AND d.next_attempt_at <= ?
                     ORDER BY d.next_attempt_at, d.id LIMIT 1
-                    """), arguments: [hook, now])
+                    """), arguments: [hook, now]
+        ).map(Delivery.init(row:))
     }
 
     static func delivery(_ db: Database, _ id: Int64) throws -> Delivery? {
@@ -181,14 +182,22 @@ extension SQLiteEventLog {
     /// Records the delivery's next attempt as running, if it may run now: pending, due, and first in
     /// line (the same rule the runnable list uses, checked where it is claimed).
     static func claim(_ db: Database, id: Int64, now: Int64) throws -> DeliveryClaim? {
-        guard var delivery = try delivery(db, id) else { return nil }
-        let firstInLine = try Bool.fetchOne(db.cachedStatement(sql: Self.firstInLine), arguments: [id]) ?? false
+        guard let delivery = try delivery(db, id),
+            try Bool.fetchOne(db.cachedStatement(sql: Self.firstInLine), arguments: [id]) ?? false
+        else { return nil }
+        return try claim(db, firstInLine: delivery, now: now)
+    }
+
+    /// Records `delivery`'s next attempt as running, if it is due; the caller has read it, first in
+    /// line, in this transaction.
+    static func claim(_ db: Database, firstInLine delivery: Delivery, now: Int64) throws -> DeliveryClaim? {
+        var delivery = delivery
         var progress = delivery.progress
-        guard firstInLine, let attempt = progress.start(now: now),
+        guard let attempt = progress.start(now: now),
             let row = try Row.fetchOne(
                 db.cachedStatement(sql: "\(Event.select) WHERE events.id = ?"), arguments: [delivery.eventID])
         else { return nil }
-        try saveProgress(progress, id: id, in: db)
+        try saveProgress(progress, id: delivery.id, in: db)
         delivery.state = progress.state
         delivery.attempts = progress.attempts
         return DeliveryClaim(delivery: delivery, attempt: attempt, event: Event(row: row))
@@ -344,7 +353,7 @@ final class EarlyClaims: Sendable {
     /// stays pending for the dispatcher.
     func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
         for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
-            try claimAdmitted(delivery.id, now: now, in: db)
+            try claimAdmitted(delivery.id) { try SQLiteEventLog.claim(db, id: delivery.id, now: now) }
         }
     }
 
@@ -357,9 +366,9 @@ final class EarlyClaims: Sendable {
     /// dispatcher, which meets the same error on its own path, and the outcome is written without it.
     func claimNext(after finished: Int64, hook: String, now: Int64, in db: Database) throws {
         let next = try SQLiteEventLog.firstRunnable(db, hook: hook, now: now)
-        guard starts.handOver(from: finished, to: next, hook: hook), let next else { return }
+        guard starts.handOver(from: finished, to: next?.id, hook: hook), let next else { return }
         do {
-            try claimAdmitted(next, now: now, in: db)
+            try claimAdmitted(next.id) { try SQLiteEventLog.claim(db, firstInLine: next, now: now) }
         } catch let error as DatabaseError where GroupCommitWriter.failsTheBatch(error) {
             throw error
         } catch {
@@ -367,11 +376,11 @@ final class EarlyClaims: Sendable {
         }
     }
 
-    /// Claims a run whose slot the dispatcher gave us; gives the slot back when it may not run now.
-    private func claimAdmitted(_ id: Int64, now: Int64, in db: Database) throws {
+    /// Claims run `id`, whose slot the dispatcher gave us; gives the slot back when it may not run now.
+    private func claimAdmitted(_ id: Int64, _ makeClaim: () throws -> DeliveryClaim?) throws {
         let claim: DeliveryClaim?
         do {
-            claim = try SQLiteEventLog.claim(db, id: id, now: now)
+            claim = try makeClaim()
         } catch {
             starts.withdraw([id])
             throw error
