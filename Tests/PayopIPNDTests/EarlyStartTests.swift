@@ -25,7 +25,10 @@ struct EarlyStartHarness {
     let runner: RecordingHookRunner
     let dispatcher: Dispatcher
 
-    init(perHook: Int = 16, runner: RecordingHookRunner = RecordingHookRunner()) async throws {
+    init(
+        perHook: Int = 16, runner: RecordingHookRunner = RecordingHookRunner(),
+        pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
+    ) async throws {
         self.runner = runner
         dir = try TemporaryDirectory()
         log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
@@ -36,7 +39,7 @@ struct EarlyStartHarness {
             policy: DeliveryPolicy(
                 backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
                 shutdownGraceSeconds: 0.2, perHookConcurrency: perHook),
-            clock: clock, logger: quietLogger)
+            clock: clock, logger: quietLogger, pause: pause)
         _ = dispatcher.acceptEarlyStarts(true)
         log.startDeliveriesEarly(with: dispatcher)
         // Its first pass finds nothing due: caught up, it admits runs claimed early from now on.
@@ -135,7 +138,7 @@ struct EarlyStartHarness {
         #expect(try await h.deliveries().map(\.state) == [.delivered])
     }
 
-    @Test func aHookAtItsLimitLeavesTheRunPendingForTheDispatcher() async throws {
+    @Test func aRunAtItsHooksLimitWaitsPendingAndTakesTheSlotOfTheRunBeforeIt() async throws {
         let h = try await EarlyStartHarness(perHook: 1)
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
@@ -214,7 +217,9 @@ struct EarlyStartHarness {
         #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
         #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
         let (claim, hook) = try #require(spawned.first)
+        let before = h.log.commitCount
         await h.dispatcher.execute(claim, hook: hook)
+        #expect(h.log.commitCount == before + 1)  // the outcome alone: nothing claimed, nothing undone
         #expect(await h.dispatcher.successor(of: claim.delivery.id) == nil)
         let states = try await h.deliveries()
         #expect(states.map(\.state) == [.delivered, .pending])
@@ -242,6 +247,120 @@ struct EarlyStartHarness {
         #expect(states.last?.attempts == 0)
         #expect(h.dispatcher.running == 0)
         #expect(h.runner.all.count == 1)
+    }
+
+    @Test func anExitedHookNoLongerCountsAsRunningWhileItsSlotWaitsForTheHandOver() async throws {
+        /// Reads the dispatcher's counts when the outcome is about to be written.
+        final class ProbingStore: ForwardingDeliveryStore, @unchecked Sendable {
+            let dispatcher = Shared<Dispatcher?>(nil)
+            let seen = Shared<[(running: Int, hooks: Int)]>([])
+            override func finishDelivery(
+                id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
+            ) async throws(EventLogError) -> DeliveryProgress.End? {
+                if let dispatcher = dispatcher.withLock({ $0 }) {
+                    seen.withLock { $0.append((dispatcher.running, dispatcher.runningHooks)) }
+                }
+                return try await super.finishDelivery(
+                    id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
+            }
+        }
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        let store = ProbingStore(h.log)
+        let dispatcher = Dispatcher(
+            store: store, runner: h.runner, hooks: { [log = h.log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
+                shutdownGraceSeconds: 0.2, perHookConcurrency: 1),
+            clock: h.clock, logger: quietLogger)
+        store.dispatcher.withLock { $0 = dispatcher }
+        _ = dispatcher.acceptEarlyStarts(true)
+        h.log.startDeliveriesEarly(with: dispatcher)
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        #expect(try await dispatcher.dispatchDue() == 2)
+        // Between a hook's exit and its outcome: its slot is held for the hand-over, its process is gone
+        // (shutdown's grace waits for processes, not for outcomes).
+        let seen = store.seen.withLock { $0 }
+        #expect(seen.map(\.running) == [1, 1])
+        #expect(seen.map(\.hooks) == [0, 0])
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered])
+    }
+
+    @Test func aClaimHandedOnAfterTheDispatcherStoppedIsRecordedInterruptedByTheRunsTask() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
+        let first = try #require(spawned.first).0
+        let second = try #require(try await h.deliveries().last)
+        // The outcome's transaction hands the slot over while runs are started; its commit lands once the
+        // dispatcher has stopped starting them.
+        #expect(h.dispatcher.handOver(from: first.delivery.id, to: second.id, hook: "fulfil"))
+        let claim = try #require(try await h.log.claimDelivery(id: second.id, now: h.clock.nowMilliseconds()))
+        #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
+        h.dispatcher.start([claim])
+        // The first run's task, not a task of its own, records it interrupted: shutdown waits for it.
+        #expect(await h.dispatcher.successor(of: first.delivery.id) == nil)
+        let waiting = try #require(try await h.deliveries().last)
+        #expect(waiting.state == .pending && waiting.attempts == 0)
+        #expect(h.runner.all.isEmpty)
+    }
+
+    @Test func aClaimFailingAtCommitLeavesTheOutcomeToBeWrittenAlone() async throws {
+        let h = try await EarlyStartHarness(perHook: 1, pause: { _ in await Task.yield() })
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        // Every commit that records a run as started fails, after its write succeeded: the outcome's
+        // first try (with the second claimed) fails whole; its next try hands nothing over and is kept.
+        try await h.failCommitsOfClaims(true)
+        #expect(try await runClaimedEarly(h) == nil)
+        try await h.failCommitsOfClaims(false)
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending])
+        #expect(states.last?.attempts == 0)
+        #expect(h.dispatcher.running == 0)
+        #expect(try await h.dispatcher.dispatchDue() == 1)
+        #expect(h.runner.all.map(\.entity) == ["1", "2"])
+    }
+
+    @Test func aHeadOfLineReadThatFailsLeavesTheOutcomeWritten() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        // The index the read walks is gone (the read fails on its own, not the database).
+        try await h.log.write { db in try db.execute(sql: "DROP INDEX deliveries_due") }
+        #expect(try await runClaimedEarly(h) == nil)
+        try await h.log.write { db in
+            try db.execute(sql: "CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending'")
+        }
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending])
+        #expect(h.dispatcher.running == 0)
+        #expect(try await h.dispatcher.dispatchDue() == 1)
+        #expect(h.runner.all.map(\.entity) == ["1", "2"])
+    }
+
+    @Test func aRunBehindManyDueRunsOfOtherHooksIsLeftToTheDispatcher() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        // More due runs of a removed hook than the hand-over looks at, ahead of the hook's own.
+        h.log.setHooks([commandHook("gone", "/bin/true")])
+        for n in 0..<(SQLiteEventLog.firstRunnableWindow + 1) {
+            try await ingestSigned(h.log, clock: h.clock, order: "gone-\(n)")
+        }
+        h.log.setHooks([commandHook("fulfil", "/bin/true")])
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        #expect(try await runClaimedEarly(h) == nil)
+        #expect(try await h.log.deliveries(state: nil, hook: "fulfil", limit: 10).map(\.state) == [.pending, .delivered])
+        #expect(h.dispatcher.running == 0)
+        #expect(try await h.dispatcher.dispatchDue() == 1)
+        #expect(h.runner.all.map(\.entity) == ["1", "2"])
     }
 
     @Test func aNextRunThatCannotBeClaimedLeavesTheOutcomeWrittenAndTheSlotFree() async throws {
@@ -333,12 +452,16 @@ struct EarlyStartHarness {
         var spawned: [(DeliveryClaim, HookConfig)] = []
         #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
         let (claimA, hook) = try #require(spawned.first)
+        // A's outcome cannot hand its slot to B (B's claim fails): the slot is free, and B waits for it.
+        try await h.failClaims(true)
         await h.dispatcher.execute(claimA, hook: hook)
-        // A's slot went to B with A's outcome; C, fresh, must not take it from B.
+        try await h.failClaims(false)
+        #expect(await h.dispatcher.successor(of: claimA.delivery.id) == nil)
+        #expect(h.dispatcher.running == 0)
+        // C, fresh, must not take the slot B waits for.
         try await ingestSigned(h.log, clock: h.clock, order: "C")
-        #expect(try await h.deliveries().map(\.state) == [.delivered, .running, .pending])
-        let b = try #require(await h.dispatcher.successor(of: claimA.delivery.id))
-        #expect(await h.dispatcher.run(b.0, hook: b.1) == 1)  // and B's to C
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .pending, .pending])
+        #expect(try await h.dispatcher.dispatchDue() == 2)
         #expect(h.runner.all.map(\.entity) == ["A", "B", "C"])
     }
 

@@ -58,6 +58,11 @@ final class Scenario {
     let payop: InProcessPayop
     let runner: RecordingHookRunner
     let hookRandom: Shared<SeededRandom>
+    /// Hook runs at once now, and the most there ever were (each run yields once, so runs the
+    /// dispatcher lets overlap do).
+    let overlap = Shared((now: 0, most: 0))
+    /// Runs of the hook allowed at once (`delivery.per_hook_concurrency`).
+    var perHookLimit: Int { [1, 2, 16][Int((seed / 4) % 3)] }
     var log: SQLiteEventLog
     var verifier: Verifier!
     var dispatcher: Dispatcher!
@@ -85,8 +90,15 @@ final class Scenario {
         payop = InProcessPayop(simulator)
         hookRandom = Shared(SeededRandom(seed: seed ^ 0xA5A5))
         let hookRandom = hookRandom
+        let overlap = overlap
         runner = RecordingHookRunner { _ in
-            hookRandom.withLock { $0.chance(0.2) }
+            overlap.withLock { runs in
+                runs.now += 1
+                runs.most = max(runs.most, runs.now)
+            }
+            await Task.yield()
+            overlap.withLock { $0.now -= 1 }
+            return hookRandom.withLock { $0.chance(0.2) }
                 ? HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 1, error: "exited with status 1")
                 : HookResult(outcome: .delivered, exitCode: 0)
         }
@@ -113,7 +125,7 @@ final class Scenario {
                 backoff: Backoff(initialSeconds: 2, maxSeconds: 60, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
                 // A third of the scenarios let one run at a time, a third two: runs wait for slots, and a
                 // run that ends hands its slot on (when the log claims early, below).
-                shutdownGraceSeconds: 1, perHookConcurrency: [1, 2, 16][Int((seed / 4) % 3)]),
+                shutdownGraceSeconds: 1, perHookConcurrency: perHookLimit),
             clock: clock, logger: quietLogger,
             pause: { _ in
                 // The other writer finishes (a backup ends) while the dispatcher waits to record an outcome.
@@ -340,6 +352,9 @@ final class Scenario {
         }
         // Every run slot is free again: none kept by a claim that was not started, or not committed.
         #expect(dispatcher.running == 0, "\(context)")
+        // Never more runs of the hook at once than it allows.
+        let most = overlap.withLock { $0.most }
+        #expect(most <= perHookLimit, "\(most) runs at once, \(perHookLimit) allowed: \(context)")
         // The daemon idles when nothing is due.
         let now = clock.nowMilliseconds()
         #expect((try await dispatcher.nextDue()).map { $0 > now } ?? true, "\(context)")

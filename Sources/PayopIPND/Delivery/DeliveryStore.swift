@@ -89,7 +89,8 @@ public protocol DeliveryStore: Sendable {
     func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool
     /// Whether `finishDelivery` offers the ended run's slot to its hook's next due run, claimed in the
     /// outcome's own transaction (`EarlyStarts.handOver`). The dispatcher then keeps the slot from the
-    /// hook's exit until the outcome is written, instead of freeing it for a pass of its own.
+    /// hook's exit until that transaction gives it on (or a try of the outcome fails), instead of
+    /// freeing it for a pass of its own.
     var handsOverRunSlots: Bool { get }
 }
 
@@ -114,7 +115,8 @@ public protocol EarlyStarts: Sendable {
     func start(_ claims: [DeliveryClaim])
     /// Run `finished` of `hook` has ended, and the transaction recording how is open: its slot goes to
     /// `next`, that hook's first due run, which the same transaction then claims (no pass, no read and
-    /// no commit of the dispatcher's own in between). False when there is no `next`, runs are not being
+    /// no commit of the dispatcher's own in between). False when there is no `next`, the slot is no
+    /// longer held (freed when the hook exited, or by a failed try of this outcome), runs are not being
     /// started, the hook is not configured, it would exceed its limit, or `next` is in flight already:
     /// the slot is then simply free. Either way `finished` no longer counts against the limit.
     func handOver(from finished: Int64, to next: Int64?, hook: String) -> Bool

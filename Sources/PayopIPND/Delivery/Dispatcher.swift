@@ -45,13 +45,21 @@ public final class Dispatcher: Sendable {
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
     /// Runs of this dispatcher, from their claim until their outcome is written: delivery id -> the
-    /// hook, and whether its process still runs (only those count against the hook's limit). A run whose
-    /// hook has exited keeps its entry until the outcome is written, so that it is never claimed again
-    /// meanwhile (a shared log's lease may lapse while the log is unreachable).
-    private let inFlight = Mutex<[Int64: (hook: String, running: Bool)]>([:])
+    /// run. A run whose hook has exited keeps its entry until the outcome is written, so that it is never
+    /// claimed again meanwhile (a shared log's lease may lapse while the log is unreachable).
+    private let inFlight = Mutex<[Int64: Run]>([:])
+    private struct Run {
+        var hook: String
+        /// It counts against the hook's limit: from its claim until its hook exits, or, when the log
+        /// hands slots over, until the outcome's transaction gives the slot on (`handOver`).
+        var slot = true
+        /// Its process runs, or is about to (what shutdown waits for): until its hook exits.
+        var process = true
+    }
     private let orphans = Mutex<[String: Int]>([:])
     /// Runs the log claims itself (`EarlyStarts`): admitted only while the dispatcher runs, and started
-    /// by its next pass once their claims are on disk.
+    /// once their claims are on disk, by its next pass or, when a run that ended handed them its slot,
+    /// by that run's task.
     private let early = Mutex(EarlyRuns())
     private struct EarlyRuns {
         var open = false
@@ -95,11 +103,11 @@ public final class Dispatcher: Sendable {
     /// Runs in progress: hooks running, and outcomes being written.
     public var running: Int { inFlight.withLock { $0.count } }
     /// Hook processes running now (what shutdown waits for, then stops).
-    public var runningHooks: Int { inFlight.withLock { $0.values.count(where: \.running) } }
+    public var runningHooks: Int { inFlight.withLock { $0.values.count(where: \.process) } }
 
     /// Runs of `hook` whose process runs now.
-    private static func busy(_ runs: [Int64: (hook: String, running: Bool)], _ hook: String) -> Int {
-        runs.values.count { $0.hook == hook && $0.running }
+    private static func busy(_ runs: [Int64: Run], _ hook: String) -> Int {
+        runs.values.count { $0.hook == hook && $0.slot }
     }
 
     /// Whether `hook` may start another run now.
@@ -112,7 +120,7 @@ public final class Dispatcher: Sendable {
     private func openHooks() -> (hooks: [String: HookConfig], free: Int) {
         let limit = policy.withLock { $0.perHookConcurrency }
         let busy = inFlight.withLock { runs in
-            Dictionary(runs.values.filter(\.running).map { ($0.hook, 1) }, uniquingKeysWith: +)
+            Dictionary(runs.values.filter(\.slot).map { ($0.hook, 1) }, uniquingKeysWith: +)
         }
         var open: [String: HookConfig] = [:]
         var free = 0
@@ -203,7 +211,7 @@ public final class Dispatcher: Sendable {
     private func take(_ id: Int64, hook: String, limit: Int) -> Bool {
         inFlight.withLock { running in
             guard running[id] == nil, Self.busy(running, hook) < limit else { return false }
-            running[id] = (hook, true)
+            running[id] = Run(hook: hook)
             return true
         }
     }
@@ -245,7 +253,12 @@ public final class Dispatcher: Sendable {
     func interruptUnstarted(_ claims: [DeliveryClaim]) async {
         guard !claims.isEmpty else { return }
         // No process runs for them: shutdown's grace does not wait for these.
-        inFlight.withLock { runs in for claim in claims { runs[claim.delivery.id]?.running = false } }
+        inFlight.withLock { runs in
+            for claim in claims {
+                runs[claim.delivery.id]?.slot = false
+                runs[claim.delivery.id]?.process = false
+            }
+        }
         await withDiscardingTaskGroup { group in
             for claim in claims {
                 group.addTask { [self] in
@@ -280,8 +293,9 @@ public final class Dispatcher: Sendable {
     /// configured now. One whose hook a reload removed meanwhile, or that would start while the
     /// dispatcher stops, is recorded interrupted instead (pending again, its attempt not spent).
     func successor(of finished: Int64) async -> (DeliveryClaim, HookConfig)? {
-        guard let claim = early.withLock({ $0.handedOn.removeValue(forKey: finished) }) else { return nil }
-        guard !Task.isCancelled, let hook = hooks().first(where: { $0.name == claim.delivery.hook }) else {
+        let (handed, open) = early.withLock { runs in (runs.handedOn.removeValue(forKey: finished), runs.open) }
+        guard let claim = handed else { return nil }
+        guard open, !Task.isCancelled, let hook = hooks().first(where: { $0.name == claim.delivery.hook }) else {
             await interruptUnstarted([claim])
             return nil
         }
@@ -302,15 +316,17 @@ public final class Dispatcher: Sendable {
         let result = await runner.run(invocation)
         let stopping = Task.isCancelled && result.outcome != .delivered
         // The hook has exited. A log that hands slots over gives this one, in the outcome's transaction,
-        // to the hook's next due run, claimed in the same commit. Otherwise (or stopping) the slot is free
-        // now for the next run while the outcome is written: the delivery stays `running` in the log until
-        // then, so nothing later of its entity overtakes it, and the next claim shares the outcome's group
-        // commit instead of waiting for it.
+        // to the hook's next due run, claimed in the same commit. Otherwise (stopping, or runs are not
+        // being started) the slot is free now for the next run while the outcome is written: the delivery
+        // stays `running` in the log until then, so nothing later of its entity overtakes it, and the next
+        // claim shares the outcome's group commit instead of waiting for it.
         let freeSlot = { [self] in
-            inFlight.withLock { $0[claim.delivery.id]?.running = false }
+            inFlight.withLock { $0[claim.delivery.id]?.slot = false }
             signal.signal()
         }
-        if stopping || !store.handsOverRunSlots { freeSlot() }
+        let handsOver = !stopping && store.handsOverRunSlots && early.withLock { $0.open }
+        inFlight.withLock { $0[claim.delivery.id]?.process = false }
+        if !handsOver { freeSlot() }
         defer {
             // Written (or given up at shutdown): a later run of its entity may start now, when a slot of
             // its hook is free. With every slot taken (a backlog, each slot handed on) a pass could start
@@ -338,7 +354,8 @@ public final class Dispatcher: Sendable {
                     id: claim.delivery.id, attempt: claim.attempt, result: result, maxAttempts: hook.maxAttempts,
                     backoff: policy.backoff, now: now)
             } catch {
-                // Not written (a locked log may take a while): the slot does not wait for it.
+                // Not written (a locked log may take a while): the slot does not wait for it, and the
+                // outcome is tried again on its own (`handOver` needs the slot still held).
                 freeSlot()
                 throw error
             }
@@ -493,9 +510,12 @@ extension Dispatcher: EarlyStarts {
         let open = early.withLock { $0.open } && hooks().contains { $0.name == name }
         let limit = policy.withLock { $0.perHookConcurrency }
         let taken = inFlight.withLock { runs -> Bool in
-            runs[finished]?.running = false
+            // Only a slot still held is given on: not one freed when the hook exited, or by an earlier
+            // try of this outcome that failed (the outcome is then written alone).
+            guard runs[finished]?.slot == true else { return false }
+            runs[finished]?.slot = false
             guard let next, open, runs[next] == nil, Self.busy(runs, name) < limit else { return false }
-            runs[next] = (name, true)
+            runs[next] = Run(hook: name)
             return true
         }
         guard taken, let next else { return false }
@@ -515,11 +535,13 @@ extension Dispatcher: EarlyStarts {
                 let admitted = runs.admitted.removeValue(forKey: id) != nil
                 assert(admitted, "a run claimed early that was never admitted")
                 let finished = runs.successors.removeValue(forKey: id)
-                if !runs.open || !admitted {
-                    late.append(claim)
-                } else if let finished {
-                    // The task of the run that handed it the slot starts it once that outcome is written.
+                if admitted, let finished {
+                    // The task of the run that handed it the slot starts it once that outcome is written,
+                    // or, the dispatcher stopping meanwhile, records it interrupted (`successor`): inside
+                    // the service's task group, which shutdown waits for.
                     runs.handedOn[finished] = claim
+                } else if !runs.open || !admitted {
+                    late.append(claim)
                 } else {
                     runs.claimed.append(claim)
                     forThePass = true

@@ -102,14 +102,10 @@ extension SQLiteEventLog {
     /// is pending or running. Walked along `deliveries_due`, so that a query in due order stops at the
     /// first rows it needs: left to itself SQLite scanned every pending delivery (2 ms per dispatcher
     /// pass with 3,400 waiting, 0.05 ms this way), and a backlog slowed its own draining.
-    private static func headOfLine(_ hooks: String) -> String {
-        """
+    private static let headOfLine = """
         FROM deliveries AS d INDEXED BY deliveries_due
-        WHERE d.state = 'pending' AND \(hooks) AND \(nothingEarlier)
+        WHERE d.state = 'pending' AND d.hook IN (SELECT value FROM json_each(?)) AND \(nothingEarlier)
         """
-    }
-    /// `headOfLine` for the hooks of a JSON list bound to `?` (the dispatcher's, `hookList`).
-    private static let hooksInList = "d.hook IN (SELECT value FROM json_each(?))"
 
     /// Nothing earlier of `d`'s (hook, kind, entity) is pending or running.
     private static let nothingEarlier = """
@@ -134,8 +130,7 @@ extension SQLiteEventLog {
             try Row.fetchAll(
                 db.cachedStatement(
                     sql: """
-                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine(Self.hooksInList))
-                        AND d.next_attempt_at <= ?
+                        SELECT \(Delivery.columns(of: "d")) \(Self.headOfLine) AND d.next_attempt_at <= ?
                         ORDER BY d.next_attempt_at, d.id LIMIT ?
                         """), arguments: [Self.hookList(hooks), now, limit]
             ).map(Delivery.init(row:))
@@ -147,21 +142,33 @@ extension SQLiteEventLog {
         return try readInPlace { db in
             try Int64.fetchOne(
                 db.cachedStatement(
-                    sql: "SELECT d.next_attempt_at \(Self.headOfLine(Self.hooksInList)) ORDER BY d.next_attempt_at LIMIT 1"),
+                    sql: "SELECT d.next_attempt_at \(Self.headOfLine) ORDER BY d.next_attempt_at LIMIT 1"),
                 arguments: [Self.hookList(hooks)])
         }
     }
 
-    /// The first run of `hook` that may start now, in the dispatcher's order (`runnableDeliveries`).
+    /// The first run of `hook` that may start now, in the dispatcher's order (`runnableDeliveries`),
+    /// if it is among the first `firstRunnableWindow` due deliveries of all hooks. It runs inside the
+    /// writer's transaction, which every commit waits for: the walk is bounded, so that deliveries of
+    /// other hooks ahead of it (a removed hook's, another hook's backlog) never make it long. Past the
+    /// window nothing is handed over, and the dispatcher's pass finds the run on a reader.
     static func firstRunnable(_ db: Database, hook: String, now: Int64) throws -> Delivery? {
         try Row.fetchOne(
             db.cachedStatement(
                 sql: """
-                    SELECT \(Delivery.columns(of: "d")) \(headOfLine("d.hook = ?")) AND d.next_attempt_at <= ?
+                    SELECT \(Delivery.columns(of: "d")) FROM (
+                        SELECT * FROM deliveries INDEXED BY deliveries_due
+                        WHERE state = 'pending' AND next_attempt_at <= ?
+                        ORDER BY next_attempt_at, id LIMIT \(firstRunnableWindow)
+                    ) AS d
+                    WHERE d.hook = ? AND \(nothingEarlier)
                     ORDER BY d.next_attempt_at, d.id LIMIT 1
-                    """), arguments: [hook, now]
+                    """), arguments: [now, hook]
         ).map(Delivery.init(row:))
     }
+
+    /// Due deliveries `firstRunnable` looks at, at most.
+    static let firstRunnableWindow = 32
 
     static func delivery(_ db: Database, _ id: Int64) throws -> Delivery? {
         try Row.fetchOne(
@@ -362,17 +369,26 @@ final class EarlyClaims: Sendable {
     /// (`EarlyStarts.handOver`). A backlog then drains one commit per run, without a pass of the
     /// dispatcher's own between two runs.
     ///
-    /// The outcome never depends on it: a claim that fails on its own (not the database) is left to the
-    /// dispatcher, which meets the same error on its own path, and the outcome is written without it.
+    /// The outcome does not depend on it. The read and the claim run in a savepoint of their own: one
+    /// that fails on its own (not the database) is undone whole and left to the dispatcher, which meets
+    /// the same error on its own path, and the outcome is written without it. A claim whose failure
+    /// shows only at `COMMIT` fails the outcome's try too; the next try writes the outcome alone (the
+    /// slot is no longer held, so nothing is handed over).
     func claimNext(after finished: Int64, hook: String, now: Int64, in db: Database) throws {
-        let next = try SQLiteEventLog.firstRunnable(db, hook: hook, now: now)
-        guard starts.handOver(from: finished, to: next?.id, hook: hook), let next else { return }
+        try db.cachedStatement(sql: "SAVEPOINT next_run").execute()
         do {
-            try claimAdmitted(next.id) { try SQLiteEventLog.claim(db, firstInLine: next, now: now) }
+            let next = try SQLiteEventLog.firstRunnable(db, hook: hook, now: now)
+            if starts.handOver(from: finished, to: next?.id, hook: hook), let next {
+                try claimAdmitted(next.id) { try SQLiteEventLog.claim(db, firstInLine: next, now: now) }
+            }
+            try db.cachedStatement(sql: "RELEASE next_run").execute()
         } catch let error as DatabaseError where GroupCommitWriter.failsTheBatch(error) {
             throw error
         } catch {
-            // Its slot is given back (`claimAdmitted`); the failed statement changed nothing.
+            // Any slot taken was given back (`claimAdmitted`); the finished run's is free.
+            _ = starts.handOver(from: finished, to: nil, hook: hook)
+            try db.cachedStatement(sql: "ROLLBACK TO next_run").execute()
+            try db.cachedStatement(sql: "RELEASE next_run").execute()
         }
     }
 
