@@ -151,20 +151,24 @@ extension SQLiteEventLog {
     /// if it is among the first `firstRunnableWindow` due deliveries of all hooks. It runs inside the
     /// writer's transaction, which every commit waits for: the walk is bounded, so that deliveries of
     /// other hooks ahead of it (a removed hook's, another hook's backlog) never make it long. Past the
-    /// window nothing is handed over, and the dispatcher's pass finds the run on a reader.
+    /// window nothing is handed over, and the dispatcher's pass finds the run on a reader. The walk
+    /// stops at the first run that qualifies (usually the first row).
     static func firstRunnable(_ db: Database, hook: String, now: Int64) throws -> Delivery? {
-        try Row.fetchOne(
+        let due = try Row.fetchCursor(
             db.cachedStatement(
                 sql: """
-                    SELECT \(Delivery.columns(of: "d")) FROM (
-                        SELECT * FROM deliveries INDEXED BY deliveries_due
-                        WHERE state = 'pending' AND next_attempt_at <= ?
-                        ORDER BY next_attempt_at, id LIMIT \(firstRunnableWindow)
-                    ) AS d
-                    WHERE d.hook = ? AND \(nothingEarlier)
-                    ORDER BY d.next_attempt_at, d.id LIMIT 1
-                    """), arguments: [now, hook]
-        ).map(Delivery.init(row:))
+                    SELECT \(Delivery.columns) FROM deliveries INDEXED BY deliveries_due
+                    WHERE state = 'pending' AND next_attempt_at <= ?
+                    ORDER BY next_attempt_at, id LIMIT \(firstRunnableWindow)
+                    """), arguments: [now])
+        while let row = try due.next() {
+            guard row[2] as String == hook else { continue }  // Delivery.columns: id, event_id, hook, ...
+            let delivery = Delivery(row: row)
+            if try Bool.fetchOne(db.cachedStatement(sql: firstInLine), arguments: [delivery.id]) ?? false {
+                return delivery
+            }
+        }
+        return nil
     }
 
     /// Due deliveries `firstRunnable` looks at, at most.
