@@ -34,16 +34,24 @@ struct EarlyStartHarness {
         log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
         log.setHooks([commandHook("fulfil", "/bin/true")])
         store = ClaimCountingStore(log)
-        dispatcher = Dispatcher(
+        dispatcher = Self.dispatcher(log, store: store, runner: runner, clock: clock, perHook: perHook, pause: pause)
+        _ = dispatcher.acceptEarlyStarts(true)
+        log.startDeliveriesEarly(with: dispatcher)
+        // Its first pass finds nothing due: caught up, it admits runs claimed early from now on.
+        #expect(try await dispatcher.dispatchDue() == 0)
+    }
+
+    /// A dispatcher over `store` (the log, seen through a test's store), as the harness's own.
+    static func dispatcher(
+        _ log: SQLiteEventLog, store: any DeliveryStore, runner: RecordingHookRunner, clock: TestClock, perHook: Int,
+        pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
+    ) -> Dispatcher {
+        Dispatcher(
             store: store, runner: runner, hooks: { [log] in log.hooks },
             policy: DeliveryPolicy(
                 backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
                 shutdownGraceSeconds: 0.2, perHookConcurrency: perHook),
             clock: clock, logger: quietLogger, pause: pause)
-        _ = dispatcher.acceptEarlyStarts(true)
-        log.startDeliveriesEarly(with: dispatcher)
-        // Its first pass finds nothing due: caught up, it admits runs claimed early from now on.
-        #expect(try await dispatcher.dispatchDue() == 0)
     }
 
     func verifier() -> Verifier {
@@ -151,14 +159,22 @@ struct EarlyStartHarness {
         #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered])
     }
 
+    /// Hands the run the log claimed for the dispatcher (it must be the only one) to a pass, which
+    /// starts it: returns it, not run yet.
+    private func startClaimedEarly(_ h: EarlyStartHarness, sourceLocation: SourceLocation = #_sourceLocation)
+        async throws -> (DeliveryClaim, HookConfig)
+    {
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1, sourceLocation: sourceLocation)
+        return try #require(spawned.first, sourceLocation: sourceLocation)
+    }
+
     /// Starts the run the log claimed for the dispatcher (it must be the only one) and runs it to its
     /// end; returns the run its outcome handed the slot to, if any (not started).
     private func runClaimedEarly(_ h: EarlyStartHarness, sourceLocation: SourceLocation = #_sourceLocation)
         async throws -> (DeliveryClaim, HookConfig)?
     {
-        var spawned: [(DeliveryClaim, HookConfig)] = []
-        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1, sourceLocation: sourceLocation)
-        let (claim, hook) = try #require(spawned.first, sourceLocation: sourceLocation)
+        let (claim, hook) = try await startClaimedEarly(h, sourceLocation: sourceLocation)
         await h.dispatcher.execute(claim, hook: hook)
         return await h.dispatcher.successor(of: claim.delivery.id)
     }
@@ -203,7 +219,8 @@ struct EarlyStartHarness {
         #expect(await h.dispatcher.run(b.0, hook: b.1) == 0)  // A's retry is not due yet
         h.clock.advance(milliseconds: 2_000)
         #expect(try await h.dispatcher.dispatchDue() == 2)
-        #expect(h.runner.all.map(\.type) == ["checkout.accepted", "checkout.accepted", "checkout.accepted", "checkout.failed"])
+        let (accepted, failed) = ("checkout.accepted", "checkout.failed")
+        #expect(h.runner.all.map(\.type) == [accepted, accepted, accepted, failed])
         #expect(h.runner.all.map(\.entity) == ["A", "B", "A", "A"])
         #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered, .delivered])
     }
@@ -213,10 +230,8 @@ struct EarlyStartHarness {
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
-        var spawned: [(DeliveryClaim, HookConfig)] = []
-        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
+        let (claim, hook) = try await startClaimedEarly(h)
         #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
-        let (claim, hook) = try #require(spawned.first)
         let before = h.log.commitCount
         await h.dispatcher.execute(claim, hook: hook)
         #expect(h.log.commitCount == before + 1)  // the outcome alone: nothing claimed, nothing undone
@@ -232,9 +247,7 @@ struct EarlyStartHarness {
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
-        var spawned: [(DeliveryClaim, HookConfig)] = []
-        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
-        let (claim, hook) = try #require(spawned.first)
+        let (claim, hook) = try await startClaimedEarly(h)
         await h.dispatcher.execute(claim, hook: hook)
         #expect(try await h.deliveries().map(\.state) == [.delivered, .running])
         // Stopping before the first's task starts it: the second is given back, its attempt unspent.
@@ -267,12 +280,7 @@ struct EarlyStartHarness {
         let h = try await EarlyStartHarness(perHook: 1)
         defer { h.log.close() }
         let store = ProbingStore(h.log)
-        let dispatcher = Dispatcher(
-            store: store, runner: h.runner, hooks: { [log = h.log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 0.2, perHookConcurrency: 1),
-            clock: h.clock, logger: quietLogger)
+        let dispatcher = EarlyStartHarness.dispatcher(h.log, store: store, runner: h.runner, clock: h.clock, perHook: 1)
         store.dispatcher.withLock { $0 = dispatcher }
         _ = dispatcher.acceptEarlyStarts(true)
         h.log.startDeliveriesEarly(with: dispatcher)
@@ -292,9 +300,7 @@ struct EarlyStartHarness {
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
-        var spawned: [(DeliveryClaim, HookConfig)] = []
-        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
-        let first = try #require(spawned.first).0
+        let first = try await startClaimedEarly(h).0
         let second = try #require(try await h.deliveries().last)
         // The outcome's transaction hands the slot over while runs are started; its commit lands once the
         // dispatcher has stopped starting them.
@@ -309,40 +315,46 @@ struct EarlyStartHarness {
         #expect(h.runner.all.isEmpty)
     }
 
+    /// Two runs of the hook and one slot: the first runs while `breaking` holds, and its outcome must be
+    /// written without handing the slot on; once `mending` is done, the dispatcher runs the second.
+    private func expectTheOutcomeWrittenAlone(
+        _ h: EarlyStartHarness, breaking: () async throws -> Void, mending: () async throws -> Void,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws {
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        try await breaking()
+        #expect(try await runClaimedEarly(h) == nil, sourceLocation: sourceLocation)
+        try await mending()
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending], sourceLocation: sourceLocation)
+        #expect(states.last?.attempts == 0, sourceLocation: sourceLocation)
+        #expect(h.dispatcher.running == 0, sourceLocation: sourceLocation)
+        #expect(try await h.dispatcher.dispatchDue() == 1, sourceLocation: sourceLocation)
+        #expect(h.runner.all.map(\.entity) == ["1", "2"], sourceLocation: sourceLocation)
+    }
+
     @Test func aClaimFailingAtCommitLeavesTheOutcomeToBeWrittenAlone() async throws {
         let h = try await EarlyStartHarness(perHook: 1, pause: { _ in await Task.yield() })
         defer { h.log.close() }
-        try await ingestSigned(h.log, clock: h.clock, order: "1")
-        try await ingestSigned(h.log, clock: h.clock, order: "2")
         // Every commit that records a run as started fails, after its write succeeded: the outcome's
         // first try (with the second claimed) fails whole; its next try hands nothing over and is kept.
-        try await h.failCommitsOfClaims(true)
-        #expect(try await runClaimedEarly(h) == nil)
-        try await h.failCommitsOfClaims(false)
-        let states = try await h.deliveries()
-        #expect(states.map(\.state) == [.delivered, .pending])
-        #expect(states.last?.attempts == 0)
-        #expect(h.dispatcher.running == 0)
-        #expect(try await h.dispatcher.dispatchDue() == 1)
-        #expect(h.runner.all.map(\.entity) == ["1", "2"])
+        try await expectTheOutcomeWrittenAlone(
+            h, breaking: { try await h.failCommitsOfClaims(true) }, mending: { try await h.failCommitsOfClaims(false) })
     }
 
     @Test func aHeadOfLineReadThatFailsLeavesTheOutcomeWritten() async throws {
         let h = try await EarlyStartHarness(perHook: 1)
         defer { h.log.close() }
-        try await ingestSigned(h.log, clock: h.clock, order: "1")
-        try await ingestSigned(h.log, clock: h.clock, order: "2")
         // The index the read walks is gone (the read fails on its own, not the database).
-        try await h.log.write { db in try db.execute(sql: "DROP INDEX deliveries_due") }
-        #expect(try await runClaimedEarly(h) == nil)
-        try await h.log.write { db in
-            try db.execute(sql: "CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending'")
-        }
-        let states = try await h.deliveries()
-        #expect(states.map(\.state) == [.delivered, .pending])
-        #expect(h.dispatcher.running == 0)
-        #expect(try await h.dispatcher.dispatchDue() == 1)
-        #expect(h.runner.all.map(\.entity) == ["1", "2"])
+        try await expectTheOutcomeWrittenAlone(
+            h, breaking: { try await h.log.write { db in try db.execute(sql: "DROP INDEX deliveries_due") } },
+            mending: {
+                try await h.log.write { db in
+                    try db.execute(
+                        sql: "CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending'")
+                }
+            })
     }
 
     @Test func aRunBehindManyDueRunsOfOtherHooksIsLeftToTheDispatcher() async throws {
@@ -357,7 +369,8 @@ struct EarlyStartHarness {
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
         #expect(try await runClaimedEarly(h) == nil)
-        #expect(try await h.log.deliveries(state: nil, hook: "fulfil", limit: 10).map(\.state) == [.pending, .delivered])
+        let fulfil = try await h.log.deliveries(state: nil, hook: "fulfil", limit: 10)
+        #expect(fulfil.map(\.state) == [.pending, .delivered])  // newest first
         #expect(h.dispatcher.running == 0)
         #expect(try await h.dispatcher.dispatchDue() == 1)
         #expect(h.runner.all.map(\.entity) == ["1", "2"])
@@ -449,9 +462,7 @@ struct EarlyStartHarness {
         defer { h.log.close() }
         try await ingestSigned(h.log, clock: h.clock, order: "A")
         try await ingestSigned(h.log, clock: h.clock, order: "B")  // the hook is at its limit: B waits
-        var spawned: [(DeliveryClaim, HookConfig)] = []
-        #expect(try await h.dispatcher.startDue { spawned.append(($0, $1)) } == 1)
-        let (claimA, hook) = try #require(spawned.first)
+        let (claimA, hook) = try await startClaimedEarly(h)
         // A's outcome cannot hand its slot to B (B's claim fails): the slot is free, and B waits for it.
         try await h.failClaims(true)
         await h.dispatcher.execute(claimA, hook: hook)
@@ -480,12 +491,7 @@ struct EarlyStartHarness {
         let h = try await EarlyStartHarness()
         defer { h.log.close() }
         let store = InterleavingStore(h.log)
-        let dispatcher = Dispatcher(
-            store: store, runner: h.runner, hooks: { [log = h.log] in log.hooks },
-            policy: DeliveryPolicy(
-                backoff: Backoff(initialSeconds: 2, maxSeconds: 100, jitter: Backoff.noJitter), killGraceSeconds: 0.1,
-                shutdownGraceSeconds: 0.2, perHookConcurrency: 2),
-            clock: h.clock, logger: quietLogger)
+        let dispatcher = EarlyStartHarness.dispatcher(h.log, store: store, runner: h.runner, clock: h.clock, perHook: 2)
         _ = dispatcher.acceptEarlyStarts(true)
         #expect(try await dispatcher.dispatchDue() == 0)  // caught up
         #expect(dispatcher.admit(id: 1001, hook: "fulfil"))
