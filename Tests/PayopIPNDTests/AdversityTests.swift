@@ -490,7 +490,7 @@ class ForwardingDeliveryStore: DeliveryStore, @unchecked Sendable {
 
     var leaseRenewal: Duration? { nil }
     func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool { true }
-    var handsOverRunSlots: Bool { base.handsOverRunSlots }
+    func handsOverRunSlots(to starts: any EarlyStarts) -> Bool { base.handsOverRunSlots(to: starts) }
     func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
         try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
     }

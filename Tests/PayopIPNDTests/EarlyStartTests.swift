@@ -262,37 +262,67 @@ struct EarlyStartHarness {
         #expect(h.runner.all.count == 1)
     }
 
-    @Test func anExitedHookNoLongerCountsAsRunningWhileItsSlotWaitsForTheHandOver() async throws {
-        /// Reads the dispatcher's counts when the outcome is about to be written.
+    /// A dispatcher of its own over the harness's log, whose outcomes first run `beforeOutcome` (with the
+    /// dispatcher): what holds between a hook's exit and its outcome's transaction.
+    private func probedDispatcher(_ h: EarlyStartHarness, beforeOutcome: @escaping @Sendable (Dispatcher) -> Void)
+        -> Dispatcher
+    {
         final class ProbingStore: ForwardingDeliveryStore, @unchecked Sendable {
-            let dispatcher = Shared<Dispatcher?>(nil)
-            let seen = Shared<[(running: Int, hooks: Int)]>([])
+            let probe = Shared<(@Sendable () -> Void)?>(nil)
             override func finishDelivery(
                 id: Int64, attempt: Int, result: HookResult, maxAttempts: Int, backoff: Backoff, now: Int64
             ) async throws(EventLogError) -> DeliveryProgress.End? {
-                if let dispatcher = dispatcher.withLock({ $0 }) {
-                    seen.withLock { $0.append((dispatcher.running, dispatcher.runningHooks)) }
-                }
+                probe.withLock { $0 }?()
                 return try await super.finishDelivery(
                     id: id, attempt: attempt, result: result, maxAttempts: maxAttempts, backoff: backoff, now: now)
             }
         }
-        let h = try await EarlyStartHarness(perHook: 1)
-        defer { h.log.close() }
         let store = ProbingStore(h.log)
         let dispatcher = EarlyStartHarness.dispatcher(h.log, store: store, runner: h.runner, clock: h.clock, perHook: 1)
-        store.dispatcher.withLock { $0 = dispatcher }
+        store.probe.withLock { $0 = { beforeOutcome(dispatcher) } }
         _ = dispatcher.acceptEarlyStarts(true)
         h.log.startDeliveriesEarly(with: dispatcher)
+        return dispatcher
+    }
+
+    @Test func anExitedHookNoLongerCountsAsRunningWhileItsSlotWaitsForTheHandOver() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        let seen = Shared<[(running: Int, hooks: Int, slotFree: Bool)]>([])
+        let dispatcher = probedDispatcher(h) { dispatcher in
+            seen.withLock { $0.append((dispatcher.running, dispatcher.runningHooks, dispatcher.hasFreeSlot("fulfil"))) }
+        }
         try await ingestSigned(h.log, clock: h.clock, order: "1")
         try await ingestSigned(h.log, clock: h.clock, order: "2")
         #expect(try await dispatcher.dispatchDue() == 2)
         // Between a hook's exit and its outcome: its slot is held for the hand-over, its process is gone
         // (shutdown's grace waits for processes, not for outcomes).
-        let seen = store.seen.withLock { $0 }
-        #expect(seen.map(\.running) == [1, 1])
-        #expect(seen.map(\.hooks) == [0, 0])
+        let probed = seen.withLock { $0 }
+        #expect(probed.map(\.running) == [1, 1])
+        #expect(probed.map(\.hooks) == [0, 0])
+        #expect(probed.map(\.slotFree) == [false, false])
         #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered])
+    }
+
+    @Test func aDispatcherStoppingBetweenAHooksExitAndItsOutcomeGetsNothingHandedOver() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        let dispatcher = probedDispatcher(h) { dispatcher in
+            #expect(dispatcher.acceptEarlyStarts(false).isEmpty)
+        }
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        var spawned: [(DeliveryClaim, HookConfig)] = []
+        #expect(try await dispatcher.startDue { spawned.append(($0, $1)) } == 1)
+        let (claim, hook) = try #require(spawned.first)
+        let before = h.log.commitCount
+        #expect(await dispatcher.run(claim, hook: hook) == 0)
+        #expect(h.log.commitCount == before + 1)  // the outcome alone: nothing claimed, nothing undone
+        let states = try await h.deliveries()
+        #expect(states.map(\.state) == [.delivered, .pending])
+        #expect(states.last?.attempts == 0)
+        #expect(dispatcher.running == 0)
+        #expect(h.runner.all.map(\.entity) == ["1"])
     }
 
     @Test func aClaimHandedOnAfterTheDispatcherStoppedIsRecordedInterruptedByTheRunsTask() async throws {
@@ -308,6 +338,7 @@ struct EarlyStartHarness {
         let claim = try #require(try await h.log.claimDelivery(id: second.id, now: h.clock.nowMilliseconds()))
         #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
         h.dispatcher.start([claim])
+        #expect(try await h.deliveries().last?.state == .running)  // parked for the first run's task
         // The first run's task, not a task of its own, records it interrupted: shutdown waits for it.
         #expect(await h.dispatcher.successor(of: first.delivery.id) == nil)
         let waiting = try #require(try await h.deliveries().last)
@@ -335,8 +366,21 @@ struct EarlyStartHarness {
     }
 
     @Test func aClaimFailingAtCommitLeavesTheOutcomeToBeWrittenAlone() async throws {
-        let h = try await EarlyStartHarness(perHook: 1, pause: { _ in await Task.yield() })
-        defer { h.log.close() }
+        // The outcome's tries: a second one must succeed. Past 10 the log is closed, so that a regression
+        // fails the test instead of retrying forever.
+        let tries = Shared(0)
+        let giveUp = Shared<(@Sendable () -> Void)?>(nil)
+        let h = try await EarlyStartHarness(
+            perHook: 1,
+            pause: { _ in
+                if tries.withLock({ $0 += 1; return $0 }) > 10 { giveUp.withLock { $0 }?() }
+                await Task.yield()
+            })
+        giveUp.withLock { $0 = { [log = h.log] in log.close() } }
+        defer {
+            #expect(tries.withLock { $0 } == 1)
+            h.log.close()
+        }
         // Every commit that records a run as started fails, after its write succeeded: the outcome's
         // first try (with the second claimed) fails whole; its next try hands nothing over and is kept.
         try await expectTheOutcomeWrittenAlone(

@@ -88,24 +88,24 @@ public protocol DeliveryStore: Sendable {
     /// Keeps attempt `attempt`'s claim alive; false when it is no longer this daemon's.
     func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool
     /// Whether `finishDelivery` offers the ended run's slot to its hook's next due run, claimed in the
-    /// outcome's own transaction (`EarlyStarts.handOver`). The dispatcher then keeps the slot from the
-    /// hook's exit until that transaction gives it on (or a try of the outcome fails), instead of
-    /// freeing it for a pass of its own.
-    var handsOverRunSlots: Bool { get }
+    /// outcome's own transaction, through `starts` (`EarlyStarts.handOver`). That dispatcher then keeps
+    /// the slot from the hook's exit until that transaction gives it on (or a try of the outcome fails),
+    /// instead of freeing it for a pass of its own.
+    func handsOverRunSlots(to starts: any EarlyStarts) -> Bool
 }
 
 extension DeliveryStore {
     /// One daemon per log (SQLite): a claim holds until the daemon records the outcome or restarts.
     public var leaseRenewal: Duration? { nil }
     public func renewLease(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) -> Bool { true }
-    public var handsOverRunSlots: Bool { false }
+    public func handsOverRunSlots(to starts: any EarlyStarts) -> Bool { false }
 }
 
 /// Runs a log may claim itself, in the very transaction that makes them due (an event verified, a
 /// signed IPN logged), instead of leaving them for the dispatcher's next pass: one commit, one read and
 /// one hand-off less between Payop's answer and the hook. The dispatcher is the one that admits them.
 /// Only a log that one daemon owns does this (SQLite); a shared log's claims are leases taken apart.
-public protocol EarlyStarts: Sendable {
+public protocol EarlyStarts: AnyObject, Sendable {
     /// Takes one of `hook`'s run slots for delivery `id`; false when the hook is at its limit, is not
     /// configured, or runs are not being started (the dispatcher is not running, or is stopping).
     func admit(id: Int64, hook: String) -> Bool
@@ -120,4 +120,7 @@ public protocol EarlyStarts: Sendable {
     /// started, the hook is not configured, it would exceed its limit, or `next` is in flight already:
     /// the slot is then simply free. Either way `finished` no longer counts against the limit.
     func handOver(from finished: Int64, to next: Int64?, hook: String) -> Bool
+    /// Whether run `finished` still holds its slot while runs are being started: only then can its
+    /// outcome's transaction hand the slot over (`handOver`), and only then is the next run looked for.
+    func holdsSlot(of finished: Int64) -> Bool
 }

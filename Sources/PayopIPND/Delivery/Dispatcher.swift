@@ -111,7 +111,7 @@ public final class Dispatcher: Sendable {
     }
 
     /// Whether `hook` may start another run now.
-    private func hasFreeSlot(_ hook: String) -> Bool {
+    func hasFreeSlot(_ hook: String) -> Bool {
         let limit = policy.withLock { $0.perHookConcurrency }
         return inFlight.withLock { Self.busy($0, hook) < limit }
     }
@@ -302,7 +302,8 @@ public final class Dispatcher: Sendable {
         return (claim, hook)
     }
 
-    /// Runs one claimed attempt and records how it ended.
+    /// Runs one claimed attempt and records how it ended. Through `run` only (tests aside): a run this
+    /// one's outcome hands its slot to waits for `successor(of:)`.
     func execute(_ claim: DeliveryClaim, hook: HookConfig) async {
         let policy = policy.withLock { $0 }
         let started = clock.nowMilliseconds()
@@ -324,8 +325,10 @@ public final class Dispatcher: Sendable {
             inFlight.withLock { $0[claim.delivery.id]?.slot = false }
             signal.signal()
         }
-        let handsOver = !stopping && store.handsOverRunSlots && early.withLock { $0.open }
+        // The process is gone before `open` is read: shutdown closes `open` first, then waits for
+        // processes, so either it sees this one gone or this run sees it closed and signals it.
         inFlight.withLock { $0[claim.delivery.id]?.process = false }
+        let handsOver = !stopping && store.handsOverRunSlots(to: self) && early.withLock { $0.open }
         if !handsOver { freeSlot() }
         defer {
             // Written (or given up at shutdown): a later run of its entity may start now, when a slot of
@@ -524,6 +527,10 @@ extension Dispatcher: EarlyStarts {
             runs.successors[next] = finished
         }
         return true
+    }
+
+    public func holdsSlot(of finished: Int64) -> Bool {
+        early.withLock { $0.open } && inFlight.withLock { $0[finished]?.slot == true }
     }
 
     public func start(_ claims: [DeliveryClaim]) {

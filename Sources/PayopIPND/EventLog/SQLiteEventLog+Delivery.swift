@@ -364,7 +364,18 @@ final class EarlyClaims: Sendable {
     /// stays pending for the dispatcher.
     func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
         for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
-            try claimAdmitted(delivery.id) { try SQLiteEventLog.claim(db, id: delivery.id, now: now) }
+            let claim: DeliveryClaim?
+            do {
+                claim = try SQLiteEventLog.claim(db, id: delivery.id, now: now)
+            } catch {
+                starts.withdraw([delivery.id])
+                throw error
+            }
+            if let claim {
+                claimed.withLock { $0.append(claim) }
+            } else {
+                starts.withdraw([delivery.id])
+            }
         }
     }
 
@@ -379,36 +390,32 @@ final class EarlyClaims: Sendable {
     /// shows only at `COMMIT` fails the outcome's try too; the next try writes the outcome alone (the
     /// slot is no longer held, so nothing is handed over).
     func claimNext(after finished: Int64, hook: String, now: Int64, in db: Database) throws {
+        // No read when nothing can be handed over (a later try of this outcome, the dispatcher stopping).
+        guard starts.holdsSlot(of: finished) else {
+            _ = starts.handOver(from: finished, to: nil, hook: hook)
+            return
+        }
         try db.cachedStatement(sql: "SAVEPOINT next_run").execute()
+        var taken: Int64?
         do {
             let next = try SQLiteEventLog.firstRunnable(db, hook: hook, now: now)
-            if starts.handOver(from: finished, to: next?.id, hook: hook), let next {
-                try claimAdmitted(next.id) { try SQLiteEventLog.claim(db, firstInLine: next, now: now) }
+            guard starts.handOver(from: finished, to: next?.id, hook: hook), let next else {
+                try db.cachedStatement(sql: "RELEASE next_run").execute()
+                return
             }
+            taken = next.id
+            let claim = try SQLiteEventLog.claim(db, firstInLine: next, now: now)
             try db.cachedStatement(sql: "RELEASE next_run").execute()
+            // Kept only once its savepoint is: a claim rolled back is never started.
+            if let claim { claimed.withLock { $0.append(claim) } } else { starts.withdraw([next.id]) }
         } catch let error as DatabaseError where GroupCommitWriter.failsTheBatch(error) {
+            if let taken { starts.withdraw([taken]) }
             throw error
         } catch {
-            // Any slot taken was given back (`claimAdmitted`); the finished run's is free.
+            if let taken { starts.withdraw([taken]) }
             _ = starts.handOver(from: finished, to: nil, hook: hook)
             try db.cachedStatement(sql: "ROLLBACK TO next_run").execute()
             try db.cachedStatement(sql: "RELEASE next_run").execute()
-        }
-    }
-
-    /// Claims run `id`, whose slot the dispatcher gave us; gives the slot back when it may not run now.
-    private func claimAdmitted(_ id: Int64, _ makeClaim: () throws -> DeliveryClaim?) throws {
-        let claim: DeliveryClaim?
-        do {
-            claim = try makeClaim()
-        } catch {
-            starts.withdraw([id])
-            throw error
-        }
-        if let claim {
-            claimed.withLock { $0.append(claim) }
-        } else {
-            starts.withdraw([id])
         }
     }
 

@@ -123,8 +123,8 @@ public final class SQLiteEventLog: EventLog {
     public func startDeliveriesEarly(with starts: (any EarlyStarts)?) { earlyStarts.withLock { $0 = starts } }
     /// A write's early claims, when someone admits them.
     func earlyClaims() -> EarlyClaims? { earlyStarts.withLock { $0 }.map(EarlyClaims.init) }
-    /// A run's outcome hands its slot to its hook's next due run while someone admits early claims.
-    public var handsOverRunSlots: Bool { earlyStarts.withLock { $0 != nil } }
+    /// A run's outcome hands its slot to its hook's next due run through the one who admits early claims.
+    public func handsOverRunSlots(to starts: any EarlyStarts) -> Bool { earlyStarts.withLock { $0 === starts } }
 
     /// An empty write through the group commit: proves the writer runs and the file takes a lock.
     public func checkWritable() async throws(EventLogError) {
