@@ -105,7 +105,7 @@ public final class Dispatcher: Sendable {
     /// Hook processes running now (what shutdown waits for, then stops).
     public var runningHooks: Int { inFlight.withLock { $0.values.count(where: \.process) } }
 
-    /// Runs of `hook` whose process runs now.
+    /// Runs of `hook` that hold one of its slots.
     private static func busy(_ runs: [Int64: Run], _ hook: String) -> Int {
         runs.values.count { $0.hook == hook && $0.slot }
     }
@@ -209,11 +209,14 @@ public final class Dispatcher: Sendable {
     /// Takes a run slot of `hook` for delivery `id`, unless the hook is at `limit` or the delivery is
     /// in flight already.
     private func take(_ id: Int64, hook: String, limit: Int) -> Bool {
-        inFlight.withLock { running in
-            guard running[id] == nil, Self.busy(running, hook) < limit else { return false }
-            running[id] = Run(hook: hook)
-            return true
-        }
+        inFlight.withLock { Self.take(id, hook: hook, limit: limit, in: &$0) }
+    }
+
+    /// `take`'s rule, inside the caller's hold of `inFlight`.
+    private static func take(_ id: Int64, hook: String, limit: Int, in runs: inout [Int64: Run]) -> Bool {
+        guard runs[id] == nil, busy(runs, hook) < limit else { return false }
+        runs[id] = Run(hook: hook)
+        return true
     }
 
     /// Starts the runs the log claimed for us (`EarlyStarts`) with their hooks as configured now; a run
@@ -517,9 +520,8 @@ extension Dispatcher: EarlyStarts {
             // try of this outcome that failed (the outcome is then written alone).
             guard runs[finished]?.slot == true else { return false }
             runs[finished]?.slot = false
-            guard let next, open, runs[next] == nil, Self.busy(runs, name) < limit else { return false }
-            runs[next] = Run(hook: name)
-            return true
+            guard let next, open else { return false }
+            return Self.take(next, hook: name, limit: limit, in: &runs)
         }
         guard taken, let next else { return false }
         early.withLock { runs in
