@@ -67,8 +67,13 @@ import Foundation
         }
     }
 
+    /// Read timeout for tests that need it to fire but do not time it: long enough that a test
+    /// client descheduled between its connect and its send (the whole suite on two cores) is not
+    /// taken for a slow one.
+    static let unmeasuredReadTimeout = 1.5
+
     @Test func clientTricklingItsBodyIsAnswered408AndNothingIsStored() async throws {
-        try await withListener(readTimeoutSeconds: 0.3) { _, log, port in
+        try await withListener(readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, log, port in
             // Promise 100 bytes, send 10, then go quiet: a raw socket, since HTTP clients won't.
             let answer = try await rawExchange(
                 port: port, send: "POST /payop/ipn HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"invoice\"")
@@ -100,7 +105,7 @@ import Foundation
     }
 
     @Test func http10KeepAliveIsAnsweredInHTTP10AndHeadGetsNoBody() async throws {
-        try await withListener(readTimeoutSeconds: 0.3) { _, _, port in
+        try await withListener(readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, _, port in
             let old = try await rawExchange(
                 port: port, send: "GET /payop/ipn HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             #expect(old.hasPrefix("HTTP/1.0 405"))
