@@ -478,3 +478,89 @@ import Testing
         }
     }
 }
+
+/// The hot path's reads through SQLite's C API (`RawColumns`) against GRDB's, on a real file.
+@Suite struct RawReadTests {
+    @Test func eventReadRawIsTheEventGRDBReads() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        // A signed legacy IPN (verified, legacy true, its body kept) and a V2 one (received, most facts
+        // NULL).
+        let legacy = try Samples.data("legacy-v1-success")
+        for body in [legacy, try Samples.data("checkout-accepted")] {
+            let notification = try NotificationParser.parse(body).get()
+            _ = try await log.ingest(
+                IncomingIPN(
+                    receivedAt: 1_795_000_000_000, sourceIP: "3.125.109.58", path: "/payop/ipn", body: body,
+                    notification: notification, verifiedBySignature: notification.legacy != nil))
+        }
+        let pairs = try await log.read { db in
+            try String.fetchAll(db, sql: "SELECT id FROM events ORDER BY id").map { id in
+                let grdb = try #require(
+                    try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id]).map(Event.init(row:)))
+                let raw = try #require(
+                    try db.makeStatement(sql: "\(Event.select) WHERE events.id = ?").firstRow { $0.add(id) } read: {
+                        Event(row: $0)
+                    })
+                return (grdb, raw)
+            }
+        }
+        #expect(pairs.count == 2)
+        for (grdb, raw) in pairs { #expect(raw == grdb) }
+        #expect(pairs.contains { $0.1.legacy && $0.1.ipn == legacy })
+        #expect(pairs.contains { !$0.1.legacy && $0.1.verifiedAt == nil && $0.1.payopState != nil })
+    }
+
+    @Test func rawColumnsReadNullEmptyAndMultibyteValuesAsGRDBDoes() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        // Each column read as its type (GRDB stops on a text read as a number): texts, blobs, integers.
+        let sql = "SELECT NULL, '', 'Zahlung über 10 €', x'', x'00FF', 0, -9223372036854775808, 1"
+        let (grdb, raw) = try await log.read { db in
+            let row = try #require(try Row.fetchOne(db, sql: sql))
+            let raw = try #require(try db.makeStatement(sql: sql).firstRow { _ in } read: { Value.all(in: $0) })
+            return (Value.all(in: row), raw)
+        }
+        #expect(raw == grdb)
+        #expect(raw[0] == Value())
+        #expect(raw[1].text == "" && raw[3].blob == [] && raw[4].blob == [0x00, 0xFF])
+        #expect(raw[2].text == "Zahlung über 10 €")
+        #expect(raw[6].integer == Int64.min && raw[7].integer == 1)
+    }
+
+    struct Value: Equatable {
+        var text: String?
+        var integer: Int64?
+        var blob: [UInt8]?
+
+        static func all(in row: some PositionalRow) -> [Value] {
+            [Value(text: row.text(0), integer: row.integer(0), blob: row.blob(0))]
+                + (1...2).map { Value(text: row.text($0)) } + (3...4).map { Value(blob: row.blob($0)) }
+                + (5...7).map { Value(integer: row.integer($0)) }
+        }
+    }
+
+    @Test func aWalkStoppedEarlyStepsNoFurtherAndTheStatementRunsAgain() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let (walked, again, all) = try await log.read { db in
+            let statement = try db.cachedStatement(
+                sql: "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) SELECT i FROM n")
+            var walked: [Int64] = []
+            try statement.forEachRow { $0.add(100) } _: { row in
+                walked.append(row.integer(0) ?? -1)
+                return walked.count < 3
+            }
+            // Reset and bound anew: the walk left nothing behind.
+            let again = try statement.firstRow { $0.add(5) } read: { $0.integer(0) }
+            let all = try statement.allRows { $0.add(4) } read: { $0.integer(0) ?? -1 }
+            return (walked, again, all)
+        }
+        #expect(walked == [1, 2, 3])
+        #expect(again == 1)
+        #expect(all == [1, 2, 3, 4])
+    }
+}

@@ -14,34 +14,34 @@ extension Event {
     /// A row of `select`, read by position: GRDB finds a column by name by lowercasing each name it
     /// compares, which showed in the daemon's profile (every hook run reads an event). Debug builds
     /// (the tests) check that the row has `select`'s columns in this order.
-    init(row: Row) {
+    init(row: some PositionalRow) {
         assert(
-            Array(row.columnNames) == [
+            row.names == [
                 "id", "kind", "status", "state", "rejection_reason", "source", "transaction_id", "invoice_id",
                 "order_id", "refund_id", "withdrawal_id", "amount", "currency", "payop_state", "error_message", "legacy",
                 "verification", "received_at", "verified_at", "duplicates", "ipn",
             ], "Event(row:) reads Event.select's columns by position")
-        id = row[0]
-        kind = row[1]
-        status = row[2]
-        state = row[3]
-        rejectionReason = row[4]
-        source = row[5]
-        transactionID = row[6]
-        invoiceID = row[7]
-        orderID = row[8]
-        refundID = row[9]
-        withdrawalID = row[10]
-        amount = row[11]
-        currency = row[12]
-        payopState = row[13]
-        errorMessage = row[14]
-        legacy = row[15]
-        verification = row[16]
-        receivedAt = row[17]
-        verifiedAt = row[18]
-        duplicates = row[19]
-        ipn = (row[20] as Data?).map { Array($0) }
+        id = row.required(row.text(0), 0)
+        kind = row.required(row.text(1), 1)
+        status = row.required(row.text(2), 2)
+        state = row.required(row.text(3), 3)
+        rejectionReason = row.text(4)
+        source = row.required(row.text(5), 5)
+        transactionID = row.text(6)
+        invoiceID = row.text(7)
+        orderID = row.text(8)
+        refundID = row.text(9)
+        withdrawalID = row.text(10)
+        amount = row.text(11)
+        currency = row.text(12)
+        payopState = row.int(13)
+        errorMessage = row.text(14)
+        legacy = row.required(row.bool(15), 15)
+        verification = row.text(16)
+        receivedAt = row.required(row.integer(17), 17)
+        verifiedAt = row.integer(18)
+        duplicates = row.required(row.int(19), 19)
+        ipn = row.blob(20)
     }
 }
 

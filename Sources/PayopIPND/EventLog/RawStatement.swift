@@ -1,18 +1,42 @@
+import Foundation
 import GRDB
 import GRDBSQLite
 
-/// The writer's per-IPN statements, bound and stepped through SQLite's C API. GRDB boxes every argument
-/// in an existential and needs the body as `Data` (a copy): on the ingest path that was a few percent
-/// of the writer thread's samples, the thread every commit waits for. Everything else keeps GRDB's API;
+/// The hot path's statements, bound and stepped through SQLite's C API: the writer's per-IPN and
+/// per-delivery statements and the stages' reads of what is due. GRDB boxes every argument in an
+/// existential and needs the body as `Data` (a copy): on the ingest path that was a few percent of the
+/// writer thread's samples, the thread every commit waits for. A row GRDB reads lowercases every column
+/// name of its statement and hashes it, however the row is then read. Everything else keeps GRDB's API;
 /// errors come out as GRDB's `DatabaseError`, so the group commit judges them the same way.
 extension Statement {
     /// Runs the statement to its end with the parameters `bind` sets, in order.
     func run(_ bind: (inout RawParameters) -> Void) throws {
-        _ = try firstRow(bind) { _ in () }
+        try forEachRow(bind) { _ in true }
     }
 
     /// Runs the statement with the parameters `bind` sets and reads its first row, if any, with `read`.
-    func firstRow<T>(_ bind: (inout RawParameters) -> Void, read: (RawColumns) -> T) throws -> T? {
+    func firstRow<T>(_ bind: (inout RawParameters) -> Void, read: (RawColumns) throws -> T) throws -> T? {
+        var row: T?
+        try forEachRow(bind) { columns in
+            row = try read(columns)
+            return false
+        }
+        return row
+    }
+
+    /// Every row of the statement, each read with `read`.
+    func allRows<T>(_ bind: (inout RawParameters) -> Void = { _ in }, read: (RawColumns) throws -> T) throws -> [T] {
+        var rows: [T] = []
+        try forEachRow(bind) { columns in
+            rows.append(try read(columns))
+            return true
+        }
+        return rows
+    }
+
+    /// Runs the statement with the parameters `bind` sets, handing each row to `body` until it returns
+    /// false (then the rest are not computed), or to its end.
+    func forEachRow(_ bind: (inout RawParameters) -> Void, _ body: (RawColumns) throws -> Bool) throws {
         let handle = sqliteStatement
         sqlite3_reset(handle)
         sqlite3_clear_bindings(handle)
@@ -28,13 +52,12 @@ extension Statement {
                 message: "\(parameters.count) values bound for \(sqlite3_bind_parameter_count(handle)) parameters",
                 sql: sql)
         }
-        var row: T?
         while true {
             switch sqlite3_step(handle) {
             case SQLITE_ROW:
-                if row == nil { row = read(RawColumns(handle: handle)) }
+                guard try body(RawColumns(handle: handle)) else { return }
             case SQLITE_DONE:
-                return row
+                return
             case let code:
                 throw error(code)
             }
@@ -96,12 +119,60 @@ struct RawParameters {
     }
 }
 
-/// The current row's columns, by position.
-struct RawColumns {
+/// A result row read by position: GRDB's `Row` where operations read, SQLite's current row
+/// (`RawColumns`) on the hot path, so that one initializer (`Event(row:)`, `Delivery(row:)`) serves
+/// both. A NULL reads as nil.
+protocol PositionalRow {
+    func text(_ column: Int) -> String?
+    func integer(_ column: Int) -> Int64?
+    func blob(_ column: Int) -> [UInt8]?
+    /// The columns' names (debug builds check that a row has the columns its reader expects).
+    var names: [String] { get }
+}
+
+extension PositionalRow {
+    func int(_ column: Int) -> Int? { integer(column).map { Int($0) } }
+    func bool(_ column: Int) -> Bool? { integer(column).map { $0 != 0 } }
+
+    /// A column the schema declares NOT NULL. NULL there is a damaged log, which GRDB's typed reads
+    /// also stop on.
+    func required<T>(_ value: T?, _ column: Int) -> T {
+        guard let value else { preconditionFailure("column \(column) (\(names[column])) of a NOT NULL read is NULL") }
+        return value
+    }
+}
+
+extension Row: PositionalRow {
+    func text(_ column: Int) -> String? { self[column] }
+    func integer(_ column: Int) -> Int64? { self[column] }
+    func blob(_ column: Int) -> [UInt8]? { (self[column] as Data?).map { Array($0) } }
+    var names: [String] { Array(columnNames) }
+}
+
+/// The current row's columns, by position, valid until the statement steps again.
+struct RawColumns: PositionalRow {
     fileprivate let handle: OpaquePointer
 
-    func text(_ column: Int32) -> String? {
-        guard let bytes = sqlite3_column_text(handle, column) else { return nil }
-        return String(cString: bytes)
+    private func isNull(_ column: Int) -> Bool { sqlite3_column_type(handle, Int32(column)) == SQLITE_NULL }
+
+    func text(_ column: Int) -> String? {
+        guard !isNull(column), let bytes = sqlite3_column_text(handle, Int32(column)) else { return nil }
+        let count = Int(sqlite3_column_bytes(handle, Int32(column)))
+        return String(decoding: UnsafeBufferPointer(start: bytes, count: count), as: UTF8.self)
+    }
+
+    func integer(_ column: Int) -> Int64? {
+        isNull(column) ? nil : sqlite3_column_int64(handle, Int32(column))
+    }
+
+    func blob(_ column: Int) -> [UInt8]? {
+        guard !isNull(column) else { return nil }
+        let count = Int(sqlite3_column_bytes(handle, Int32(column)))
+        guard count > 0, let bytes = sqlite3_column_blob(handle, Int32(column)) else { return [] }
+        return Array(UnsafeRawBufferPointer(start: bytes, count: count))
+    }
+
+    var names: [String] {
+        (0..<sqlite3_column_count(handle)).map { String(cString: sqlite3_column_name(handle, $0)) }
     }
 }

@@ -4,25 +4,28 @@ import GRDB
 extension SQLiteEventLog {
     public func dueChecks(now: Int64, limit: Int) async throws(EventLogError) -> [DueCheck] {
         try readInPlace { db in
-            try Row.fetchAll(
-                db.cachedStatement(
-                    sql: """
-                        SELECT id, kind, entity_id, status, payop_state FROM events
-                        WHERE next_check_at IS NOT NULL AND next_check_at <= ?
-                        ORDER BY next_check_at, id LIMIT ?
-                        """), arguments: [now, limit]
-            ).map { row in
+            try db.cachedStatement(
+                sql: """
+                    SELECT id, kind, entity_id, status, payop_state FROM events
+                    WHERE next_check_at IS NOT NULL AND next_check_at <= ?
+                    ORDER BY next_check_at, id LIMIT ?
+                    """
+            ).allRows {
+                $0.add(now)
+                $0.add(limit)
+            } read: { row in
                 DueCheck(
-                    eventID: row["id"], kind: IPNKind(rawValue: row["kind"]) ?? .checkout, entityID: row["entity_id"],
-                    status: PaymentStatus(name: row["status"], payopState: row["payop_state"]))
+                    eventID: row.required(row.text(0), 0), kind: IPNKind(rawValue: row.required(row.text(1), 1)) ?? .checkout,
+                    entityID: row.required(row.text(2), 2),
+                    status: PaymentStatus(name: row.required(row.text(3), 3), payopState: row.int(4)))
             }
         }
     }
 
     public func nextCheckDue() async throws(EventLogError) -> Int64? {
         try readInPlace { db in
-            try Int64.fetchOne(
-                db.cachedStatement(sql: "SELECT min(next_check_at) FROM events WHERE next_check_at IS NOT NULL"))
+            try db.cachedStatement(sql: "SELECT min(next_check_at) FROM events WHERE next_check_at IS NOT NULL")
+                .firstRow { _ in } read: { $0.integer(0) } ?? nil
         }
     }
 
@@ -66,38 +69,39 @@ extension SQLiteEventLog {
 
     static func verification(_ db: Database, _ eventID: String) throws -> EventVerification? {
         // Read by position (the SELECT above, in its order): the writer runs this for every answer.
-        guard
-            let row = try Row.fetchOne(
-                db.cachedStatement(
-                    sql: """
-                        SELECT kind, status, payop_state, state, rejection_reason, legacy, received_at, check_attempts,
-                               next_check_at, watch_until
-                        FROM events WHERE id = ?
-                        """), arguments: [eventID]),
-            let kind = IPNKind(rawValue: row[0]),
-            let state = VerificationState(name: row[3], reason: row[4])
-        else { return nil }
-        return EventVerification(
-            kind: kind, status: PaymentStatus(name: row[1], payopState: row[2]), receivedAt: row[6], legacy: row[5],
-            state: state, attempts: row[7], nextCheckAt: row[8], watchUntil: row[9])
+        let read = try db.cachedStatement(
+            sql: """
+                SELECT kind, status, payop_state, state, rejection_reason, legacy, received_at, check_attempts,
+                       next_check_at, watch_until
+                FROM events WHERE id = ?
+                """
+        ).firstRow { $0.add(eventID) } read: { row -> EventVerification? in
+            guard let kind = IPNKind(rawValue: row.required(row.text(0), 0)),
+                let state = VerificationState(name: row.required(row.text(3), 3), reason: row.text(4))
+            else { return nil }
+            return EventVerification(
+                kind: kind, status: PaymentStatus(name: row.required(row.text(1), 1), payopState: row.int(2)),
+                receivedAt: row.required(row.integer(6), 6), legacy: row.required(row.bool(5), 5), state: state,
+                attempts: row.required(row.int(7), 7), nextCheckAt: row.integer(8), watchUntil: row.integer(9))
+        }
+        return read ?? nil
     }
 
     /// The distinct claims of the event's accepted copies, each with its first receipt, newest first:
     /// Payop repeats the genuine copy, so forged copies sent before it cannot push it out of the list.
     static func claims(_ db: Database, _ eventID: String) throws -> [IPNClaim] {
-        try Row.fetchAll(
-            db.cachedStatement(
-                sql: """
-                    SELECT min(id) AS id, claim_order_id, claim_amount, claim_currency, claim_invoice_id,
-                           claim_transaction_id
-                    FROM receipts WHERE event_id = ? AND answer = 200
-                    GROUP BY claim_order_id, claim_amount, claim_currency, claim_invoice_id, claim_transaction_id
-                    ORDER BY 1 DESC LIMIT 100
-                    """), arguments: [eventID]
-        ).map { row in
+        try db.cachedStatement(
+            sql: """
+                SELECT min(id) AS id, claim_order_id, claim_amount, claim_currency, claim_invoice_id,
+                       claim_transaction_id
+                FROM receipts WHERE event_id = ? AND answer = 200
+                GROUP BY claim_order_id, claim_amount, claim_currency, claim_invoice_id, claim_transaction_id
+                ORDER BY 1 DESC LIMIT 100
+                """
+        ).allRows { $0.add(eventID) } read: { row in
             IPNClaim(
-                receiptID: row[0], orderID: row[1], amount: row[2], currency: row[3], invoiceID: row[4],
-                transactionID: row[5])
+                receiptID: row.integer(0), orderID: row.text(1), amount: row.text(2), currency: row.text(3),
+                invoiceID: row.text(4), transactionID: row.text(5))
         }
     }
 
@@ -199,7 +203,13 @@ extension SQLiteEventLog {
     ) throws {
         try db.cachedStatement(
             sql: "INSERT INTO verification_attempts (event_id, at, outcome, payop_state, detail) VALUES (?, ?, ?, ?, ?)"
-        ).execute(arguments: [eventID, at, outcome, state, detail])
+        ).run {
+            $0.add(eventID)
+            $0.add(at)
+            $0.add(outcome)
+            $0.add(state)
+            $0.add(detail)
+        }
     }
 }
 
