@@ -498,7 +498,8 @@ import Testing
         let pairs = try await log.read { db in
             try String.fetchAll(db, sql: "SELECT id FROM events ORDER BY id").map { id in
                 let grdb = try #require(
-                    try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id]).map(Event.init(row:)))
+                    try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [id])
+                        .map(Event.init(row:)))
                 let raw = try #require(
                     try db.makeStatement(sql: "\(Event.select) WHERE events.id = ?").firstRow { $0.add(id) } read: {
                         Event(row: $0)

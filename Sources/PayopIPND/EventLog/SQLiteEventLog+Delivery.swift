@@ -17,7 +17,8 @@ extension Delivery {
             row.names == Self.columnNames,
             "Delivery(row:) reads Delivery.columns by position")
         self.init(
-            id: row.required(row.integer(0), 0), eventID: row.required(row.text(1), 1), hook: row.required(row.text(2), 2),
+            id: row.required(row.integer(0), 0), eventID: row.required(row.text(1), 1),
+            hook: row.required(row.text(2), 2),
             state: DeliveryState(rawValue: row.required(row.text(3), 3)) ?? .pending,
             attempts: row.required(row.int(4), 4), nextAttemptAt: row.integer(5), lastExitCode: row.int(6),
             lastHTTPStatus: row.int(7), lastError: row.text(8), output: row.text(9), deliveredAt: row.integer(10))

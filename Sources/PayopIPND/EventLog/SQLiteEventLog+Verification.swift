@@ -15,7 +15,8 @@ extension SQLiteEventLog {
                 $0.add(limit)
             } read: { row in
                 DueCheck(
-                    eventID: row.required(row.text(0), 0), kind: IPNKind(rawValue: row.required(row.text(1), 1)) ?? .checkout,
+                    eventID: row.required(row.text(0), 0),
+                    kind: IPNKind(rawValue: row.required(row.text(1), 1)) ?? .checkout,
                     entityID: row.required(row.text(2), 2),
                     status: PaymentStatus(name: row.required(row.text(3), 3), payopState: row.int(4)))
             }
