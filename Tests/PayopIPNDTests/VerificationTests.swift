@@ -98,11 +98,15 @@ import Testing
             let jwt = SecretBox(nil)
             let client = PayopHTTPClient(http: h.http, baseURL: "http://127.0.0.1:\(port)", timeoutSeconds: 5, jwt: jwt)
             let verifier = h.verifier(payop: client)
+            // Woken by the first IPN, to report that events wait; not by every one after it.
+            #expect(verifier.wantsFreshIPNs)
             #expect(try await verifier.verifyDue() == 0)
             #expect(verifier.access.currentProblem?.contains("payop.jwt_file") == true)
+            #expect(!verifier.wantsFreshIPNs)
             #expect(try await h.log.event(id: outcome.eventID)?.verificationAttempts.isEmpty == true)
             #expect(h.payop.calls.isEmpty)
             jwt.set(h.jwt)  // what a reload does
+            #expect(verifier.wantsFreshIPNs)
             #expect(try await verifier.verifyDue() == 1)
             #expect(try await h.event(outcome.eventID).state == "verified")
             #expect(verifier.access.currentProblem == nil)

@@ -124,7 +124,7 @@ public struct Daemon: Sendable {
             onStored: { _, ipn in
                 if ipn.verifiedBySignature {
                     dispatcher.signal.signal()
-                } else {
+                } else if verifier.wantsFreshIPNs {
                     verifySignal.signal()
                 }
             })

@@ -244,6 +244,11 @@ public final class Verifier: Sendable {
         }
     }
 
+    /// Whether a freshly stored IPN gives the verifier anything to do. Not when it cannot ask Payop (no
+    /// JWT) and has already reported that events wait for one: waking it for every commit would only read
+    /// the schedule again. The reload that brings a JWT wakes it.
+    public var wantsFreshIPNs: Bool { payop.unusableReason == nil || access.currentProblem == nil }
+
     public func nextDue() async throws(EventLogError) -> Int64? {
         if payop.unusableReason != nil { return nil }
         return try await store.nextCheckDue()
