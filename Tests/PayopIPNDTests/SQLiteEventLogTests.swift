@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import GRDBSQLite
 import Testing
 
 @testable import PayopIPND
@@ -513,12 +514,73 @@ import Testing
         #expect(pairs.contains { !$0.1.legacy && $0.1.verifiedAt == nil && $0.1.payopState != nil })
     }
 
+    @Test func everyColumnOfAnEventAndADeliveryReadsAsGRDBReadsItByName() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let body = try Samples.data("checkout-accepted")
+        let notification = try NotificationParser.parse(body).get()
+        let outcome = try await log.ingest(
+            IncomingIPN(
+                receivedAt: 1_795_000_000_000, sourceIP: "3.125.109.58", path: "/payop/ipn", body: body,
+                notification: notification, verifiedBySignature: false))
+        // Every nullable column filled, each with a value of its own, so a column read at another's
+        // position shows.
+        try await log.write { db in
+            try db.execute(
+                sql: """
+                    UPDATE events SET rejection_reason = 'r', transaction_id = 't', invoice_id = 'i', order_id = 'o',
+                        refund_id = 'rf', withdrawal_id = 'w', amount = '10.50', currency = 'EUR', payop_state = 7,
+                        error_message = 'e', legacy = 1, verification = 'payop_api', verified_at = 1795000000123,
+                        duplicates = 3
+                    WHERE id = ?
+                    """, arguments: [outcome.eventID])
+            try db.execute(
+                sql: """
+                    INSERT INTO deliveries (event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
+                        last_exit_code, last_http_status, last_error, output, created_at, delivered_at)
+                    VALUES (?, 'h', 'checkout', 'x', 'pending', 4, 1795000000456, 9, 502, 'err', 'out', 1, 1795000000789)
+                    """, arguments: [outcome.eventID])
+        }
+        try await log.read { db in
+            let event = try #require(
+                try db.makeStatement(sql: "\(Event.select) WHERE events.id = ?").firstRow { $0.add(outcome.eventID) } read: {
+                    Event(row: $0)
+                })
+            let row = try #require(try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [outcome.eventID]))
+            let sql = "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ?"
+            let delivery = try #require(
+                try db.makeStatement(sql: sql).firstRow { $0.add(outcome.eventID) } read: { Delivery(row: $0) })
+            let deliveryRow = try #require(try Row.fetchOne(db, sql: sql, arguments: [outcome.eventID]))
+            #expect(event.id == row["id"] && event.kind == row["kind"] && event.status == row["status"])
+            #expect(event.state == row["state"] && event.rejectionReason == row["rejection_reason"])
+            #expect(event.source == row["source"] && event.transactionID == row["transaction_id"])
+            #expect(event.invoiceID == row["invoice_id"] && event.orderID == row["order_id"])
+            #expect(event.refundID == row["refund_id"] && event.withdrawalID == row["withdrawal_id"])
+            #expect(event.amount == row["amount"] && event.currency == row["currency"])
+            #expect(event.payopState == row["payop_state"] && event.errorMessage == row["error_message"])
+            #expect(event.legacy == row["legacy"] && event.verification == row["verification"])
+            #expect(event.receivedAt == row["received_at"] && event.verifiedAt == row["verified_at"])
+            #expect(event.duplicates == row["duplicates"] && event.ipn == body)
+            #expect(event.amount == "10.50" && event.payopState == 7 && event.duplicates == 3 && event.legacy)
+            #expect(delivery.id == deliveryRow["id"] && delivery.eventID == deliveryRow["event_id"])
+            #expect(delivery.hook == deliveryRow["hook"] && delivery.state.rawValue == deliveryRow["state"])
+            #expect(delivery.attempts == deliveryRow["attempts"] && delivery.nextAttemptAt == deliveryRow["next_attempt_at"])
+            #expect(delivery.lastExitCode == deliveryRow["last_exit_code"])
+            #expect(delivery.lastHTTPStatus == deliveryRow["last_http_status"])
+            #expect(delivery.lastError == deliveryRow["last_error"] && delivery.output == deliveryRow["output"])
+            #expect(delivery.deliveredAt == deliveryRow["delivered_at"])
+            // Pending: a delivery in another state has no next attempt (`Delivery.init`).
+            #expect(delivery.state == .pending && delivery.nextAttemptAt == 1_795_000_000_456 && delivery.attempts == 4)
+        }
+    }
+
     @Test func rawColumnsReadNullEmptyAndMultibyteValuesAsGRDBDoes() async throws {
         let dir = try TemporaryDirectory()
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
         // Each column read as its type (GRDB stops on a text read as a number): texts, blobs, integers.
-        let sql = "SELECT NULL, '', 'Zahlung über 10 €', x'', x'00FF', 0, -9223372036854775808, 1"
+        let sql = "SELECT NULL, '', 'Zahlung über 10 €', x'', x'00FF', 0, -9223372036854775808, 1, 'a' || char(0) || 'b'"
         let (grdb, raw) = try await log.read { db in
             let row = try #require(try Row.fetchOne(db, sql: sql))
             let raw = try #require(try db.makeStatement(sql: sql).firstRow { _ in } read: { Value.all(in: $0) })
@@ -529,6 +591,9 @@ import Testing
         #expect(raw[1].text == "" && raw[3].blob == [] && raw[4].blob == [0x00, 0xFF])
         #expect(raw[2].text == "Zahlung über 10 €")
         #expect(raw[6].integer == Int64.min && raw[7].integer == 1)
+        // A NUL ends a text as GRDB reads it, and as `add` binds it: a value read and bound again finds
+        // the same rows.
+        #expect(raw[8].text == "a")
     }
 
     struct Value: Equatable {
@@ -539,7 +604,7 @@ import Testing
         static func all(in row: some PositionalRow) -> [Value] {
             [Value(text: row.text(0), integer: row.integer(0), blob: row.blob(0))]
                 + (1...2).map { Value(text: row.text($0)) } + (3...4).map { Value(blob: row.blob($0)) }
-                + (5...7).map { Value(integer: row.integer($0)) }
+                + (5...7).map { Value(integer: row.integer($0)) } + [Value(text: row.text(8))]
         }
     }
 
@@ -555,6 +620,13 @@ import Testing
                 walked.append(row.integer(0) ?? -1)
                 return walked.count < 3
             }
+            // Left reset, not stepping: a statement still stepping would keep its read snapshot.
+            #expect(sqlite3_stmt_busy(statement.sqliteStatement) == 0)
+            struct Stop: Error {}
+            #expect(throws: Stop.self) {
+                try statement.forEachRow { $0.add(100) } _: { _ in throw Stop() }
+            }
+            #expect(sqlite3_stmt_busy(statement.sqliteStatement) == 0)
             // Reset and bound anew: the walk left nothing behind.
             let again = try statement.firstRow { $0.add(5) } read: { $0.integer(0) }
             let all = try statement.allRows { $0.add(4) } read: { $0.integer(0) ?? -1 }

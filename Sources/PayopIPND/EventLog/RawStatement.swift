@@ -38,11 +38,19 @@ extension Statement {
     /// false (then the rest are not computed), or to its end.
     func forEachRow(_ bind: (inout RawParameters) -> Void, _ body: (RawColumns) throws -> Bool) throws {
         let handle = sqliteStatement
+        // Every walk ends reset (below): one still going here is a walk of the same statement nested in
+        // another's body, which this reset would restart.
+        assert(sqlite3_stmt_busy(handle) == 0, "a statement walked again while its walk is going on")
         sqlite3_reset(handle)
         sqlite3_clear_bindings(handle)
         var parameters = RawParameters(handle: handle)
         bind(&parameters)
-        defer { sqlite3_reset(handle) }
+        // Reset and unbound whichever way the walk ends: a statement left stepping would hold its read
+        // snapshot (and the WAL) after the transaction, and a bound hook output would be kept in memory.
+        defer {
+            sqlite3_reset(handle)
+            sqlite3_clear_bindings(handle)
+        }
         // As GRDB refuses to run a statement with a value missing or one too many: a column added to an
         // INSERT without its value must fail the write, not store NULL.
         if let failure = parameters.failure { throw error(failure) }
@@ -155,20 +163,27 @@ struct RawColumns: PositionalRow {
 
     private func isNull(_ column: Int) -> Bool { sqlite3_column_type(handle, Int32(column)) == SQLITE_NULL }
 
+    /// As GRDB reads text (a NUL ends it), so that a value read here and bound again (`add`, as a C
+    /// string) finds the same rows.
     func text(_ column: Int) -> String? {
         guard !isNull(column), let bytes = sqlite3_column_text(handle, Int32(column)) else { return nil }
-        let count = Int(sqlite3_column_bytes(handle, Int32(column)))
-        return String(decoding: UnsafeBufferPointer(start: bytes, count: count), as: UTF8.self)
+        return String(cString: bytes)
     }
 
+    /// SQLite converts any stored value to an integer; the columns read as integers hold integers or
+    /// NULL (debug builds check it).
     func integer(_ column: Int) -> Int64? {
-        isNull(column) ? nil : sqlite3_column_int64(handle, Int32(column))
+        let type = sqlite3_column_type(handle, Int32(column))
+        assert(type == SQLITE_INTEGER || type == SQLITE_NULL, "column \(column) read as an integer is not one")
+        return type == SQLITE_NULL ? nil : sqlite3_column_int64(handle, Int32(column))
     }
 
     func blob(_ column: Int) -> [UInt8]? {
         guard !isNull(column) else { return nil }
+        // The pointer first, then its length (SQLite's advice: a conversion would move it).
+        let bytes = sqlite3_column_blob(handle, Int32(column))
         let count = Int(sqlite3_column_bytes(handle, Int32(column)))
-        guard count > 0, let bytes = sqlite3_column_blob(handle, Int32(column)) else { return [] }
+        guard count > 0, let bytes else { return [] }
         return Array(UnsafeRawBufferPointer(start: bytes, count: count))
     }
 

@@ -123,10 +123,12 @@ extension SQLiteEventLog {
         SELECT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.id = ? AND d.state = 'pending' AND \(nothingEarlier))
         """
 
-    /// The hooks as a JSON array for `json_each`: every pass of the dispatcher binds the same list until
+    /// The hooks as a JSON array for `json_each`: every pass of the dispatcher binds the same set until
     /// a reload changes it, so the last one is kept (encoding it was 3 % of the Swift tasks' samples
-    /// while IPNs came one at a time).
-    private static func hookList(_ hooks: [String]) -> String {
+    /// while IPNs came one at a time). Sorted: the dispatcher's list comes from a dictionary's keys,
+    /// whose order differs between two dictionaries of the same keys.
+    private static func hookList(_ unsorted: [String]) -> String {
+        let hooks = unsorted.sorted()
         if let json = lastHookList.withLock({ $0.hooks == hooks ? $0.json : nil }) { return json }
         let json = String(decoding: (try? JSONEncoder().encode(hooks)) ?? Data("[]".utf8), as: UTF8.self)
         lastHookList.withLock { $0 = (hooks, json) }
