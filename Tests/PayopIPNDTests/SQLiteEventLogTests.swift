@@ -539,15 +539,15 @@ import Testing
                 sql: """
                     INSERT INTO deliveries (event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
                         last_exit_code, last_http_status, last_error, output, created_at, delivered_at)
-                    VALUES (?, 'h', 'checkout', 'x', 'pending', 4, 1795000000456, 9, 502, 'err', 'out', 1, 1795000000789)
+                    VALUES (?, 'h', 'checkout', 'x', 'pending', 4, 1795000000456, 9, 502, 'err', 'out', 1,
+                            1795000000789)
                     """, arguments: [outcome.eventID])
         }
         try await log.read { db in
+            let select = "\(Event.select) WHERE events.id = ?"
             let event = try #require(
-                try db.makeStatement(sql: "\(Event.select) WHERE events.id = ?").firstRow { $0.add(outcome.eventID) } read: {
-                    Event(row: $0)
-                })
-            let row = try #require(try Row.fetchOne(db, sql: "\(Event.select) WHERE events.id = ?", arguments: [outcome.eventID]))
+                try db.makeStatement(sql: select).firstRow { $0.add(outcome.eventID) } read: { Event(row: $0) })
+            let row = try #require(try Row.fetchOne(db, sql: select, arguments: [outcome.eventID]))
             let sql = "SELECT \(Delivery.columns) FROM deliveries WHERE event_id = ?"
             let delivery = try #require(
                 try db.makeStatement(sql: sql).firstRow { $0.add(outcome.eventID) } read: { Delivery(row: $0) })
@@ -565,7 +565,8 @@ import Testing
             #expect(event.amount == "10.50" && event.payopState == 7 && event.duplicates == 3 && event.legacy)
             #expect(delivery.id == deliveryRow["id"] && delivery.eventID == deliveryRow["event_id"])
             #expect(delivery.hook == deliveryRow["hook"] && delivery.state.rawValue == deliveryRow["state"])
-            #expect(delivery.attempts == deliveryRow["attempts"] && delivery.nextAttemptAt == deliveryRow["next_attempt_at"])
+            #expect(delivery.attempts == deliveryRow["attempts"])
+            #expect(delivery.nextAttemptAt == deliveryRow["next_attempt_at"])
             #expect(delivery.lastExitCode == deliveryRow["last_exit_code"])
             #expect(delivery.lastHTTPStatus == deliveryRow["last_http_status"])
             #expect(delivery.lastError == deliveryRow["last_error"] && delivery.output == deliveryRow["output"])
@@ -580,7 +581,9 @@ import Testing
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
         // Each column read as its type (GRDB stops on a text read as a number): texts, blobs, integers.
-        let sql = "SELECT NULL, '', 'Zahlung über 10 €', x'', x'00FF', 0, -9223372036854775808, 1, 'a' || char(0) || 'b'"
+        let sql = """
+            SELECT NULL, '', 'Zahlung über 10 €', x'', x'00FF', 0, -9223372036854775808, 1, 'a' || char(0) || 'b'
+            """
         let (grdb, raw) = try await log.read { db in
             let row = try #require(try Row.fetchOne(db, sql: sql))
             let raw = try #require(try db.makeStatement(sql: sql).firstRow { _ in } read: { Value.all(in: $0) })
