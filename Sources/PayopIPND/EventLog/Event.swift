@@ -21,12 +21,12 @@ extension Event {
                 "order_id", "refund_id", "withdrawal_id", "amount", "currency", "payop_state", "error_message", "legacy",
                 "verification", "received_at", "verified_at", "duplicates", "ipn",
             ], "Event(row:) reads Event.select's columns by position")
-        id = row.required(row.text(0), 0)
-        kind = row.required(row.text(1), 1)
-        status = row.required(row.text(2), 2)
-        state = row.required(row.text(3), 3)
+        id = row.text(required: 0)
+        kind = row.text(required: 1)
+        status = row.text(required: 2)
+        state = row.text(required: 3)
         rejectionReason = row.text(4)
-        source = row.required(row.text(5), 5)
+        source = row.text(required: 5)
         transactionID = row.text(6)
         invoiceID = row.text(7)
         orderID = row.text(8)
@@ -36,11 +36,11 @@ extension Event {
         currency = row.text(12)
         payopState = row.int(13)
         errorMessage = row.text(14)
-        legacy = row.required(row.bool(15), 15)
+        legacy = row.bool(required: 15)
         verification = row.text(16)
-        receivedAt = row.required(row.integer(17), 17)
+        receivedAt = row.integer(required: 17)
         verifiedAt = row.integer(18)
-        duplicates = row.required(row.int(19), 19)
+        duplicates = row.int(required: 19)
         ipn = row.blob(20)
     }
 }

@@ -142,9 +142,14 @@ extension PositionalRow {
     func int(_ column: Int) -> Int? { integer(column).map { Int($0) } }
     func bool(_ column: Int) -> Bool? { integer(column).map { $0 != 0 } }
 
-    /// A column the schema declares NOT NULL. NULL there is a damaged log, which GRDB's typed reads
-    /// also stop on.
-    func required<T>(_ value: T?, _ column: Int) -> T {
+    // Columns the schema declares NOT NULL. NULL there is a damaged log, which GRDB's typed reads also
+    // stop on.
+    func text(required column: Int) -> String { notNull(text(column), column) }
+    func integer(required column: Int) -> Int64 { notNull(integer(column), column) }
+    func int(required column: Int) -> Int { notNull(int(column), column) }
+    func bool(required column: Int) -> Bool { notNull(bool(column), column) }
+
+    private func notNull<T>(_ value: T?, _ column: Int) -> T {
         guard let value else { preconditionFailure("column \(column) (\(names[column])) of a NOT NULL read is NULL") }
         return value
     }

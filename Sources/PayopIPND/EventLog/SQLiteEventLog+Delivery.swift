@@ -17,10 +17,9 @@ extension Delivery {
             row.names == Self.columnNames,
             "Delivery(row:) reads Delivery.columns by position")
         self.init(
-            id: row.required(row.integer(0), 0), eventID: row.required(row.text(1), 1),
-            hook: row.required(row.text(2), 2),
-            state: DeliveryState(rawValue: row.required(row.text(3), 3)) ?? .pending,
-            attempts: row.required(row.int(4), 4), nextAttemptAt: row.integer(5), lastExitCode: row.int(6),
+            id: row.integer(required: 0), eventID: row.text(required: 1), hook: row.text(required: 2),
+            state: DeliveryState(rawValue: row.text(required: 3)) ?? .pending,
+            attempts: row.int(required: 4), nextAttemptAt: row.integer(5), lastExitCode: row.int(6),
             lastHTTPStatus: row.int(7), lastError: row.text(8), output: row.text(9), deliveredAt: row.integer(10))
     }
 
@@ -48,9 +47,9 @@ extension SQLiteEventLog {
             .firstRow { $0.add(eventID) } read: { row in
                 (
                     OutboxEvent(
-                        eventID: eventID, kind: row.required(row.text(0), 0), entityID: row.required(row.text(1), 1),
-                        status: row.required(row.text(2), 2)),
-                    row.required(row.text(3), 3), row.required(row.integer(4), 4)
+                        eventID: eventID, kind: row.text(required: 0), entityID: row.text(required: 1),
+                        status: row.text(required: 2)),
+                    row.text(required: 3), row.integer(required: 4)
                 )
             }
     }

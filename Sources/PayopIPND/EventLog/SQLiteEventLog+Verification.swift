@@ -15,10 +15,9 @@ extension SQLiteEventLog {
                 $0.add(limit)
             } read: { row in
                 DueCheck(
-                    eventID: row.required(row.text(0), 0),
-                    kind: IPNKind(rawValue: row.required(row.text(1), 1)) ?? .checkout,
-                    entityID: row.required(row.text(2), 2),
-                    status: PaymentStatus(name: row.required(row.text(3), 3), payopState: row.int(4)))
+                    eventID: row.text(required: 0), kind: IPNKind(rawValue: row.text(required: 1)) ?? .checkout,
+                    entityID: row.text(required: 2),
+                    status: PaymentStatus(name: row.text(required: 3), payopState: row.int(4)))
             }
         }
     }
@@ -77,13 +76,13 @@ extension SQLiteEventLog {
                 FROM events WHERE id = ?
                 """
         ).firstRow { $0.add(eventID) } read: { row -> EventVerification? in
-            guard let kind = IPNKind(rawValue: row.required(row.text(0), 0)),
-                let state = VerificationState(name: row.required(row.text(3), 3), reason: row.text(4))
+            guard let kind = IPNKind(rawValue: row.text(required: 0)),
+                let state = VerificationState(name: row.text(required: 3), reason: row.text(4))
             else { return nil }
             return EventVerification(
-                kind: kind, status: PaymentStatus(name: row.required(row.text(1), 1), payopState: row.int(2)),
-                receivedAt: row.required(row.integer(6), 6), legacy: row.required(row.bool(5), 5), state: state,
-                attempts: row.required(row.int(7), 7), nextCheckAt: row.integer(8), watchUntil: row.integer(9))
+                kind: kind, status: PaymentStatus(name: row.text(required: 1), payopState: row.int(2)),
+                receivedAt: row.integer(required: 6), legacy: row.bool(required: 5), state: state,
+                attempts: row.int(required: 7), nextCheckAt: row.integer(8), watchUntil: row.integer(9))
         }
         return read ?? nil
     }
