@@ -217,7 +217,14 @@ extension SQLiteEventLog {
     /// Records the delivery's next attempt as running, if it may run now: pending, due, and first in
     /// line (the same rule the runnable list uses, checked where it is claimed).
     static func claim(_ db: Database, id: Int64, now: Int64) throws -> DeliveryClaim? {
-        guard let delivery = try delivery(db, id), try isFirstInLine(db, id) else { return nil }
+        guard let delivery = try delivery(db, id) else { return nil }
+        return try claim(db, current: delivery, now: now)
+    }
+
+    /// `claim(_:id:now:)` for a delivery the caller holds as it is in this transaction (read, or just
+    /// made): not read again.
+    static func claim(_ db: Database, current delivery: Delivery, now: Int64) throws -> DeliveryClaim? {
+        guard try isFirstInLine(db, delivery.id) else { return nil }
         return try claim(db, firstInLine: delivery, now: now)
     }
 
@@ -397,14 +404,14 @@ final class EarlyClaims: Sendable {
 
     init(_ starts: any EarlyStarts) { self.starts = starts }
 
-    /// Claims each delivery the dispatcher admits, in the write's transaction. One it admitted but that
-    /// may not run now (something earlier of its entity is pending or running) gets its slot back and
+    /// Claims each delivery the dispatcher admits, in the write's transaction, which has just made them
+    /// (`enqueueDeliveries`). One it admitted but that may not run now (something earlier of its entity is pending or running) gets its slot back and
     /// stays pending for the dispatcher.
     func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
         for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
             let claim: DeliveryClaim?
             do {
-                claim = try SQLiteEventLog.claim(db, id: delivery.id, now: now)
+                claim = try SQLiteEventLog.claim(db, current: delivery, now: now)
             } catch {
                 starts.withdraw([delivery.id])
                 throw error
