@@ -405,8 +405,8 @@ final class EarlyClaims: Sendable {
     init(_ starts: any EarlyStarts) { self.starts = starts }
 
     /// Claims each delivery the dispatcher admits, in the write's transaction, which has just made them
-    /// (`enqueueDeliveries`). One it admitted but that may not run now (something earlier of its entity is pending or running) gets its slot back and
-    /// stays pending for the dispatcher.
+    /// (`enqueueDeliveries`). One it admitted but that may not run now (something earlier of its entity
+    /// is pending or running) gets its slot back and stays pending for the dispatcher.
     func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
         for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
             let claim: DeliveryClaim?
