@@ -490,11 +490,7 @@ import Testing
         // NULL).
         let legacy = try Samples.data("legacy-v1-success")
         for body in [legacy, try Samples.data("checkout-accepted")] {
-            let notification = try NotificationParser.parse(body).get()
-            _ = try await log.ingest(
-                IncomingIPN(
-                    receivedAt: 1_795_000_000_000, sourceIP: "3.125.109.58", path: "/payop/ipn", body: body,
-                    notification: notification, verifiedBySignature: notification.legacy != nil))
+            _ = try await log.ingest(try SQLiteEventLogTests().ipn(body))
         }
         let pairs = try await log.read { db in
             try String.fetchAll(db, sql: "SELECT id FROM events ORDER BY id").map { id in
@@ -519,11 +515,7 @@ import Testing
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
         let body = try Samples.data("checkout-accepted")
-        let notification = try NotificationParser.parse(body).get()
-        let outcome = try await log.ingest(
-            IncomingIPN(
-                receivedAt: 1_795_000_000_000, sourceIP: "3.125.109.58", path: "/payop/ipn", body: body,
-                notification: notification, verifiedBySignature: false))
+        let outcome = try await log.ingest(try SQLiteEventLogTests().ipn(body))
         // Every nullable column filled, each with a value of its own, so a column read at another's
         // position shows.
         try await log.write { db in
