@@ -61,6 +61,9 @@ final class Scenario {
     /// Hook runs at once now, and the most there ever were (each run yields once, so runs the
     /// dispatcher lets overlap do).
     let overlap = Shared((now: 0, most: 0))
+    /// Every run's start and end as the hook saw them, in the order they happened: the hook's own view
+    /// of the order it was given events in.
+    let journal = Shared<[HookJournalEntry]>([])
     /// Runs of the hook allowed at once (`delivery.per_hook_concurrency`).
     var perHookLimit: Int { [1, 2, 16][Int((seed / 4) % 3)] }
     var log: SQLiteEventLog
@@ -91,14 +94,18 @@ final class Scenario {
         hookRandom = Shared(SeededRandom(seed: seed ^ 0xA5A5))
         let hookRandom = hookRandom
         let overlap = overlap
-        runner = RecordingHookRunner { _ in
+        let journal = journal
+        runner = RecordingHookRunner { invocation in
+            journal.withLock { $0.append(HookJournalEntry(deliveryID: invocation.deliveryID, ended: nil)) }
             overlap.withLock { runs in
                 runs.now += 1
                 runs.most = max(runs.most, runs.now)
             }
             await Task.yield()
             overlap.withLock { $0.now -= 1 }
-            return hookRandom.withLock { $0.chance(0.2) }
+            let fails = hookRandom.withLock { $0.chance(0.2) }
+            journal.withLock { $0.append(HookJournalEntry(deliveryID: invocation.deliveryID, ended: fails ? .failed : .delivered)) }
+            return fails
                 ? HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 1, error: "exited with status 1")
                 : HookResult(outcome: .delivered, exitCode: 0)
         }
@@ -350,6 +357,25 @@ final class Scenario {
                 #expect(successes == delivery.attempts, "delivery \(delivery.id) ran \(successes)x for \(delivery.attempts) attempts: \(context)")
             }
         }
+        // In order per (hook, kind, entity), as the hook saw it: a run starts only after every earlier
+        // delivery of its line has had a run that ended delivered; never beside one, never ahead of one.
+        let line = { (delivery: Delivery) in
+            "\(delivery.hook)/\(byID[delivery.eventID]?.kind ?? "?")/\(byID[delivery.eventID]?.entityID ?? "?")"
+        }
+        let lines = Dictionary(grouping: delivered, by: line)
+        let deliveryByID = Dictionary(delivered.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        var deliveredRuns: Set<Int64> = []
+        for entry in journal.withLock({ $0 }) {
+            if let ended = entry.ended {
+                if ended == .delivered { deliveredRuns.insert(entry.deliveryID) }
+                continue
+            }
+            guard let delivery = deliveryByID[entry.deliveryID] else { continue }
+            let ahead = (lines[line(delivery)] ?? []).filter { $0.id < delivery.id && !deliveredRuns.contains($0.id) }
+            #expect(
+                ahead.isEmpty,
+                "delivery \(delivery.id) started before \(ahead.map(\.id)) of \(line(delivery)) was delivered: \(context)")
+        }
         // Every run slot is free again: none kept by a claim that was not started, or not committed.
         #expect(dispatcher.running == 0, "\(context)")
         // Never more runs of the hook at once than it allows.
@@ -375,6 +401,13 @@ final class Scenario {
     func randomScenariosKeepThePromise(seed: UInt64) async throws {
         try await ExclusiveTiming.shared.run { try await Scenario(seed: seed).run(steps: 40) }
     }
+}
+
+/// One line of a scenario's hook journal: a run of `deliveryID` started (`ended` nil) or ended.
+struct HookJournalEntry: Sendable {
+    enum End: Sendable { case delivered, failed }
+    var deliveryID: Int64
+    var ended: End?
 }
 
 /// A value shared with closures the scenario hands out.
