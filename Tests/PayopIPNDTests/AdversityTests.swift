@@ -23,6 +23,8 @@ final class RecordingHookRunner: HookRunner {
         var amount: String?
         var transactionID: String?
         var attempt: Int
+        /// The event object's `ipn`: the body of the copy the event shows.
+        var ipn: [UInt8]?
     }
 
     let runs = Mutex<[Run]>([])
@@ -39,7 +41,7 @@ final class RecordingHookRunner: HookRunner {
                 Run(
                     deliveryID: invocation.deliveryID, hook: invocation.hook.name, eventID: event.id, type: event.type,
                     entity: event.entityID ?? "", amount: event.amount, transactionID: event.transactionID,
-                    attempt: invocation.attempt))
+                    attempt: invocation.attempt, ipn: event.wellFormedIPN))
         }
         return await answer(invocation)
     }

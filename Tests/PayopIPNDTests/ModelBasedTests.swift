@@ -96,7 +96,7 @@ final class Scenario {
         let overlap = overlap
         let journal = journal
         runner = RecordingHookRunner { invocation in
-            journal.withLock { $0.append(HookJournalEntry(deliveryID: invocation.deliveryID, ended: nil)) }
+            journal.withLock { $0.append(.started(invocation.deliveryID)) }
             overlap.withLock { runs in
                 runs.now += 1
                 runs.most = max(runs.most, runs.now)
@@ -104,7 +104,7 @@ final class Scenario {
             await Task.yield()
             overlap.withLock { $0.now -= 1 }
             let fails = hookRandom.withLock { $0.chance(0.2) }
-            journal.withLock { $0.append(HookJournalEntry(deliveryID: invocation.deliveryID, ended: fails ? .failed : .delivered)) }
+            journal.withLock { $0.append(.ended(invocation.deliveryID, delivered: !fails)) }
             return fails
                 ? HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 1, error: "exited with status 1")
                 : HookResult(outcome: .delivered, exitCode: 0)
@@ -251,12 +251,13 @@ final class Scenario {
         }
         // Runs the log claimed in the commit that made them due, not yet started: the crash cuts them off
         // too (their attempt counts, as for any run the daemon did not see end).
-        for running in try await log.deliveries(state: "running", hook: nil, limit: 100_000) {
-            crashed.insert(running.eventID)
-        }
+        let running = try await log.deliveries(state: "running", hook: nil, limit: 100_000)
+        for delivery in running { crashed.insert(delivery.eventID) }
         log.close()
         log = try Self.openLog(dir)
         try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
+        // Whatever the hook saw of them, the log runs them again: pending, not delivered.
+        journal.withLock { journal in journal.append(contentsOf: running.map { .recovered($0.id) }) }
         makeStages()
         trace.append("crash+restart")
     }
@@ -315,6 +316,16 @@ final class Scenario {
                     #expect(run.amount.map { Amount.same($0, item.entity.amount) } == true, "amount \(run): \(context)")
                     #expect(run.transactionID == item.entity.sourceTransactionID, "transaction \(run): \(context)")
                 }
+                // The IPN body the hook gets is a copy Payop confirmed (or none): not a forged one.
+                if let body = run.ipn, case .success(let copy) = NotificationParser.parse(body) {
+                    switch item.entity.kind {
+                    case .refund:
+                        #expect(copy.amount.map { Amount.same($0, item.entity.amount) } ?? true, "ipn amount \(run): \(context)")
+                        #expect(copy.transactionID == item.entity.sourceTransactionID, "ipn transaction \(run): \(context)")
+                    default:
+                        #expect(copy.orderID == item.entity.orderID, "ipn order \(run): \(context)")
+                    }
+                }
             }
             // Every status Payop ends at, and every one its API reported, reaches the hook.
             let finalStatus = PaymentStatus.status(
@@ -357,8 +368,9 @@ final class Scenario {
                 #expect(successes == delivery.attempts, "delivery \(delivery.id) ran \(successes)x for \(delivery.attempts) attempts: \(context)")
             }
         }
-        // In order per (hook, kind, entity), as the hook saw it: a run starts only after every earlier
-        // delivery of its line has had a run that ended delivered; never beside one, never ahead of one.
+        // In order per (hook, kind, entity): a run starts only after every earlier delivery of its line
+        // has had a run that ended delivered, and not one a crash cut off (the log runs that again);
+        // never beside one, never ahead of one.
         let line = { (delivery: Delivery) in
             "\(delivery.hook)/\(byID[delivery.eventID]?.kind ?? "?")/\(byID[delivery.eventID]?.entityID ?? "?")"
         }
@@ -366,11 +378,17 @@ final class Scenario {
         let deliveryByID = Dictionary(delivered.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
         var deliveredRuns: Set<Int64> = []
         for entry in journal.withLock({ $0 }) {
-            if let ended = entry.ended {
-                if ended == .delivered { deliveredRuns.insert(entry.deliveryID) }
+            let started: Int64
+            switch entry {
+            case .ended(let id, delivered: true): deliveredRuns.insert(id); continue
+            case .ended: continue
+            case .recovered(let id): deliveredRuns.remove(id); continue
+            case .started(let id): started = id
+            }
+            guard let delivery = deliveryByID[started] else {
+                Issue.record("a run of delivery \(started), which the log does not hold: \(context)")
                 continue
             }
-            guard let delivery = deliveryByID[entry.deliveryID] else { continue }
             let ahead = (lines[line(delivery)] ?? []).filter { $0.id < delivery.id && !deliveredRuns.contains($0.id) }
             #expect(
                 ahead.isEmpty,
@@ -403,11 +421,12 @@ final class Scenario {
     }
 }
 
-/// One line of a scenario's hook journal: a run of `deliveryID` started (`ended` nil) or ended.
-struct HookJournalEntry: Sendable {
-    enum End: Sendable { case delivered, failed }
-    var deliveryID: Int64
-    var ended: End?
+/// One line of a scenario's hook journal: a run of a delivery started or ended, or a restart found
+/// the delivery running and made it pending again.
+enum HookJournalEntry: Sendable {
+    case started(Int64)
+    case ended(Int64, delivered: Bool)
+    case recovered(Int64)
 }
 
 /// A value shared with closures the scenario hands out.

@@ -208,6 +208,49 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
     }
 
     @Test(arguments: Backend.enabled)
+    func aVerifiedEventKeepsPayopsStateNumberNotTheOneItsIPNClaimed(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            log.setHooks([storeHook("fulfil")])
+            // Checkout states 3 and 5 (without Payop's two special messages) are both `failed`.
+            let outcome = try await log.ingest(try storeIPN(checkoutBody(transaction: "tx-1", state: 5, message: "declined")))
+            #expect(try await log.event(id: outcome.eventID)?.event.payopState == 5)
+            let check = try #require(try await log.dueChecks(now: storeStart, limit: 10).first)
+            let record = PayopRecord(
+                kind: .checkout, id: "tx-1", status: .checkout(state: 3, errorMessage: "declined"), orderID: "order-tx-1",
+                errorMessage: "declined")
+            let applied = try await log.applyAnswer(.record(record), to: check, now: storeStart + 5, policy: storePolicy)
+            #expect(applied.state == .verified && applied.verified.first?.deliveries == 1)
+            let event = try #require(try await log.event(id: outcome.eventID)?.event)
+            #expect(event.type == "checkout.failed" && event.payopState == 3 && event.errorMessage == "declined")
+            // The copy Payop confirmed is still the event's `ipn`, as received (its state 5 and all).
+            #expect(event.ipn == checkoutBody(transaction: "tx-1", state: 5, message: "declined"))
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
+    func aStatusPayopReportsWithoutConfirmingAnyCopyCarriesNoIPNBody(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            log.setHooks([storeHook("fulfil")])
+            let genuine = checkoutBody(transaction: "tx-1", state: 4)
+            let forged = Array(String(decoding: checkoutBody(transaction: "tx-1", state: 2), as: UTF8.self)
+                .replacingOccurrences(of: "order-tx-1", with: "forged").utf8)
+            let pending = try await log.ingest(try storeIPN(genuine))
+            let accepted = try await log.ingest(try storeIPN(forged, at: storeStart + 1))
+            // Payop already says accepted: the pending copy is contradicted, and its answer verifies the
+            // accepted status, whose only copy names another order.
+            let checks = try await log.dueChecks(now: storeStart + 1, limit: 10)
+            let check = try #require(checks.first { $0.eventID == pending.eventID })
+            let applied = try await log.applyAnswer(
+                .record(acceptedRecord("tx-1")), to: check, now: storeStart + 5, policy: storePolicy)
+            #expect(applied.verified.map(\.eventID) == [accepted.eventID])
+            let event = try #require(try await log.event(id: accepted.eventID)?.event)
+            #expect(event.state == "verified" && event.orderID == "order-tx-1" && event.payopState == 2)
+            #expect(event.ipn == nil, "the forged copy's body reached the event object")
+            #expect(!String(decoding: event.hookBody, as: UTF8.self).contains("forged"))
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
     func payopUnreachableLeavesTheEventWaitingWithBackoff(_ backend: Backend) async throws {
         try await backend.withLog(clock: TestClock()) { log in
             let outcome = try await log.ingest(try storeIPN(checkoutBody(transaction: "tx-1", state: 2)))

@@ -117,7 +117,8 @@ extension SQLiteEventLog {
             : try db.cachedStatement(
                 sql: """
                     UPDATE events SET \(Self.machineColumns), transaction_id = ?, invoice_id = ?, order_id = ?,
-                        amount = ?, currency = ?, error_message = ?, first_receipt = COALESCE(?, first_receipt)
+                        amount = ?, currency = ?, error_message = ?, payop_state = COALESCE(?, payop_state),
+                        first_receipt = ?
                     WHERE id = ?
                     """)
         try statement.run {
@@ -136,6 +137,7 @@ extension SQLiteEventLog {
                 $0.add(facts.amount)
                 $0.add(facts.currency)
                 $0.add(facts.errorMessage)
+                $0.add(facts.payopState)
                 $0.add(facts.receiptID)
             }
             $0.add(eventID)

@@ -345,7 +345,12 @@ public struct VerifiedFacts: Sendable, Equatable {
     public var amount: String?
     public var currency: String?
     public var errorMessage: String?
-    /// The receipt whose copy Payop confirmed: the event's `ipn` from now on.
+    /// Payop's own state number: two numbers can name one status (checkout 3 and 5 are both `failed`),
+    /// and the event keeps Payop's, not the one a copy claimed.
+    public var payopState: Int?
+    /// The receipt whose copy Payop confirmed: the event's `ipn` from now on. Nil when Payop reported
+    /// the status without confirming any copy of it (all contradicted, or none received): `ipn` is then
+    /// null, never a body whose fields Payop contradicted.
     public var receiptID: Int64?
 
     init(record: PayopRecord, claim: IPNClaim?, kind: IPNKind) {
@@ -359,6 +364,7 @@ public struct VerifiedFacts: Sendable, Equatable {
         amount = record.amount ?? claim?.amount
         currency = record.currency ?? claim?.currency
         errorMessage = record.errorMessage
+        payopState = record.status.payopState
         receiptID = claim?.receiptID
     }
 }

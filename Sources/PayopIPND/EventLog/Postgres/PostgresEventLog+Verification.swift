@@ -199,7 +199,8 @@ extension PostgresEventLog: VerificationStore {
             """
             UPDATE events SET transaction_id = \(facts.transactionID), invoice_id = \(facts.invoiceID),
                 order_id = \(facts.orderID), amount = \(facts.amount), currency = \(facts.currency),
-                error_message = \(facts.errorMessage), first_receipt = COALESCE(\(facts.receiptID), first_receipt)
+                error_message = \(facts.errorMessage), payop_state = COALESCE(\(facts.payopState), payop_state),
+                first_receipt = \(facts.receiptID)
             WHERE id = \(eventID)
             """, logger: logger)
     }
