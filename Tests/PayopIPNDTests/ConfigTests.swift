@@ -57,6 +57,36 @@ import Testing
         #expect(Set(found.map(\.key)) == ["server.listen", "server.allowed_sources[1]", "storage.retention_days", "colour"])
     }
 
+    @Test func intervalsThatWouldKeepTheDaemonBusyAreRefusedWithTheirFloor() throws {
+        let found = problems(
+            """
+            reconcile:
+              interval_seconds: 0.001
+            payop:
+              retry_initial_seconds: 0.01
+            delivery:
+              retry_initial_seconds: 0.05
+            """
+        ).filter { $0.severity == .error }
+        let messages = Dictionary(found.map { ($0.key, $0.message) }, uniquingKeysWith: { first, _ in first })
+        #expect(found.count == 3)
+        #expect(messages["reconcile.interval_seconds"] == "must be at least 1")
+        #expect(messages["payop.retry_initial_seconds"] == "must be at least 0.1")
+        #expect(messages["delivery.retry_initial_seconds"] == "must be at least 0.1")
+        let floors = try ConfigLoader.parse(
+            """
+            reconcile:
+              interval_seconds: 1
+            payop:
+              retry_initial_seconds: 0.1
+            delivery:
+              retry_initial_seconds: 0.1
+            """, environment: [:]
+        ).config
+        #expect(floors.reconcile.intervalSeconds == 1 && floors.payop.retryInitialSeconds == 0.1)
+        #expect(floors.delivery.retryInitialSeconds == 0.1)
+    }
+
     @Test func consoleReachableFromOtherMachinesNeedsATokenFile() throws {
         let found = problems(
             """

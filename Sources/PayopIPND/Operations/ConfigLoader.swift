@@ -174,7 +174,11 @@ private final class Reader {
     /// no setting means more than a year.
     static let largestNumber: Double = 31_536_000
 
-    func number(_ node: Node?, _ key: String, minimum: Double, allowZero: Bool = false) -> Double? {
+    /// `atLeast` is a floor for intervals that set how often the daemon works (asks Payop, retries):
+    /// below it the daemon would all but spin.
+    func number(_ node: Node?, _ key: String, minimum: Double, allowZero: Bool = false, atLeast floor: Double? = nil)
+        -> Double?
+    {
         guard let node else { return nil }
         guard case .scalar = node, let value = node.float, value.isFinite else {
             error(key, node, "must be a number")
@@ -182,6 +186,10 @@ private final class Reader {
         }
         guard value > minimum || (allowZero && value == 0) else {
             error(key, node, allowZero ? "must be 0 or more" : "must be greater than \(Self.show(minimum))")
+            return nil
+        }
+        if let floor, value < floor {
+            error(key, node, "must be at least \(Self.show(floor))")
             return nil
         }
         guard value <= Self.largestNumber else {
@@ -251,7 +259,7 @@ private final class Reader {
         if let node = top["storage"] { readStorage(node, into: &config.storage) }
         if let node = top["payop"] { readPayop(node, into: &config.payop) }
         if let node = top["reconcile"], let reconcile = mapping(node, "reconcile", known: ["interval_seconds"]) {
-            if let value = number(reconcile["interval_seconds"], "reconcile.interval_seconds", minimum: 0) {
+            if let value = number(reconcile["interval_seconds"], "reconcile.interval_seconds", minimum: 0, atLeast: 1) {
                 config.reconcile.intervalSeconds = value
             }
         }
@@ -428,7 +436,7 @@ private final class Reader {
         if let file = secretFile(map["jwt_file"], "payop.jwt_file") { payop.jwtFile = file }
         if let file = secretFile(map["secret_key_file"], "payop.secret_key_file") { payop.secretKeyFile = file }
         if let value = number(map["timeout_seconds"], "payop.timeout_seconds", minimum: 0) { payop.timeoutSeconds = value }
-        if let value = number(map["retry_initial_seconds"], "payop.retry_initial_seconds", minimum: 0) {
+        if let value = number(map["retry_initial_seconds"], "payop.retry_initial_seconds", minimum: 0, atLeast: 0.1) {
             payop.retryInitialSeconds = value
         }
         if let value = number(map["retry_max_seconds"], "payop.retry_max_seconds", minimum: 0) {
@@ -447,7 +455,7 @@ private final class Reader {
                 node, "delivery",
                 known: ["retry_initial_seconds", "retry_max_seconds", "kill_grace_seconds", "shutdown_grace_seconds"])
         else { return }
-        if let value = number(map["retry_initial_seconds"], "delivery.retry_initial_seconds", minimum: 0) {
+        if let value = number(map["retry_initial_seconds"], "delivery.retry_initial_seconds", minimum: 0, atLeast: 0.1) {
             delivery.retryInitialSeconds = value
         }
         if let value = number(map["retry_max_seconds"], "delivery.retry_max_seconds", minimum: 0) {
