@@ -193,7 +193,7 @@ struct PostgresSessionTests {
             let text = metrics.render()
             for name in [
                 "payop_ipnd_storage_claim_seconds_count{what=\"delivery\"} 1",
-                "payop_ipnd_storage_claim_seconds_count{what=\"check\"} 1", "payop_ipnd_storage_pool_size 3",
+                "payop_ipnd_storage_claim_seconds_count{what=\"check\"} 1", "payop_ipnd_storage_pool_size 8",
                 "payop_ipnd_storage_connections_in_use 0", "payop_ipnd_storage_connection_wait_seconds_count",
                 "payop_ipnd_reconcile_leader 1",
             ] {

@@ -71,10 +71,9 @@ enum PostgresTestServer {
         -> PostgresEventLogConfiguration
     {
         let server = try await shared()
-        // A log keeps its whole pool open, and many tests run at once against one server: three each.
         return PostgresEventLogConfiguration(
             host: server.host, port: server.port, username: server.username, password: server.password,
-            database: database ?? server.database, schema: schema, tls: server.tls, poolSize: 3, nodeID: nodeID)
+            database: database ?? server.database, schema: schema, tls: server.tls, poolSize: 8, nodeID: nodeID)
     }
 
     /// Runs one statement as the administrator, on a connection of its own.

@@ -147,26 +147,31 @@ public struct PostgresEventLogConfiguration: Sendable {
         ] + (schema.map { [("search_path", $0)] } ?? [])
     }
 
-    /// postgres-nio's view of it: the pool, of a fixed size.
+    /// postgres-nio's view of it: the pool, opening connections as they are needed (up to
+    /// `poolSize`) and closing those idle for `idleTimeout`.
     ///
-    /// Every connection is kept open, and none is pinged while idle: the pool starts an idle timer (60 s)
-    /// for a connection above its minimum, and a keep-alive timer (30 s), each time a connection is
-    /// handed back, and a timer cancelled by the next lease keeps its memory until its deadline
-    /// (swiftlang/swift#60441). One of each per IPN held 90 s of IPNs' timers: over 100 MB at 2,000
-    /// IPNs a second. A connection the server closed is replaced when the pool sees it close; one that
-    /// went silent fails its next statement at the statement's deadline (`withDeadline`), and the
-    /// server ends its side (`tcp_keepalives_*`, above).
+    /// Each time a connection is handed back the pool starts an idle timer and a keep-alive timer, and
+    /// the next lease cancels them; a cancelled timer keeps its memory until its deadline
+    /// (swiftlang/swift#60441). With postgres-nio's defaults (60 s, 30 s) one of each per IPN held 90 s
+    /// of IPNs' timers: over 100 MB at 2,000 IPNs a second. So the idle timeout is short and there is
+    /// no keep-alive ping (no connection stays idle long enough to need one). A fixed-size pool
+    /// (minimum = maximum) would start no idle timer at all, but postgres-nio's pool traps
+    /// (`precondition`) when a server restart leaves it with fewer live connections than its minimum.
     var clientConfiguration: PostgresClient.Configuration {
         var configuration = PostgresClient.Configuration(
             host: host, port: port, username: username, password: password, database: database,
             tls: tlsConfiguration.map { .require($0) } ?? .disable)
         configuration.options.maximumConnections = max(poolSize, 1)
-        configuration.options.minimumConnections = max(poolSize, 1)
+        configuration.options.connectionIdleTimeout = Self.idleTimeout
         configuration.options.keepAliveBehavior = nil
         configuration.options.connectTimeout = .seconds(10)
         configuration.options.additionalStartupParameters = startupParameters
         return configuration
     }
+
+    /// How long a pooled connection may stay idle before it is closed: a busy daemon keeps its
+    /// connections; a quiet one reconnects (a few milliseconds) for an IPN minutes after the last.
+    static let idleTimeout: Duration = .seconds(5)
 
     /// postgres-nio's view of it: the session's own connection, outside the pool.
     func connectionConfiguration() throws -> PostgresConnection.Configuration {
