@@ -64,12 +64,17 @@ import Testing
               interval_seconds: 0.001
             payop:
               retry_initial_seconds: 0.01
+              retry_max_seconds: 0.001
             delivery:
               retry_initial_seconds: 0.05
+              retry_max_seconds: 0.02
             """
         ).filter { $0.severity == .error }
         let messages = Dictionary(found.map { ($0.key, $0.message) }, uniquingKeysWith: { first, _ in first })
-        #expect(found.count == 3)
+        #expect(found.count == 5)
+        // The cap bounds every delay (Backoff), so it has the same floor as the first delay.
+        #expect(messages["payop.retry_max_seconds"] == "must be at least 0.1")
+        #expect(messages["delivery.retry_max_seconds"] == "must be at least 0.1")
         #expect(messages["reconcile.interval_seconds"] == "must be at least 1")
         #expect(messages["payop.retry_initial_seconds"] == "must be at least 0.1")
         #expect(messages["delivery.retry_initial_seconds"] == "must be at least 0.1")

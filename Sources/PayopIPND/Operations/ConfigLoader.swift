@@ -439,7 +439,7 @@ private final class Reader {
         if let value = number(map["retry_initial_seconds"], "payop.retry_initial_seconds", minimum: 0, atLeast: 0.1) {
             payop.retryInitialSeconds = value
         }
-        if let value = number(map["retry_max_seconds"], "payop.retry_max_seconds", minimum: 0) {
+        if let value = number(map["retry_max_seconds"], "payop.retry_max_seconds", minimum: 0, atLeast: 0.1) {
             payop.retryMaxSeconds = value
         }
         if let value = number(
@@ -458,7 +458,7 @@ private final class Reader {
         if let value = number(map["retry_initial_seconds"], "delivery.retry_initial_seconds", minimum: 0, atLeast: 0.1) {
             delivery.retryInitialSeconds = value
         }
-        if let value = number(map["retry_max_seconds"], "delivery.retry_max_seconds", minimum: 0) {
+        if let value = number(map["retry_max_seconds"], "delivery.retry_max_seconds", minimum: 0, atLeast: 0.1) {
             delivery.retryMaxSeconds = value
         }
         if let value = number(map["kill_grace_seconds"], "delivery.kill_grace_seconds", minimum: 0, allowZero: true) {
