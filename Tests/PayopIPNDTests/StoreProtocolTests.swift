@@ -222,6 +222,7 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
             #expect(applied.state == .verified && applied.verified.first?.deliveries == 1)
             let event = try #require(try await log.event(id: outcome.eventID)?.event)
             #expect(event.type == "checkout.failed" && event.payopState == 3 && event.errorMessage == "declined")
+            #expect(event.source == "ipn")
             // The copy Payop confirmed is still the event's `ipn`, as received (its state 5 and all).
             #expect(event.ipn == checkoutBody(transaction: "tx-1", state: 5, message: "declined"))
         }
@@ -246,6 +247,8 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
             let event = try #require(try await log.event(id: accepted.eventID)?.event)
             #expect(event.state == "verified" && event.orderID == "order-tx-1" && event.payopState == 2)
             #expect(event.ipn == nil, "the forged copy's body reached the event object")
+            // Payop's API, not an IPN, brought the status: `reconcile`, whose `ipn` is null.
+            #expect(event.source == "reconcile")
             #expect(!String(decoding: event.hookBody, as: UTF8.self).contains("forged"))
         }
     }

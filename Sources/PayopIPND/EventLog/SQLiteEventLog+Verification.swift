@@ -118,7 +118,7 @@ extension SQLiteEventLog {
                 sql: """
                     UPDATE events SET \(Self.machineColumns), transaction_id = ?, invoice_id = ?, order_id = ?,
                         amount = ?, currency = ?, error_message = ?, payop_state = COALESCE(?, payop_state),
-                        first_receipt = ?
+                        first_receipt = ?, source = COALESCE(?, source)
                     WHERE id = ?
                     """)
         try statement.run {
@@ -139,6 +139,7 @@ extension SQLiteEventLog {
                 $0.add(facts.errorMessage)
                 $0.add(facts.payopState)
                 $0.add(facts.receiptID)
+                $0.add(facts.source)
             }
             $0.add(eventID)
         }

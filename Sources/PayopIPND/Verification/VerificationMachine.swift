@@ -353,6 +353,10 @@ public struct VerifiedFacts: Sendable, Equatable {
     /// null, never a body whose fields Payop contradicted.
     public var receiptID: Int64?
 
+    /// The event's `source` from now on, when it changes: with no copy confirmed, Payop's API, not an
+    /// IPN, brought the status (`reconcile`, whose `ipn` is null, as the event object's contract says).
+    public var source: String? { receiptID == nil ? "reconcile" : nil }
+
     init(record: PayopRecord, claim: IPNClaim?, kind: IPNKind) {
         switch kind {
         case .checkout: transactionID = record.id

@@ -200,7 +200,7 @@ extension PostgresEventLog: VerificationStore {
             UPDATE events SET transaction_id = \(facts.transactionID), invoice_id = \(facts.invoiceID),
                 order_id = \(facts.orderID), amount = \(facts.amount), currency = \(facts.currency),
                 error_message = \(facts.errorMessage), payop_state = COALESCE(\(facts.payopState), payop_state),
-                first_receipt = \(facts.receiptID)
+                first_receipt = \(facts.receiptID), source = COALESCE(\(facts.source), source)
             WHERE id = \(eventID)
             """, logger: logger)
     }
