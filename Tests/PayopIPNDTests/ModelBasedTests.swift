@@ -58,11 +58,9 @@ final class Scenario {
     let payop: InProcessPayop
     let runner: RecordingHookRunner
     let hookRandom: Shared<SeededRandom>
-    /// Hook runs at once now, and the most there ever were (each run yields once, so runs the
-    /// dispatcher lets overlap do).
-    let overlap = Shared((now: 0, most: 0))
     /// Every run's start and end as the hook saw them, in the order they happened: the hook's own view
-    /// of the order it was given events in.
+    /// of the order it was given events in, and of how many runs overlapped (each run yields once, so
+    /// runs the dispatcher lets overlap do).
     let journal = Shared<[HookJournalEntry]>([])
     /// Runs of the hook allowed at once (`delivery.per_hook_concurrency`).
     var perHookLimit: Int { [1, 2, 16][Int((seed / 4) % 3)] }
@@ -93,16 +91,10 @@ final class Scenario {
         payop = InProcessPayop(simulator)
         hookRandom = Shared(SeededRandom(seed: seed ^ 0xA5A5))
         let hookRandom = hookRandom
-        let overlap = overlap
         let journal = journal
         runner = RecordingHookRunner { invocation in
             journal.withLock { $0.append(.started(invocation.deliveryID)) }
-            overlap.withLock { runs in
-                runs.now += 1
-                runs.most = max(runs.most, runs.now)
-            }
             await Task.yield()
-            overlap.withLock { $0.now -= 1 }
             let fails = hookRandom.withLock { $0.chance(0.2) }
             journal.withLock { $0.append(.ended(invocation.deliveryID, delivered: !fails)) }
             return fails
@@ -397,7 +389,16 @@ final class Scenario {
         // Every run slot is free again: none kept by a claim that was not started, or not committed.
         #expect(dispatcher.running == 0, "\(context)")
         // Never more runs of the hook at once than it allows.
-        let most = overlap.withLock { $0.most }
+        var running = 0
+        var most = 0
+        for entry in journal.withLock({ $0 }) {
+            switch entry {
+            case .started: running += 1
+            case .ended: running -= 1
+            case .recovered: continue
+            }
+            most = max(most, running)
+        }
         #expect(most <= perHookLimit, "\(most) runs at once, \(perHookLimit) allowed: \(context)")
         // The daemon idles when nothing is due.
         let now = clock.nowMilliseconds()
