@@ -41,9 +41,7 @@ public enum Timestamp {
     /// The same through Foundation's ISO 8601 style: the years `format` does not write itself.
     static func foundationFormat(milliseconds ms: Int64) -> String {
         let date = Date(timeIntervalSince1970: Double(ms) / 1000)
-        var style = Date.ISO8601FormatStyle(includingFractionalSeconds: true, timeZone: .gmt)
-        style.timeZone = .gmt
-        return date.formatted(style)
+        return date.formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true, timeZone: .gmt))
     }
 
     /// The quotient rounded down and a remainder that is never negative: a time before 1970 falls in the
