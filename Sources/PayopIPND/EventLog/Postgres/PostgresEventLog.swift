@@ -588,9 +588,9 @@ func withDeadline<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable ()
 /// The first of the body and the timer to end answers; the other is cancelled.
 ///
 /// The timer is an event loop's scheduled task, not a `Task.sleep`: a cancelled sleep keeps its task
-/// and its dispatch timer until the original deadline (swiftlang/swift#60441), so one per IPN held
-/// every IPN's 10 s of timer memory, about 30 MB at 2,000 IPNs a second. A cancelled scheduled task is
-/// dropped from its loop at once.
+/// and its dispatch timer, and through them this race and its body's task, until the original deadline
+/// (swiftlang/swift#60441): one per IPN held 10 s of IPNs, about 35 MB at 2,000 IPNs a second. A
+/// cancelled scheduled task is dropped from its loop at once.
 private final class DeadlineRace<T: Sendable>: Sendable {
     private struct State {
         var continuation: CheckedContinuation<T, any Error>?

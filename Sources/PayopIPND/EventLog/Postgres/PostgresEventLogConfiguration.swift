@@ -153,7 +153,7 @@ public struct PostgresEventLogConfiguration: Sendable {
     /// Each time a connection is handed back the pool starts an idle timer and a keep-alive timer, and
     /// the next lease cancels them; a cancelled timer keeps its memory until its deadline
     /// (swiftlang/swift#60441). With postgres-nio's defaults (60 s, 30 s) one of each per IPN held 90 s
-    /// of IPNs' timers: over 100 MB at 2,000 IPNs a second. So the idle timeout is short and there is
+    /// of IPNs' timers: about 65 MB at 2,000 IPNs a second. So the idle timeout is short and there is
     /// no keep-alive ping (no connection stays idle long enough to need one). A fixed-size pool
     /// (minimum = maximum) would start no idle timer at all, but postgres-nio's pool traps
     /// (`precondition`) when a server restart leaves it with fewer live connections than its minimum.
