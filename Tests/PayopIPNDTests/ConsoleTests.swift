@@ -344,8 +344,14 @@ import Testing
     @Test func pruneTakesTheAttemptsOfPrunedDeliveriesWithIt() async throws {
         let setup = try await Self.setup()
         setup.log.setHooks([commandHook("fulfil", "/bin/true")])
+        // A run that failed, then one that delivered: the first is a row of the runs' history.
+        try await Self.runOnce(
+            setup.log, clock: setup.clock, eventID: setup.otherEvent,
+            result: HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 1))
+        setup.clock.advance(milliseconds: 1_000)
         try await Self.runOnce(
             setup.log, clock: setup.clock, eventID: setup.otherEvent, result: HookResult(outcome: .delivered, exitCode: 0))
+        #expect(try await setup.log.event(id: setup.otherEvent)?.deliveryAttempts.map(\.outcome) == ["failed", "delivered"])
         let result = try await setup.log.prune(before: setup.clock.nowMilliseconds() + 1)
         #expect(result.deliveries == 1)
         #expect(try await setup.log.event(id: setup.otherEvent)?.deliveryAttempts.isEmpty == true)

@@ -203,6 +203,58 @@ struct PostgresEventLogTests {
         }
     }
 
+    /// Migration 3 on a log written by an earlier version: the history row a first run that delivered
+    /// had beside its delivery's row goes, and the history read back is the same (as SQLite's 0007).
+    @Test func theFirstRunsInTheirRowMigrationKeepsEveryRunOfTheHistory() async throws {
+        let schema = try await PostgresTestServer.freshSchema()
+        defer { Task { await PostgresTestServer.dropSchema(schema) } }
+        let configuration = try await PostgresTestServer.configuration(schema: schema, nodeID: "node-a")
+        try await PostgresEventLog.withLog(configuration: configuration) { log in
+            try await log.transaction("test") { connection, logger in
+                for statement: PostgresQuery in [
+                    """
+                    INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at, verified_at)
+                    VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000, 1001)
+                    """,
+                    """
+                    INSERT INTO deliveries (id, event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
+                                            last_exit_code, output, created_at, finished_at, delivered_at, node_id)
+                    VALUES (1, 'evt_1', 'a', 'checkout', 'tx-1', 'delivered', 1, 1010, 0, 'a1', 1001, 1010, 1010, 'node-a'),
+                           (2, 'evt_1', 'b', 'checkout', 'tx-1', 'delivered', 2, 1030, 0, 'b2', 1001, 1030, 1030, 'node-a'),
+                           (3, 'evt_1', 'c', 'checkout', 'tx-1', 'delivered', 1, 1060, 0, 'c1b', 1001, 1060, 1060, 'node-a'),
+                           (4, 'evt_1', 'd', 'checkout', 'tx-1', 'dead', 1, 1070, 1, 'd1', 1001, 1070, NULL, 'node-a')
+                    """,
+                    """
+                    INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, output, node_id)
+                    VALUES (1, 1, 1010, 'delivered', 0, 'a1', 'node-a'),
+                           (2, 1, 1020, 'failed', 1, 'b1', 'node-a'), (2, 2, 1030, 'delivered', 0, 'b2', 'node-a'),
+                           (3, 1, 1040, 'delivered', 0, 'c1a', 'node-a'), (3, 1, 1060, 'delivered', 0, 'c1b', 'node-a'),
+                           (4, 1, 1070, 'failed', 1, 'd1', 'node-a')
+                    """,
+                    // As a log of the earlier version: migration 3 not yet applied.
+                    "DELETE FROM payop_ipnd_migrations WHERE version = 3",
+                ] {
+                    try await connection.query(statement, logger: logger)
+                }
+            }
+        }
+        try await PostgresEventLog.withLog(configuration: configuration) { log in
+            let runs = try #require(try await log.event(id: "evt_1")).deliveryAttempts.map {
+                "\($0.deliveryID)/\($0.attempt) \($0.outcome) \($0.finishedAt) \($0.output ?? "-")"
+            }
+            #expect(
+                runs == [
+                    "1/1 delivered 1010 a1", "2/1 failed 1020 b1", "2/2 delivered 1030 b2", "3/1 delivered 1040 c1a",
+                    "3/1 delivered 1060 c1b", "4/1 failed 1070 d1",
+                ])
+            let kept = try await log.read("test") { connection, logger in
+                try await connection.query("SELECT output FROM delivery_attempts ORDER BY id", logger: logger).collect()
+                    .map { try $0.decode(String.self) }
+            }
+            #expect(kept == ["b1", "b2", "c1a", "d1"])
+        }
+    }
+
     @Test func aServerThatDoesNotMakeCommitsDurableIsRefused() async throws {
         let database = "t_async_\(UUID().uuidString.prefix(8).lowercased())"
         try await PostgresTestServer.admin("CREATE DATABASE \(unescaped: database)")

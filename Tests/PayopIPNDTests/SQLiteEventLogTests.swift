@@ -356,6 +356,92 @@ import Testing
         #expect(indexes == ["events_due_for_check", "receipts_by_event", "sqlite_autoindex_events_1", "sqlite_autoindex_events_2"])
     }
 
+    /// A first run that delivered leaves no history row, and a delivered delivery no entry in
+    /// `deliveries_by_state`: the reads by state still walk that index, as they name its condition.
+    @Test func aDeliveredFirstRunWritesNoHistoryRowAndReadsByStateKeepTheirIndex() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock(storeStart)
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        log.setHooks([storeHook("fulfil")])
+        _ = try await log.ingest(try signedIPN(order: "5"))
+        let delivery = try #require(try await log.runnableDeliveries(now: storeStart, hooks: ["fulfil"], limit: 1).first)
+        let claim = try #require(try await log.claimDelivery(id: delivery.id, now: storeStart))
+        _ = try await log.finishDelivery(
+            id: delivery.id, attempt: claim.attempt, result: HookResult(outcome: .delivered, exitCode: 0), maxAttempts: 30,
+            backoff: deliveryBackoff, now: storeStart + 1)
+        let (history, indexed) = try await log.read { db in
+            (
+                try Int.fetchOne(db, sql: "SELECT count(*) FROM delivery_attempts"),
+                try Int.fetchOne(db, sql: "SELECT count(*) FROM deliveries INDEXED BY deliveries_by_state WHERE \(Delivery.byState)")
+            )
+        }
+        #expect(history == 0 && indexed == 0)
+
+        var queries = [
+            SQLiteEventLog.runningDeliveries, SQLiteEventLog.deliveryCountsQuery, SQLiteEventLog.deadByHookQuery,
+            SQLiteEventLog.deadOfHookQuery,
+        ]
+        for state in ["pending", "running", "dead"] {
+            for deadFirst in [false, true] {
+                queries.append(
+                    SQLiteEventLog.deliveriesQuery(state: state, hook: nil, eventID: nil, deadFirst: deadFirst).sql)
+            }
+        }
+        for query in queries {
+            let plan = try await log.read { db in
+                let unbound = [(any DatabaseValueConvertible)?](repeating: nil, count: query.filter { $0 == "?" }.count)
+                return try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN \(query)", arguments: StatementArguments(unbound))
+                    .map { $0["detail"] as String }.joined(separator: "; ")
+            }
+            #expect(plan.contains("deliveries_by_state"), "\(query): \(plan)")
+        }
+    }
+
+    /// The log of an earlier version: migration 0007 takes out the history row a first run that delivered
+    /// had beside its delivery's row, and the history read back is the same.
+    @Test func theLeanDeliveriesMigrationKeepsEveryRunOfTheHistory() async throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.file("events.sqlite3")
+        do {
+            let queue = try DatabaseQueue(path: path)
+            try Schema.migrator.migrate(queue, upTo: "0006-time-ordered-ids")
+            try await queue.write { db in
+                try db.execute(
+                    sql: """
+                        INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at, verified_at)
+                        VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000, 1001);
+                        INSERT INTO deliveries (id, event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
+                                                last_exit_code, output, created_at, finished_at, delivered_at)
+                        VALUES (1, 'evt_1', 'a', 'checkout', 'tx-1', 'delivered', 1, 1010, 0, 'a1', 1001, 1010, 1010),
+                               (2, 'evt_1', 'b', 'checkout', 'tx-1', 'delivered', 2, 1030, 0, 'b2', 1001, 1030, 1030),
+                               (3, 'evt_1', 'c', 'checkout', 'tx-1', 'delivered', 1, 1060, 0, 'c1b', 1001, 1060, 1060),
+                               (4, 'evt_1', 'd', 'checkout', 'tx-1', 'dead', 1, 1070, 1, 'd1', 1001, 1070, NULL);
+                        INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, output)
+                        VALUES (1, 1, 1010, 'delivered', 0, 'a1'),
+                               (2, 1, 1020, 'failed', 1, 'b1'), (2, 2, 1030, 'delivered', 0, 'b2'),
+                               (3, 1, 1040, 'delivered', 0, 'c1a'), (3, 1, 1060, 'delivered', 0, 'c1b'),
+                               (4, 1, 1070, 'failed', 1, 'd1');
+                        """)
+            }
+            try queue.close()
+        }
+        let log = try SQLiteEventLog.open(path: path, mode: .daemon)
+        defer { log.close() }
+        let runs = try #require(try await log.event(id: "evt_1")).deliveryAttempts.map {
+            "\($0.deliveryID)/\($0.attempt) \($0.outcome) \($0.finishedAt) \($0.output ?? "-")"
+        }
+        #expect(
+            runs == [
+                "1/1 delivered 1010 a1", "2/1 failed 1020 b1", "2/2 delivered 1030 b2", "3/1 delivered 1040 c1a",
+                "3/1 delivered 1060 c1b", "4/1 failed 1070 d1",
+            ])
+        let kept = try await log.read { db in
+            try String.fetchAll(db, sql: "SELECT output FROM delivery_attempts ORDER BY id")
+        }
+        #expect(kept == ["b1", "b2", "c1a", "d1"])
+    }
+
     /// What `top -H`, `perf` and a stack dump show: the thread that fsyncs is named, not one of the pool's.
     @Test func theWriterThreadCarriesItsNameWhereOperatorsLook() async throws {
         let dir = try TemporaryDirectory()

@@ -122,9 +122,10 @@ struct StorageCopyTests {
                 .record(acceptedRecord("tx-new")), to: check, now: clock.nowMilliseconds(), policy: storePolicy)
             let delivery = try #require(try await pg.event(id: signed.eventID)?.deliveries.first)
             _ = try #require(try await pg.claimDelivery(id: delivery.id, now: clock.nowMilliseconds()))
+            // A run that failed: a first run that delivered would leave no row of the runs' history.
             _ = try await pg.finishDelivery(
-                id: delivery.id, attempt: 1, result: HookResult(outcome: .delivered, exitCode: 0), maxAttempts: 30,
-                backoff: deliveryBackoff, now: clock.nowMilliseconds())
+                id: delivery.id, attempt: 1, result: HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 1),
+                maxAttempts: 30, backoff: deliveryBackoff, now: clock.nowMilliseconds())
             let now = try await maxIDs(pg)
             for (table, id) in copied { #expect(now[table]! > id, "\(table)") }
         }

@@ -368,6 +368,47 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
     }
 
     @Test(arguments: Backend.enabled)
+    func everyRunOfADeliveryIsInItsHistoryAcrossReplaysWhenAFirstRunDeliveredIsKeptInTheRowAlone(
+        _ backend: Backend
+    ) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            log.setHooks([storeHook("fulfil")])
+            let eventID = try await log.ingest(try signedIPN(order: "77")).eventID
+            let id = try #require(try await log.runnableDeliveries(now: storeStart, hooks: ["fulfil"], limit: 1).first).id
+            func run(at now: Int64, _ result: HookResult) async throws {
+                let claim = try #require(try await log.claimDelivery(id: id, now: now))
+                _ = try await log.finishDelivery(
+                    id: id, attempt: claim.attempt, result: result, maxAttempts: 30, backoff: deliveryBackoff, now: now + 5)
+            }
+            func runs() async throws -> [String] {
+                try #require(try await log.event(id: eventID)).deliveryAttempts.map {
+                    "\($0.attempt) \($0.outcome) \($0.finishedAt - storeStart) \($0.exitCode ?? -1) \($0.output ?? "-")"
+                }
+            }
+            // A first run that delivered: the delivery's row is its only record, and the history shows it.
+            try await run(at: storeStart, HookResult(outcome: .delivered, exitCode: 0, output: "one\n"))
+            #expect(try await runs() == ["1 delivered 5 0 one\n"])
+            // Replayed twice before it runs again: the run is kept once, and the next first run joins it.
+            #expect(try await log.replay(eventID: eventID, hook: nil, hooks: [storeHook("fulfil")], now: storeStart + 10) == 1)
+            #expect(try await log.replay(eventID: eventID, hook: nil, hooks: [storeHook("fulfil")], now: storeStart + 11) == 1)
+            #expect(try await runs() == ["1 delivered 5 0 one\n"])
+            try await run(at: storeStart + 20, HookResult(outcome: .delivered, exitCode: 0, output: "two\n"))
+            #expect(try await runs() == ["1 delivered 5 0 one\n", "1 delivered 25 0 two\n"])
+            // Replayed again, a failed run then a delivered one: every run, in the order they ended.
+            #expect(try await log.replay(eventID: eventID, hook: nil, hooks: [storeHook("fulfil")], now: storeStart + 30) == 1)
+            try await run(
+                at: storeStart + 40, HookResult(outcome: .failed(retryAfterMilliseconds: nil), exitCode: 3, output: "three\n"))
+            try await run(at: storeStart + 2_045, HookResult(outcome: .delivered, exitCode: 0, output: "four\n"))
+            #expect(
+                try await runs() == [
+                    "1 delivered 5 0 one\n", "1 delivered 25 0 two\n", "1 failed 45 3 three\n", "2 delivered 2050 0 four\n",
+                ])
+            let row = try #require(try await log.event(id: eventID)?.deliveries.first)
+            #expect(row.state == .delivered && row.attempts == 2 && row.output == "four\n")
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
     func replayRunsADeadDeliveryAgainFromTheStart(_ backend: Backend) async throws {
         try await backend.withLog(clock: TestClock()) { log in
             let hooks = [storeHook("fulfil", attempts: 1)]

@@ -94,6 +94,12 @@ public struct DeliveryProgress: Sendable, Equatable {
         nextAttemptAt = now
     }
 
+    /// Whether the delivery's row is the only record of its last run: a first run that delivered, which
+    /// is how most deliveries end. Every other finished run also gets a row of the runs' history
+    /// (`delivery_attempts`), and `replay` writes this one's before the delivery starts over: a history
+    /// row for it was a row and an index entry more in every delivery's commit.
+    public var lastRunIsInRowOnly: Bool { state == .delivered && attempts == 1 }
+
     /// `replay`: anything but a running delivery starts over.
     public mutating func replay(now: Int64) {
         guard state != .running else { return }

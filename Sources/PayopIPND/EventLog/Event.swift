@@ -112,6 +112,46 @@ public struct DeliveryAttempt: Sendable, Equatable, Encodable {
 
     static let columns = "delivery_id, attempt, finished_at, outcome, exit_code, http_status, error, output"
 
+    init(
+        deliveryID: Int64, attempt: Int, finishedAt: Int64, outcome: String, exitCode: Int?, httpStatus: Int?,
+        error: String?, output: String?
+    ) {
+        self.deliveryID = deliveryID
+        self.attempt = attempt
+        self.finishedAt = finishedAt
+        self.outcome = outcome
+        self.exitCode = exitCode
+        self.httpStatus = httpStatus
+        self.error = error
+        self.output = output
+    }
+
+    /// Run `attempt` of delivery `id`, which ended now with `result`.
+    init(deliveryID: Int64, attempt: Int, result: HookResult, now: Int64) {
+        self.init(
+            deliveryID: deliveryID, attempt: attempt, finishedAt: now, outcome: Self.outcomeName(result.outcome),
+            exitCode: result.exitCode, httpStatus: result.httpStatus, error: result.error, output: result.output)
+    }
+
+    /// The last run of `delivery` when only its row records it (`DeliveryProgress.lastRunIsInRowOnly`).
+    init?(inRowOf delivery: Delivery) {
+        guard delivery.progress.lastRunIsInRowOnly, let finishedAt = delivery.deliveredAt else { return nil }
+        self.init(
+            deliveryID: delivery.id, attempt: delivery.attempts, finishedAt: finishedAt, outcome: "delivered",
+            exitCode: delivery.lastExitCode, httpStatus: delivery.lastHTTPStatus, error: delivery.lastError,
+            output: delivery.output)
+    }
+
+    /// Every finished run of `deliveries`: their history rows (`recorded`, oldest first), and each run only
+    /// a delivery's row records put in its place by when it finished.
+    static func history(recorded: [DeliveryAttempt], deliveries: [Delivery]) -> [DeliveryAttempt] {
+        var runs = recorded
+        for run in deliveries.compactMap(DeliveryAttempt.init(inRowOf:)) {
+            runs.insert(run, at: runs.firstIndex { $0.finishedAt > run.finishedAt } ?? runs.endIndex)
+        }
+        return runs
+    }
+
     init(row: Row) {
         deliveryID = row["delivery_id"]
         attempt = row["attempt"]

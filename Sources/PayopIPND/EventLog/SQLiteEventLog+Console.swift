@@ -58,11 +58,16 @@ extension SQLiteEventLog {
         }
     }
 
+    static let deadByHookQuery =
+        "SELECT hook, count(*) AS n FROM deliveries WHERE \(Delivery.byState) AND state = 'dead' GROUP BY hook"
+    static let deadOfHookQuery =
+        "SELECT \(Delivery.columns) FROM deliveries WHERE \(Delivery.byState) AND state = 'dead' AND hook = ? ORDER BY id"
+
     /// Dead deliveries per hook: what the console offers to replay in bulk.
     public func deadDeliveriesByHook() async throws(EventLogError) -> [String: Int] {
         try await read { db in
             let rows = try Row.fetchAll(
-                db, sql: "SELECT hook, count(*) AS n FROM deliveries WHERE state = 'dead' GROUP BY hook")
+                db, sql: Self.deadByHookQuery)
             return Dictionary(rows.map { ($0["hook"] as String, $0["n"] as Int) }, uniquingKeysWith: +)
         }
     }
@@ -71,7 +76,7 @@ extension SQLiteEventLog {
     public func replayDead(hook: String, now: Int64) async throws(EventLogError) -> Int {
         try await write { db in
             let dead = try Row.fetchAll(
-                db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE state = 'dead' AND hook = ? ORDER BY id",
+                db, sql: Self.deadOfHookQuery,
                 arguments: [hook]
             ).map(Delivery.init(row:))
             return try dead.filter { try Self.replay($0, now: now, in: db) }.count

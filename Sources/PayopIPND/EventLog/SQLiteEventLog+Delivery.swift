@@ -11,6 +11,10 @@ extension Delivery {
     /// `columns` of the table named `alias` in a query.
     static func columns(of alias: String) -> String { columnNames.map { "\(alias).\($0)" }.joined(separator: ", ") }
 
+    /// The condition of `deliveries_by_state`, which holds every delivery not delivered: a query by
+    /// state names it to be read along that index (SQLite does not infer it from `state = 'dead'`).
+    static let byState = "state <> 'delivered'"
+
     /// A row of `columns`, read by position (as `Event(row:)`, and checked the same way in debug builds).
     init(row: some PositionalRow) {
         assert(
@@ -280,24 +284,31 @@ extension SQLiteEventLog {
                 $0.add(now)
                 $0.add(id)
             }
-            try db.cachedStatement(
-                sql: """
-                    INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, http_status,
-                                                   error, output)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                    """
-            ).run {
-                $0.add(id)
-                $0.add(attempt)
-                $0.add(now)
-                $0.add(DeliveryAttempt.outcomeName(result.outcome))
-                $0.add(result.exitCode)
-                $0.add(result.httpStatus)
-                $0.add(result.error)
-                $0.add(result.output)
+            if !progress.lastRunIsInRowOnly {
+                try Self.record(DeliveryAttempt(deliveryID: id, attempt: attempt, result: result, now: now), in: db)
             }
             try early?.claimNext(after: id, hook: delivery.hook, now: now, in: db)
             return end
+        }
+    }
+
+    /// A finished run in the runs' history.
+    static func record(_ run: DeliveryAttempt, in db: Database) throws {
+        try db.cachedStatement(
+            sql: """
+                INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, http_status,
+                                               error, output)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """
+        ).run {
+            $0.add(run.deliveryID)
+            $0.add(run.attempt)
+            $0.add(run.finishedAt)
+            $0.add(run.outcome)
+            $0.add(run.exitCode)
+            $0.add(run.httpStatus)
+            $0.add(run.error)
+            $0.add(run.output)
         }
     }
 
@@ -314,7 +325,7 @@ extension SQLiteEventLog {
     public func recoverInterruptedDeliveries(now: Int64) async throws(EventLogError) -> Int {
         try await write { db in
             let running = try Row.fetchAll(
-                db, sql: "SELECT \(Delivery.columns) FROM deliveries WHERE state = 'running'"
+                db, sql: Self.runningDeliveries
             ).map(Delivery.init(row:))
             for delivery in running {
                 var progress = delivery.progress
@@ -370,8 +381,10 @@ extension SQLiteEventLog {
     static func replay(_ delivery: Delivery, now: Int64, in db: Database) throws -> Bool {
         var progress = delivery.progress
         progress.replay(now: now)
-        try saveProgress(progress, id: delivery.id, in: db)
         guard progress.state == .pending else { return false }
+        // The row starts over: a run only it recorded goes to the history first.
+        if let run = DeliveryAttempt(inRowOf: delivery) { try record(run, in: db) }
+        try saveProgress(progress, id: delivery.id, in: db)
         try db.execute(sql: "UPDATE deliveries SET last_error = NULL WHERE id = ?", arguments: [delivery.id])
         return true
     }
@@ -381,18 +394,34 @@ extension SQLiteEventLog {
         async throws(EventLogError)
         -> [Delivery]
     {
-        try await read { db in
-            var conditions = SQLFilter()
-            conditions.add("state = ?", state)
-            conditions.add("hook = ?", hook)
-            conditions.add("event_id = ?", eventID)
-            return try Row.fetchAll(
-                db,
-                sql: "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY \(deadFirst ? "state = 'dead' DESC, " : "")id DESC LIMIT ?",
-                arguments: conditions.arguments + [limit]
-            ).map(Delivery.init(row:))
+        let (sql, arguments) = Self.deliveriesQuery(state: state, hook: hook, eventID: eventID, deadFirst: deadFirst)
+        return try await read { db in
+            try Row.fetchAll(db, sql: sql, arguments: arguments + [limit]).map(Delivery.init(row:))
         }
     }
+
+    /// `deliveries`' query, without its limit.
+    static func deliveriesQuery(state: String?, hook: String?, eventID: String?, deadFirst: Bool)
+        -> (sql: String, arguments: StatementArguments)
+    {
+        var conditions = SQLFilter()
+        conditions.add(Delivery.byState, when: state != nil && state != DeliveryState.delivered.rawValue)
+        conditions.add("state = ?", state)
+        conditions.add("hook = ?", hook)
+        conditions.add("event_id = ?", eventID)
+        let order = deadFirst ? "state = 'dead' DESC, id DESC" : "id DESC"
+        return (
+            "SELECT \(Delivery.columns) FROM deliveries \(conditions.whereClause) ORDER BY \(order) LIMIT ?",
+            conditions.arguments
+        )
+    }
+
+    /// The deliveries running when the last daemon stopped (`recoverInterruptedDeliveries`).
+    static let runningDeliveries = "SELECT \(Delivery.columns) FROM deliveries WHERE \(Delivery.byState) AND state = 'running'"
+
+    /// `deliveryCounts`' query.
+    static let deliveryCountsQuery =
+        "SELECT state, count(*) AS n FROM deliveries WHERE \(Delivery.byState) GROUP BY state"
 }
 
 /// The runs one write claims early (`EarlyStarts`): handed to the dispatcher once the write's commit
@@ -484,10 +513,7 @@ extension SQLiteEventLog {
     public func deliveryCounts() async throws(EventLogError) -> DeliveryCounts {
         try await read { db in
             let rows = try Row.fetchAll(
-                db.cachedStatement(
-                    sql:
-                        "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('pending', 'running', 'dead') GROUP BY state"
-                ))
+db.cachedStatement(sql: Self.deliveryCountsQuery))
             var counts = DeliveryCounts(pending: 0, running: 0, dead: 0)
             for row in rows {
                 switch DeliveryState(rawValue: row["state"]) {

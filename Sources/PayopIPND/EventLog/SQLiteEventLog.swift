@@ -462,7 +462,7 @@ public final class SQLiteEventLog: EventLog {
             ).map(DeliveryAttempt.init(row:))
             return EventDetail(
                 event: Event(row: row), receipts: receipts, verificationAttempts: attempts, deliveries: deliveries,
-                deliveryAttempts: deliveryAttempts)
+                deliveryAttempts: DeliveryAttempt.history(recorded: deliveryAttempts, deliveries: deliveries))
         }
     }
 

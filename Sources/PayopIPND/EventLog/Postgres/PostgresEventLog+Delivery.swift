@@ -209,18 +209,29 @@ extension PostgresEventLog: DeliveryStore {
                     lease_until = NULL
                 WHERE id = \(id)
                 """, logger: logger)
-            try await connection.query(
-                """
-                INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, http_status, error,
-                                               output, node_id)
-                VALUES (\(id), \(Int64(attempt)), \(now), \(DeliveryAttempt.outcomeName(result.outcome)),
-                        \(result.exitCode.map(Int64.init)), \(result.httpStatus.map(Int64.init)), \(result.error),
-                        \(result.output), \(node))
-                """, logger: logger)
+            if !progress.lastRunIsInRowOnly {
+                try await Self.record(
+                    DeliveryAttempt(deliveryID: id, attempt: attempt, result: result, now: now), node: node, connection,
+                    logger)
+            }
             // The next delivery of this (hook, kind, entity) may now run, on whichever daemon.
             if progress.state == .delivered || progress.state == .dead { try await Self.notify(.deliver, connection, logger) }
             return end
         }
+    }
+
+    /// A finished run in the runs' history; `node` ran it.
+    static func record(_ run: DeliveryAttempt, node: String, _ connection: PostgresConnection, _ logger: Logger)
+        async throws
+    {
+        try await connection.query(
+            """
+            INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, http_status, error,
+                                           output, node_id)
+            VALUES (\(run.deliveryID), \(Int64(run.attempt)), \(run.finishedAt), \(run.outcome),
+                    \(run.exitCode.map(Int64.init)), \(run.httpStatus.map(Int64.init)), \(run.error), \(run.output),
+                    \(node))
+            """, logger: logger)
     }
 
     public func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
@@ -294,7 +305,8 @@ extension PostgresEventLog: DeliveryStore {
     public func replay(eventID: String, hook: String?, hooks: [HookConfig], now: Int64) async throws(EventLogError)
         -> Int
     {
-        try await transaction("the event log could not record the replay") { connection, logger in
+        let node = nodeID
+        return try await transaction("the event log could not record the replay") { connection, logger in
             guard
                 let state = try await connection.query(
                     "SELECT state FROM events WHERE id = \(eventID) FOR UPDATE", logger: logger
@@ -314,7 +326,7 @@ extension PostgresEventLog: DeliveryStore {
             // it runs now.
             let configured = Set(hooks.map(\.name))
             for delivery in deliveries where (hook == nil || delivery.hook == hook) && configured.contains(delivery.hook) {
-                if try await Self.replay(delivery, now: now, connection, logger) { pending += 1 }
+                if try await Self.replay(delivery, now: now, node: node, connection, logger) { pending += 1 }
             }
             if pending > 0 { try await Self.notify(.deliver, connection, logger) }
             return pending
@@ -322,13 +334,19 @@ extension PostgresEventLog: DeliveryStore {
     }
 
     /// One delivery due again now (a running one keeps running); true when it is pending.
-    static func replay(_ delivery: Delivery, now: Int64, _ connection: PostgresConnection, _ logger: Logger)
+    static func replay(
+        _ delivery: Delivery, now: Int64, node: String, _ connection: PostgresConnection, _ logger: Logger
+    )
         async throws -> Bool
     {
         var progress = delivery.progress
         progress.replay(now: now)
-        try await saveProgress(progress, id: delivery.id, connection, logger)
         guard progress.state == .pending else { return false }
+        // The row starts over: a run only it recorded goes to the history first, as run by its claimer.
+        if let run = DeliveryAttempt(inRowOf: delivery) {
+            try await record(run, node: delivery.nodeID ?? node, connection, logger)
+        }
+        try await saveProgress(progress, id: delivery.id, connection, logger)
         try await connection.query("UPDATE deliveries SET last_error = NULL WHERE id = \(delivery.id)", logger: logger)
         return true
     }

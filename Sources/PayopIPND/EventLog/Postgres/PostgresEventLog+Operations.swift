@@ -124,7 +124,8 @@ extension PostgresEventLog: EventLog {
     }
 
     public func replayDead(hook: String, now: Int64) async throws(EventLogError) -> Int {
-        try await transaction("the event log could not record the replay") { connection, logger in
+        let node = nodeID
+        return try await transaction("the event log could not record the replay") { connection, logger in
             let dead = try await connection.query(
                 """
                 SELECT \(unescaped: Delivery.postgresColumns) FROM deliveries WHERE state = 'dead' AND hook = \(hook)
@@ -132,7 +133,7 @@ extension PostgresEventLog: EventLog {
                 """, logger: logger
             ).collect().map { try Delivery(postgres: $0.makeRandomAccess()) }
             var pending = 0
-            for delivery in dead where try await Self.replay(delivery, now: now, connection, logger) { pending += 1 }
+            for delivery in dead where try await Self.replay(delivery, now: now, node: node, connection, logger) { pending += 1 }
             if pending > 0 { try await Self.notify(.deliver, connection, logger) }
             return pending
         }

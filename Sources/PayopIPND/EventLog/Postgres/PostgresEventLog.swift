@@ -535,7 +535,8 @@ public final class PostgresEventLog: EventStore, Service {
             ).collect().map { try DeliveryAttempt(postgres: $0.makeRandomAccess()) }
             return EventDetail(
                 event: try Event(postgres: row.makeRandomAccess()), receipts: receipts, verificationAttempts: attempts,
-                deliveries: deliveries, deliveryAttempts: deliveryAttempts)
+                deliveries: deliveries,
+                deliveryAttempts: DeliveryAttempt.history(recorded: deliveryAttempts, deliveries: deliveries))
         }
     }
 

@@ -167,6 +167,18 @@ enum PostgresSchema {
                 )
                 """
             ]),
+        Migration(
+            version: 3, name: "first-runs-in-their-row",
+            statements: [
+                // A first run that delivered is recorded by its delivery's row alone
+                // (`DeliveryProgress.lastRunIsInRowOnly`), as in the SQLite log: a copy between the two
+                // carries the history as it is.
+                """
+                DELETE FROM delivery_attempts WHERE outcome = 'delivered' AND attempt = 1 AND id IN (
+                    SELECT max(a.id) FROM delivery_attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
+                    WHERE d.state = 'delivered' AND d.attempts = 1 GROUP BY a.delivery_id)
+                """
+            ]),
     ]
 
     /// Applies the migrations this database lacks; returns how many. Runs under a transaction-scoped
