@@ -452,6 +452,13 @@ import Testing
         #expect(name == "ipnd-log-writer\n")
     }
 
+    /// `serve` sets glibc's allocator to keep what the writer frees (`MemoryTuning`): `mallopt` is found
+    /// and takes both thresholds (it refuses an `mmap` threshold above 32 MB, for one). What it bought
+    /// is measured, not tested here: a test process's heaps are too busy to show a thread's trims.
+    @Test func theAllocatorTakesTheDaemonsThresholds() {
+        #expect(MemoryTuning.keepFreedMemory())
+    }
+
     /// The ingest's statements bound through SQLite's C API store what GRDB stores for the same values
     /// (a NUL inside text, non-ASCII, NULLs, bytes that are not UTF-8), so a row written one way is found
     /// the other; they fail with GRDB's error and result code, and run again after failing.

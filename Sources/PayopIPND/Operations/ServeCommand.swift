@@ -28,6 +28,7 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        MemoryTuning.keepFreedMemory()
         try await reportingFailures {
             let sandboxSetup = sandbox ? try Sandbox.prepare(directory: Sandbox.defaultDirectory) : nil
             let path = sandboxSetup?.configPath ?? config.path
