@@ -398,6 +398,36 @@ import Testing
         }
     }
 
+    /// A daemon of the previous version sharing the log while they are upgraded still writes every run
+    /// to the history: its copy of a first run that delivered is shown once, and a replay does not add
+    /// a second.
+    @Test func aFirstRunAnEarlierVersionAlsoRecordedIsShownOnceAndNotRecordedAgainByAReplay() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock(storeStart)
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        let hooks = [storeHook("fulfil")]
+        log.setHooks(hooks)
+        let eventID = try await log.ingest(try signedIPN(order: "6")).eventID
+        let delivery = try #require(try await log.runnableDeliveries(now: storeStart, hooks: ["fulfil"], limit: 1).first)
+        _ = try #require(try await log.claimDelivery(id: delivery.id, now: storeStart))
+        _ = try await log.finishDelivery(
+            id: delivery.id, attempt: 1, result: HookResult(outcome: .delivered, exitCode: 0, output: "ok\n"),
+            maxAttempts: 30, backoff: deliveryBackoff, now: storeStart + 1)
+        try await log.write { db in
+            try db.execute(
+                sql: """
+                    INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, output)
+                    VALUES (?, 1, ?, 'delivered', 0, 'ok\n')
+                    """, arguments: [delivery.id, storeStart + 1])
+        }
+        #expect(try await log.event(id: eventID)?.deliveryAttempts.count == 1)
+        #expect(try await log.replay(eventID: eventID, hook: nil, hooks: hooks, now: storeStart + 2) == 1)
+        #expect(try await log.event(id: eventID)?.deliveryAttempts.map(\.output) == ["ok\n"])
+        let rows = try await log.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM delivery_attempts") }
+        #expect(rows == 1)
+    }
+
     /// The log of an earlier version: migration 0007 takes out the history row a first run that delivered
     /// had beside its delivery's row, and the history read back is the same.
     @Test func theLeanDeliveriesMigrationKeepsEveryRunOfTheHistory() async throws {

@@ -409,6 +409,34 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
     }
 
     @Test(arguments: Backend.enabled)
+    func theRunsOfSeveralHooksAreListedInTheOrderTheyFinishedAfterAReplay(_ backend: Backend) async throws {
+        try await backend.withLog(clock: TestClock()) { log in
+            let hooks = [storeHook("a"), storeHook("b")]
+            log.setHooks(hooks)
+            let eventID = try await log.ingest(try signedIPN(order: "78")).eventID
+            let due = try await log.runnableDeliveries(now: storeStart, hooks: ["a", "b"], limit: 2)
+            let a = try #require(due.first { $0.hook == "a" }).id
+            let b = try #require(due.first { $0.hook == "b" }).id
+            func run(_ id: Int64, at now: Int64, _ outcome: HookResult.Outcome) async throws {
+                let claim = try #require(try await log.claimDelivery(id: id, now: now))
+                _ = try await log.finishDelivery(
+                    id: id, attempt: claim.attempt, result: HookResult(outcome: outcome), maxAttempts: 30,
+                    backoff: deliveryBackoff, now: now)
+            }
+            try await run(a, at: storeStart + 10, .delivered)
+            try await run(b, at: storeStart + 20, .failed(retryAfterMilliseconds: nil))
+            try await run(b, at: storeStart + 2_030, .delivered)
+            // a's first run goes to the history at the replay, after b's runs were written: listed first still.
+            #expect(try await log.replay(eventID: eventID, hook: "a", hooks: hooks, now: storeStart + 2_040) == 1)
+            try await run(a, at: storeStart + 2_050, .delivered)
+            let runs = try #require(try await log.event(id: eventID)).deliveryAttempts.map {
+                "\($0.deliveryID == a ? "a" : "b")\($0.attempt) \($0.finishedAt - storeStart)"
+            }
+            #expect(runs == ["a1 10", "b1 20", "b2 2030", "a1 2050"])
+        }
+    }
+
+    @Test(arguments: Backend.enabled)
     func replayRunsADeadDeliveryAgainFromTheStart(_ backend: Backend) async throws {
         try await backend.withLog(clock: TestClock()) { log in
             let hooks = [storeHook("fulfil", attempts: 1)]

@@ -142,12 +142,15 @@ public struct DeliveryAttempt: Sendable, Equatable, Encodable {
             output: delivery.output)
     }
 
-    /// Every finished run of `deliveries`: their history rows (`recorded`, oldest first), and each run only
-    /// a delivery's row records put in its place by when it finished.
+    /// Every finished run of `deliveries`: their history rows (`recorded`, in the order they finished),
+    /// and each run only a delivery's row records, the newest of its delivery, put among the others by
+    /// when it finished. One an earlier version's daemon also recorded (sharing the log while they were
+    /// upgraded) is there once.
     static func history(recorded: [DeliveryAttempt], deliveries: [Delivery]) -> [DeliveryAttempt] {
         var runs = recorded
-        for run in deliveries.compactMap(DeliveryAttempt.init(inRowOf:)) {
-            runs.insert(run, at: runs.firstIndex { $0.finishedAt > run.finishedAt } ?? runs.endIndex)
+        for run in deliveries.compactMap(DeliveryAttempt.init(inRowOf:)) where !recorded.contains(run) {
+            let afterItsOwn = runs.lastIndex { $0.deliveryID == run.deliveryID }.map { $0 + 1 } ?? runs.startIndex
+            runs.insert(run, at: runs[afterItsOwn...].firstIndex { $0.finishedAt > run.finishedAt } ?? runs.endIndex)
         }
         return runs
     }

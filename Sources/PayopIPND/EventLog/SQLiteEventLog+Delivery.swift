@@ -312,6 +312,21 @@ extension SQLiteEventLog {
         }
     }
 
+    /// Whether `run` is in the runs' history already.
+    static func isRecorded(_ run: DeliveryAttempt, in db: Database) throws -> Bool {
+        try db.cachedStatement(
+            sql: """
+                SELECT EXISTS (SELECT 1 FROM delivery_attempts
+                               WHERE delivery_id = ? AND attempt = ? AND outcome = ? AND finished_at = ?)
+                """
+        ).firstRow {
+            $0.add(run.deliveryID)
+            $0.add(run.attempt)
+            $0.add(run.outcome)
+            $0.add(run.finishedAt)
+        } read: { $0.bool(0) ?? false } ?? false
+    }
+
     public func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
         try await write { db in
             guard var progress = try Self.delivery(db, id)?.progress else { return }
@@ -382,8 +397,9 @@ extension SQLiteEventLog {
         var progress = delivery.progress
         progress.replay(now: now)
         guard progress.state == .pending else { return false }
-        // The row starts over: a run only it recorded goes to the history first.
-        if let run = DeliveryAttempt(inRowOf: delivery) { try record(run, in: db) }
+        // The row starts over: a run only it recorded goes to the history first (unless an earlier
+        // version's daemon, sharing the log while it was upgraded, recorded it there too).
+        if let run = DeliveryAttempt(inRowOf: delivery), try !isRecorded(run, in: db) { try record(run, in: db) }
         try saveProgress(progress, id: delivery.id, in: db)
         try db.execute(sql: "UPDATE deliveries SET last_error = NULL WHERE id = ?", arguments: [delivery.id])
         return true
@@ -512,8 +528,7 @@ final class EarlyClaims: Sendable {
 extension SQLiteEventLog {
     public func deliveryCounts() async throws(EventLogError) -> DeliveryCounts {
         try await read { db in
-            let rows = try Row.fetchAll(
-db.cachedStatement(sql: Self.deliveryCountsQuery))
+            let rows = try Row.fetchAll(db.cachedStatement(sql: Self.deliveryCountsQuery))
             var counts = DeliveryCounts(pending: 0, running: 0, dead: 0)
             for row in rows {
                 switch DeliveryState(rawValue: row["state"]) {

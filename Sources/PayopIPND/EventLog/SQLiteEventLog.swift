@@ -457,7 +457,7 @@ public final class SQLiteEventLog: EventLog {
                 db,
                 sql: """
                     SELECT \(DeliveryAttempt.columns) FROM delivery_attempts
-                    WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = ?) ORDER BY id
+                    WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = ?) ORDER BY finished_at, id
                     """, arguments: [id]
             ).map(DeliveryAttempt.init(row:))
             return EventDetail(

@@ -28,7 +28,7 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        MemoryTuning.keepFreedMemory()
+        let keepsFreedMemory = MemoryTuning.keepFreedMemory()
         try await reportingFailures {
             let sandboxSetup = sandbox ? try Sandbox.prepare(directory: Sandbox.defaultDirectory) : nil
             let path = sandboxSetup?.configPath ?? config.path
@@ -37,6 +37,7 @@ struct ServeCommand: AsyncParsableCommand {
             let level = LogLevelControl(daemonConfig.logLevel)
             LoggingSystem.bootstrap { label in DaemonLogHandler(label: label, control: level) }
             let logger = Logger(label: "payop-ipnd")
+            if !keepsFreedMemory { logger.debug("glibc's mallopt refused the allocator's thresholds: its defaults stand") }
             for warning in warnings {
                 logger.warning("configuration: \(warning.key): \(warning.message)", metadata: ["config": "\(path)"])
             }

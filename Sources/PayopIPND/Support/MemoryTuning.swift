@@ -7,22 +7,23 @@ import Glibc
 ///
 /// By default glibc gives the free top of a thread's heap back to the kernel (`madvise`) as soon as it
 /// passes a threshold of about 128 KB. The log writer frees and takes again about that much with every
-/// commit (SQLite's savepoint bookkeeping, among others), so it did so once per commit: about 1,650
-/// times a second while a backlog drained, each a TLB flush on both cores, then page faults to take the
-/// memory back. With a threshold of `trimThreshold` a heap's free top is given back only past that
+/// commit (SQLite's savepoint bookkeeping, among others), so it did so about once per commit: 1,350 to
+/// 1,650 times a second while a backlog drained, each a TLB flush on both cores, then page faults to take
+/// the memory back. With a threshold of `trimThreshold` a heap's free top is given back only past that
 /// size. Fixing it turns off glibc's own adjustment of its `mmap` threshold, which is set here as that
 /// adjustment would have raised it: blocks up to `mmapThreshold` come from the heaps, not one `mmap`
 /// and `munmap` each.
 enum MemoryTuning {
-    static let trimThreshold: Int32 = 16 << 20
+    static let trimThreshold: Int32 = 4 << 20
     static let mmapThreshold: Int32 = 4 << 20
 
     /// `mallopt`'s parameters, from glibc's `malloc.h`.
     private static let mTrimThreshold: Int32 = -1
     private static let mMmapThreshold: Int32 = -3
 
-    /// Once, before the daemon starts its threads. Returns false when the C library has no `mallopt`
-    /// (not glibc) or refused a setting: its defaults then stand (slower, not wrong).
+    /// Once, as `serve` starts, before the log and the listeners are opened (`mallopt` may be called
+    /// from any thread). Returns false when the C library has no `mallopt` (not glibc) or refused a
+    /// setting: its defaults then stand (slower, not wrong).
     @discardableResult
     static func keepFreedMemory() -> Bool {
         // Swift's Glibc module does not import `malloc.h`: the function is looked up by name.

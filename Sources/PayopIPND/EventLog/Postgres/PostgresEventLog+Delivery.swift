@@ -234,6 +234,19 @@ extension PostgresEventLog: DeliveryStore {
             """, logger: logger)
     }
 
+    /// Whether `run` is in the runs' history already.
+    static func isRecorded(_ run: DeliveryAttempt, _ connection: PostgresConnection, _ logger: Logger) async throws
+        -> Bool
+    {
+        try await connection.query(
+            """
+            SELECT EXISTS (SELECT 1 FROM delivery_attempts
+                           WHERE delivery_id = \(run.deliveryID) AND attempt = \(Int64(run.attempt))
+                           AND outcome = \(run.outcome) AND finished_at = \(run.finishedAt))
+            """, logger: logger
+        ).collect().first?.decode(Bool.self) ?? false
+    }
+
     public func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
         let node = nodeID
         try await transaction("the event log could not record the interrupted run") { connection, logger in
@@ -342,8 +355,9 @@ extension PostgresEventLog: DeliveryStore {
         var progress = delivery.progress
         progress.replay(now: now)
         guard progress.state == .pending else { return false }
-        // The row starts over: a run only it recorded goes to the history first, as run by its claimer.
-        if let run = DeliveryAttempt(inRowOf: delivery) {
+        // The row starts over: a run only it recorded goes to the history first, as run by its claimer
+        // (unless an earlier version's daemon, sharing the log while they were upgraded, recorded it there too).
+        if let run = DeliveryAttempt(inRowOf: delivery), try await !isRecorded(run, connection, logger) {
             try await record(run, node: delivery.nodeID ?? node, connection, logger)
         }
         try await saveProgress(progress, id: delivery.id, connection, logger)

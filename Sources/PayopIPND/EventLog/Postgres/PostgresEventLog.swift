@@ -504,7 +504,10 @@ public final class PostgresEventLog: EventStore, Service {
     public func event(id: String, receiptBodies: Int? = nil, receiptLimit: Int? = nil) async throws(EventLogError)
         -> EventDetail?
     {
-        try await read("cannot read the event log") { connection, logger in
+        try await transaction("cannot read the event log") { connection, logger in
+            // One snapshot for the whole history: a replay committed between two of the reads below would
+            // show a run both in its delivery's row and in the runs' history.
+            try await connection.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", logger: logger)
             guard
                 let row = try await connection.query("\(unescaped: Event.select) WHERE events.id = \(id)", logger: logger)
                     .collect().first
@@ -530,7 +533,7 @@ public final class PostgresEventLog: EventStore, Service {
             let deliveryAttempts = try await connection.query(
                 """
                 SELECT \(unescaped: DeliveryAttempt.columns) FROM delivery_attempts
-                WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = \(id)) ORDER BY id
+                WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = \(id)) ORDER BY finished_at, id
                 """, logger: logger
             ).collect().map { try DeliveryAttempt(postgres: $0.makeRandomAccess()) }
             return EventDetail(
