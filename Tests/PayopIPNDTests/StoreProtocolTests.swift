@@ -67,6 +67,23 @@ func storeHook(_ name: String, events: [String] = ["*"], attempts: Int = 30) -> 
     HookConfig(name: name, target: .command(["/bin/true"]), events: events, timeoutSeconds: 10, maxAttempts: attempts)
 }
 
+/// What the tests of the migrations that took out a delivered first run's history row (SQLite `0007`,
+/// PostgreSQL 3) read back from the same fixture: every run, in the order they finished, and the
+/// history rows kept.
+enum FirstRunsMigrationFixture {
+    static func runs(_ detail: EventDetail?) throws -> [String] {
+        try #require(detail).deliveryAttempts.map {
+            "\($0.deliveryID)/\($0.attempt) \($0.outcome) \($0.finishedAt) \($0.output ?? "-")"
+        }
+    }
+
+    static let expectedRuns = [
+        "1/1 delivered 1010 a1", "2/1 failed 1020 b1", "2/2 delivered 1030 b2", "3/1 delivered 1040 c1a",
+        "3/1 delivered 1060 c1b", "4/1 failed 1070 d1",
+    ]
+    static let keptOutputs = ["b1", "b2", "c1a", "d1"]
+}
+
 /// The same behaviours, pinned against every backend: what the daemon relies on of any event log.
 @Suite struct StoreProtocolTests {
     @Test(arguments: Backend.enabled)
