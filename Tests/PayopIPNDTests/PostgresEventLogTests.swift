@@ -248,6 +248,38 @@ struct PostgresEventLogTests {
         }
     }
 
+    /// As the SQLite test of the same name: a previous version's daemon sharing the log during an upgrade
+    /// also records a first run that delivered; it is listed once and a replay does not record it again.
+    @Test func aFirstRunAnEarlierVersionAlsoRecordedIsShownOnceAndNotRecordedAgainByAReplay() async throws {
+        let clock = TestClock(storeStart)
+        try await withEmptyPostgresLog(clock: clock, nodeID: "node-a") { log in
+            let hooks = [storeHook("fulfil")]
+            log.setHooks(hooks)
+            let eventID = try await log.ingest(try signedIPN(order: "6")).eventID
+            let delivery = try #require(try await log.runnableDeliveries(now: storeStart, hooks: ["fulfil"], limit: 1).first)
+            _ = try #require(try await log.claimDelivery(id: delivery.id, now: storeStart))
+            _ = try await log.finishDelivery(
+                id: delivery.id, attempt: 1, result: HookResult(outcome: .delivered, exitCode: 0, output: "ok\n"),
+                maxAttempts: 30, backoff: deliveryBackoff, now: storeStart + 1)
+            let finished = storeStart + 1
+            try await log.transaction("test") { connection, logger in
+                try await connection.query(
+                    """
+                    INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, output, node_id)
+                    VALUES (\(delivery.id), 1, \(finished), 'delivered', 0, 'ok\n', 'node-old')
+                    """, logger: logger)
+            }
+            #expect(try await log.event(id: eventID)?.deliveryAttempts.count == 1)
+            #expect(try await log.replay(eventID: eventID, hook: nil, hooks: hooks, now: storeStart + 2) == 1)
+            #expect(try await log.event(id: eventID)?.deliveryAttempts.map(\.output) == ["ok\n"])
+            let rows = try await log.read("test") { connection, logger in
+                try await connection.query("SELECT count(*) FROM delivery_attempts", logger: logger).collect()
+                    .first?.decode(Int64.self)
+            }
+            #expect(rows == 1)
+        }
+    }
+
     @Test func aServerThatDoesNotMakeCommitsDurableIsRefused() async throws {
         let database = "t_async_\(UUID().uuidString.prefix(8).lowercased())"
         try await PostgresTestServer.admin("CREATE DATABASE \(unescaped: database)")

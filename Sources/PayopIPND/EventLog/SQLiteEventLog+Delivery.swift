@@ -312,18 +312,24 @@ extension SQLiteEventLog {
         }
     }
 
-    /// Whether `run` is in the runs' history already.
+    /// Whether `run` is in the runs' history already, every field the same (as `DeliveryAttempt.history`
+    /// compares them).
     static func isRecorded(_ run: DeliveryAttempt, in db: Database) throws -> Bool {
         try db.cachedStatement(
             sql: """
                 SELECT EXISTS (SELECT 1 FROM delivery_attempts
-                               WHERE delivery_id = ? AND attempt = ? AND outcome = ? AND finished_at = ?)
+                               WHERE delivery_id = ? AND attempt = ? AND finished_at = ? AND outcome = ?
+                               AND exit_code IS ? AND http_status IS ? AND error IS ? AND output IS ?)
                 """
         ).firstRow {
             $0.add(run.deliveryID)
             $0.add(run.attempt)
-            $0.add(run.outcome)
             $0.add(run.finishedAt)
+            $0.add(run.outcome)
+            $0.add(run.exitCode)
+            $0.add(run.httpStatus)
+            $0.add(run.error)
+            $0.add(run.output)
         } read: { $0.bool(0) ?? false } ?? false
     }
 

@@ -114,3 +114,58 @@ private let backoff = Backoff(initialSeconds: 2, maxSeconds: 10_800, jitter: Bac
         }
     }
 }
+
+/// `DeliveryAttempt.history`: the runs' history rows and the runs only a delivery's row records, merged.
+@Suite struct DeliveryHistoryTests {
+    func run(_ delivery: Int64, _ attempt: Int, _ outcome: String, at time: Int64) -> DeliveryAttempt {
+        DeliveryAttempt(
+            deliveryID: delivery, attempt: attempt, finishedAt: time, outcome: outcome, exitCode: 0, httpStatus: nil,
+            error: nil, output: "\(delivery)/\(attempt)@\(time)")
+    }
+
+    func delivered(_ id: Int64, attempts: Int, at time: Int64) -> Delivery {
+        Delivery(
+            id: id, eventID: "evt", hook: "h\(id)", state: .delivered, attempts: attempts, nextAttemptAt: nil,
+            lastExitCode: 0, output: "\(id)/\(attempts)@\(time)", deliveredAt: time)
+    }
+
+    func names(_ runs: [DeliveryAttempt]) -> [String] { runs.map { $0.output ?? "-" } }
+
+    @Test func aFirstRunThatDeliveredComesFromItsRowAlone() {
+        #expect(names(DeliveryAttempt.history(recorded: [], deliveries: [delivered(1, attempts: 1, at: 5)])) == ["1/1@5"])
+        // A later attempt that delivered has its own history row: the row adds nothing.
+        let recorded = [run(2, 1, "failed", at: 3), run(2, 2, "delivered", at: 9)]
+        #expect(names(DeliveryAttempt.history(recorded: recorded, deliveries: [delivered(2, attempts: 2, at: 9)])) == ["2/1@3", "2/2@9"])
+        // A pending, running or dead delivery's row records no run of its own.
+        let pending = Delivery(id: 3, eventID: "evt", hook: "h3", state: .pending, attempts: 1, nextAttemptAt: 7)
+        #expect(DeliveryAttempt.history(recorded: [], deliveries: [pending]).isEmpty)
+    }
+
+    @Test func rowOnlyRunsArePlacedByWhenTheyFinishedAndAfterTheirOwnDeliverysRuns() {
+        let recorded = [run(1, 1, "delivered", at: 10), run(2, 1, "failed", at: 20), run(2, 2, "delivered", at: 40)]
+        // Delivery 1 replayed and delivered again at 30: between delivery 2's runs.
+        #expect(
+            names(DeliveryAttempt.history(recorded: recorded, deliveries: [delivered(1, attempts: 1, at: 30)]))
+                == ["1/1@10", "2/1@20", "1/1@30", "2/2@40"])
+        // At the same time as another's run: after it.
+        #expect(
+            names(DeliveryAttempt.history(recorded: recorded, deliveries: [delivered(1, attempts: 1, at: 20)]))
+                == ["1/1@10", "2/1@20", "1/1@20", "2/2@40"])
+        // The clock stepped back before it: still after its own delivery's earlier runs.
+        #expect(
+            names(DeliveryAttempt.history(recorded: recorded, deliveries: [delivered(1, attempts: 1, at: 5)]))
+                == ["1/1@10", "1/1@5", "2/1@20", "2/2@40"])
+    }
+
+    @Test func aRunAnEarlierVersionAlsoRecordedIsListedOnce() {
+        let copy = run(1, 1, "delivered", at: 10)
+        let row = Delivery(
+            id: 1, eventID: "evt", hook: "h1", state: .delivered, attempts: 1, nextAttemptAt: nil, lastExitCode: 0,
+            output: copy.output, deliveredAt: 10)
+        #expect(DeliveryAttempt.history(recorded: [copy], deliveries: [row]) == [copy])
+        // Not the same run when anything differs (here its output): both are listed.
+        var other = row
+        other.output = "another"
+        #expect(DeliveryAttempt.history(recorded: [copy], deliveries: [other]).count == 2)
+    }
+}

@@ -234,7 +234,8 @@ extension PostgresEventLog: DeliveryStore {
             """, logger: logger)
     }
 
-    /// Whether `run` is in the runs' history already.
+    /// Whether `run` is in the runs' history already, every field the same (as `DeliveryAttempt.history`
+    /// compares them).
     static func isRecorded(_ run: DeliveryAttempt, _ connection: PostgresConnection, _ logger: Logger) async throws
         -> Bool
     {
@@ -242,7 +243,11 @@ extension PostgresEventLog: DeliveryStore {
             """
             SELECT EXISTS (SELECT 1 FROM delivery_attempts
                            WHERE delivery_id = \(run.deliveryID) AND attempt = \(Int64(run.attempt))
-                           AND outcome = \(run.outcome) AND finished_at = \(run.finishedAt))
+                           AND finished_at = \(run.finishedAt) AND outcome = \(run.outcome)
+                           AND exit_code IS NOT DISTINCT FROM \(run.exitCode.map(Int64.init))::bigint
+                           AND http_status IS NOT DISTINCT FROM \(run.httpStatus.map(Int64.init))::bigint
+                           AND error IS NOT DISTINCT FROM \(run.error)::text
+                           AND output IS NOT DISTINCT FROM \(run.output)::text)
             """, logger: logger
         ).collect().first?.decode(Bool.self) ?? false
     }
