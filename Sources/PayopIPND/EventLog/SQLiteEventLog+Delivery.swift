@@ -300,16 +300,7 @@ extension SQLiteEventLog {
                                                error, output)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 """
-        ).run {
-            $0.add(run.deliveryID)
-            $0.add(run.attempt)
-            $0.add(run.finishedAt)
-            $0.add(run.outcome)
-            $0.add(run.exitCode)
-            $0.add(run.httpStatus)
-            $0.add(run.error)
-            $0.add(run.output)
-        }
+        ).run { $0.add(run) }
     }
 
     /// Whether `run` is in the runs' history already, every field the same (as `DeliveryAttempt.history`
@@ -321,16 +312,7 @@ extension SQLiteEventLog {
                                WHERE delivery_id = ? AND attempt = ? AND finished_at = ? AND outcome = ?
                                AND exit_code IS ? AND http_status IS ? AND error IS ? AND output IS ?)
                 """
-        ).firstRow {
-            $0.add(run.deliveryID)
-            $0.add(run.attempt)
-            $0.add(run.finishedAt)
-            $0.add(run.outcome)
-            $0.add(run.exitCode)
-            $0.add(run.httpStatus)
-            $0.add(run.error)
-            $0.add(run.output)
-        } read: { $0.bool(0) ?? false } ?? false
+        ).firstRow { $0.add(run) } read: { $0.bool(0) ?? false } ?? false
     }
 
     public func interruptDelivery(id: Int64, attempt: Int, now: Int64) async throws(EventLogError) {
@@ -444,6 +426,20 @@ extension SQLiteEventLog {
     /// `deliveryCounts`' query.
     static let deliveryCountsQuery =
         "SELECT state, count(*) AS n FROM deliveries WHERE \(Delivery.byState) GROUP BY state"
+}
+
+extension RawParameters {
+    /// Every field of `run`, in the order of `DeliveryAttempt.columns` (`record` and `isRecorded`).
+    mutating func add(_ run: DeliveryAttempt) {
+        add(run.deliveryID)
+        add(run.attempt)
+        add(run.finishedAt)
+        add(run.outcome)
+        add(run.exitCode)
+        add(run.httpStatus)
+        add(run.error)
+        add(run.output)
+    }
 }
 
 /// The runs one write claims early (`EarlyStarts`): handed to the dispatcher once the write's commit
