@@ -30,10 +30,16 @@ let package = Package(
             pkgConfig: "libcrypto",
             providers: [.apt(["libssl-dev"])]
         ),
+        // One C function: `sqlite3_config` is variadic, which Swift cannot call (`Support/MemoryTuning.swift`).
+        .target(
+            name: "CSQLiteConfig",
+            linkerSettings: [.linkedLibrary("sqlite3")]
+        ),
         .target(
             name: "PayopIPND",
             dependencies: [
                 "CLibcrypto",
+                "CSQLiteConfig",
                 "PayopSimulator",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),

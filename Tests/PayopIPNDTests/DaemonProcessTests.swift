@@ -45,7 +45,9 @@ import Glibc
         let stderr: Pipe
     }
 
-    static func start(hookScript: String, in dir: TemporaryDirectory, storage: String? = nil) throws -> Running {
+    static func start(
+        hookScript: String, in dir: TemporaryDirectory, storage: String? = nil, arguments: [String] = []
+    ) throws -> Running {
         let ipnPort = freePort()
         let hook = try script(dir, "hook", hookScript)
         let secret = try dir.write("secret", "k\n")
@@ -73,7 +75,7 @@ import Glibc
             """)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["serve", "--config", config]
+        process.arguments = ["serve", "--config", config] + arguments
         let stderr = Pipe()
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
@@ -98,9 +100,11 @@ import Glibc
     /// A daemon answering on its IPN port. Ports are picked free but released before the daemon binds
     /// them, and tests in parallel may take one meanwhile: a daemon that exits at start (port taken)
     /// is started again on new ports.
-    static func startServing(hookScript: String, in dir: TemporaryDirectory) async throws -> Running {
+    static func startServing(
+        hookScript: String, in dir: TemporaryDirectory, arguments: [String] = []
+    ) async throws -> Running {
         for _ in 0..<3 {
-            let daemon = try start(hookScript: hookScript, in: dir)
+            let daemon = try start(hookScript: hookScript, in: dir, arguments: arguments)
             for _ in 0..<200 where daemon.process.isRunning {
                 if let answer = try? await rawExchange(port: daemon.ipnPort, send: "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
                     !answer.isEmpty
@@ -171,5 +175,16 @@ import Glibc
         #expect(second.process.terminationStatus == 1)
         #expect(message.contains("pid \(first.process.processIdentifier)"), "\(message)")
         #expect(first.process.isRunning)
+    }
+
+    /// `serve` turns SQLite's allocation statistics off (`MemoryTuning`), which SQLite accepts only
+    /// before its first connection opens: the daemon says at debug level that it took.
+    @Test func serveTurnsSQLitesAllocationStatisticsOffBeforeOpeningItsLog() async throws {
+        let dir = try TemporaryDirectory()
+        let daemon = try await Self.startServing(hookScript: "exit 0", in: dir, arguments: ["--log-level", "debug"])
+        daemon.process.terminate()
+        daemon.process.waitUntilExit()
+        let log = String(decoding: daemon.stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(log.contains("SQLite's allocation statistics are off"), "\(log)")
     }
 }

@@ -29,6 +29,7 @@ struct ServeCommand: AsyncParsableCommand {
 
     func run() async throws {
         let keepsFreedMemory = MemoryTuning.keepFreedMemory()
+        let countsNoAllocations = MemoryTuning.skipSQLiteAllocationStatistics()
         try await reportingFailures {
             let sandboxSetup = sandbox ? try Sandbox.prepare(directory: Sandbox.defaultDirectory) : nil
             let path = sandboxSetup?.configPath ?? config.path
@@ -38,6 +39,10 @@ struct ServeCommand: AsyncParsableCommand {
             LoggingSystem.bootstrap { label in DaemonLogHandler(label: label, control: level) }
             let logger = Logger(label: "payop-ipnd")
             if !keepsFreedMemory { logger.debug("glibc's mallopt refused the allocator's thresholds: its defaults stand") }
+            logger.debug(
+                countsNoAllocations
+                    ? "SQLite's allocation statistics are off"
+                    : "SQLite refused to turn its allocation statistics off: it keeps counting")
             for warning in warnings {
                 logger.warning("configuration: \(warning.key): \(warning.message)", metadata: ["config": "\(path)"])
             }

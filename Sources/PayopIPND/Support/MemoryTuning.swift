@@ -1,9 +1,11 @@
+import CSQLiteConfig
+
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// glibc's allocator, set for the daemon: memory freed is kept for reuse rather than handed back to the
-/// kernel after every commit.
+/// The allocators under the daemon, set as `serve` starts: glibc's keeps freed memory for reuse rather
+/// than handing it back to the kernel after every commit, and SQLite's stops counting every allocation.
 ///
 /// By default glibc gives the free top of a thread's heap back to the kernel (`madvise`) as soon as it
 /// passes a threshold of about 128 KB. The log writer frees and takes again about that much with every
@@ -30,5 +32,19 @@ enum MemoryTuning {
         guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return false }
         let mallopt = unsafeBitCast(symbol, to: (@convention(c) (Int32, Int32) -> Int32).self)
         return mallopt(mMmapThreshold, mmapThreshold) == 1 && mallopt(mTrimThreshold, trimThreshold) == 1
+    }
+
+    /// SQLite's allocation statistics, off. Debian's libsqlite3 counts the bytes of every allocation
+    /// (`SQLITE_DEFAULT_MEMSTATUS` is 1 there) under one global mutex, and, built without lookaside
+    /// memory (`SQLITE_OMIT_LOOKASIDE`), it takes every one of a statement's allocations from `malloc`: the
+    /// writer thread locked and unlocked that mutex around each, for statistics (`sqlite3_status`)
+    /// nothing here reads. SQLite's documentation recommends building with it off.
+    ///
+    /// Once, before the first connection opens: SQLite takes the setting only before it is initialized.
+    /// Returns false when it was refused (a connection had opened): SQLite then keeps counting (slower,
+    /// not wrong).
+    @discardableResult
+    static func skipSQLiteAllocationStatistics() -> Bool {
+        payop_sqlite3_config_memstatus(0) == 0
     }
 }
