@@ -465,6 +465,90 @@ import Testing
         #expect(kept == FirstRunsMigrationFixture.keptOutputs)
     }
 
+    /// The writer reads an event's claims for every answer by walking its copies, not with SQLite's
+    /// grouped query: the two give the same list for any set of copies (seeded, with repeats, NULLs,
+    /// refused copies, two byte spellings of one character, and more copies than the walk takes), and
+    /// the walk needs no sort.
+    @Test(arguments: [1, 2, 3, 4, 5, 6, 7, 8])
+    func theWalkedClaimsAreTheGroupedQuerysForAnySetOfCopies(seed: UInt64) async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        var random = SeededRandom(seed: seed)
+        // "é" precomposed and decomposed: one string to Swift's ==, two to SQLite's GROUP BY.
+        let orders: [String?] = [nil, "o-1", "o-2", "caf\u{E9}", "cafe\u{301}"]
+        let amounts: [String?] = [nil, "10.00", "10.0", "99.99"]
+        let currencies: [String?] = [nil, "EUR", "USD"]
+        for event in 0..<6 {
+            let copies = [1, 2, 5, SQLiteEventLog.claimsWalked, SQLiteEventLog.claimsWalked + 1, 150][event]
+            let rows = (0..<copies).map { _ in
+                [
+                    Int.random(in: 0..<8, using: &random) == 0 ? "400" : "200", orders.randomElement(using: &random)!,
+                    amounts.randomElement(using: &random)!, currencies.randomElement(using: &random)!,
+                    Bool.random(using: &random) ? "inv-1" : nil, Bool.random(using: &random) ? "tx-1" : "tx-2",
+                ]
+            }
+            let eventID = "evt_\(seed)_\(event)"
+            let (walked, grouped, distinct) = try await log.write { db in
+                try db.execute(
+                    sql: """
+                        INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                        VALUES (?, 'checkout', ?, 'accepted', 'accepted', 'received', 'ipn', 1000)
+                        """, arguments: [eventID, eventID])
+                for row in rows {
+                    try db.execute(
+                        sql: """
+                            INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
+                                                  claim_amount, claim_currency, claim_invoice_id, claim_transaction_id)
+                            VALUES (1000, '127.0.0.1', '/payop/ipn', ?, ?, 2, X'7B7D', ?, ?, ?, ?, ?)
+                            """, arguments: StatementArguments([row[0], eventID] + Array(row[1...])))
+                }
+                return (
+                    try SQLiteEventLog.claims(db, eventID), try SQLiteEventLog.groupedClaims(db, eventID),
+                    try Int.fetchOne(
+                        db,
+                        sql: """
+                            SELECT count(*) FROM (SELECT DISTINCT claim_order_id, claim_amount, claim_currency,
+                            claim_invoice_id, claim_transaction_id FROM receipts WHERE event_id = ? AND answer = 200)
+                            """, arguments: [eventID]) ?? 0
+                )
+            }
+            #expect(walked == grouped, "seed \(seed), \(copies) copies")
+            #expect(walked.count == min(distinct, 100), "seed \(seed), \(copies) copies")
+        }
+        let plan = try await log.read { db in
+            try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN \(SQLiteEventLog.claimsQuery)", arguments: ["evt_1"])
+                .map { $0["detail"] as String }.joined(separator: "; ")
+        }
+        #expect(plan.contains("receipts_by_event") && !plan.contains("TEMP B-TREE"), "\(plan)")
+    }
+
+    /// Two copies whose order ids are two byte spellings of "café" claim two things, as SQLite's GROUP
+    /// BY has it: the walk does not merge them the way Swift's `==` would, so neither hides the other.
+    @Test func twoSpellingsOfOneCharacterAreTwoClaims() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let claims = try await log.write { db in
+            try db.execute(
+                sql: """
+                    INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                    VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'received', 'ipn', 1000)
+                    """)
+            for order in ["caf\u{E9}", "cafe\u{301}", "caf\u{E9}"] {
+                try db.execute(
+                    sql: """
+                        INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
+                                              claim_amount, claim_currency)
+                        VALUES (1000, '127.0.0.1', '/payop/ipn', 200, 'evt_1', 2, X'7B7D', ?, '10.00', 'EUR')
+                        """, arguments: [order])
+            }
+            return try SQLiteEventLog.claims(db, "evt_1")
+        }
+        #expect(claims.map(\.receiptID) == [2, 1])
+        #expect(claims.map { Array($0.orderID?.utf8 ?? "".utf8) } == [Array("cafe\u{301}".utf8), Array("caf\u{E9}".utf8)])
+    }
+
     /// What `top -H`, `perf` and a stack dump show: the thread that fsyncs is named, not one of the pool's.
     @Test func theWriterThreadCarriesItsNameWhereOperatorsLook() async throws {
         let dir = try TemporaryDirectory()

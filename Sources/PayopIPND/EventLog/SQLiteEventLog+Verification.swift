@@ -89,7 +89,37 @@ extension SQLiteEventLog {
 
     /// The distinct claims of the event's accepted copies, each with its first receipt, newest first:
     /// Payop repeats the genuine copy, so forged copies sent before it cannot push it out of the list.
+    ///
+    /// The writer reads them for every answer. An event has one copy or a few: they are walked in id
+    /// order along `receipts_by_event` and each claim is kept with its first copy, which needs no sort
+    /// (the grouped query below took two of SQLite's sorters per answer). An event with more than
+    /// `claimsWalked` copies is answered by that query, whose sorter spills to disk: a flood of forged
+    /// copies does not grow the writer's memory.
     static func claims(_ db: Database, _ eventID: String) throws -> [IPNClaim] {
+        var claims: [IPNClaim] = []
+        var walked = 0
+        try db.cachedStatement(sql: claimsQuery).forEachRow { $0.add(eventID) } _: { row in
+            walked += 1
+            guard walked <= claimsWalked else { return false }
+            let claim = claimRead(row)
+            if !claims.contains(where: { $0.isSameClaim(as: claim) }) { claims.append(claim) }
+            return true
+        }
+        return walked <= claimsWalked ? claims.reversed() : try groupedClaims(db, eventID)
+    }
+
+    /// `claims`' walk: `receipts_by_event` holds an event's copies in id order.
+    static let claimsQuery = """
+        SELECT id, claim_order_id, claim_amount, claim_currency, claim_invoice_id, claim_transaction_id
+        FROM receipts WHERE event_id = ? AND answer = 200 ORDER BY id
+        """
+
+    /// Copies of one event walked for its claims at most; past them, the grouped query. At most the
+    /// grouped query's `LIMIT`, so both give the same list.
+    static let claimsWalked = 64
+
+    /// `claims`, grouped and sorted by SQLite (the same columns, positions and order).
+    static func groupedClaims(_ db: Database, _ eventID: String) throws -> [IPNClaim] {
         try db.cachedStatement(
             sql: """
                 SELECT min(id) AS id, claim_order_id, claim_amount, claim_currency, claim_invoice_id,
@@ -98,11 +128,13 @@ extension SQLiteEventLog {
                 GROUP BY claim_order_id, claim_amount, claim_currency, claim_invoice_id, claim_transaction_id
                 ORDER BY 1 DESC LIMIT 100
                 """
-        ).allRows { $0.add(eventID) } read: { row in
-            IPNClaim(
-                receiptID: row.integer(0), orderID: row.text(1), amount: row.text(2), currency: row.text(3),
-                invoiceID: row.text(4), transactionID: row.text(5))
-        }
+        ).allRows { $0.add(eventID) } read: { claimRead($0) }
+    }
+
+    private static func claimRead(_ row: RawColumns) -> IPNClaim {
+        IPNClaim(
+            receiptID: row.integer(0), orderID: row.text(1), amount: row.text(2), currency: row.text(3),
+            invoiceID: row.text(4), transactionID: row.text(5))
     }
 
     /// Writes what a transition returned: the state, the schedule and, on verification, Payop's facts
@@ -230,5 +262,22 @@ public struct VerificationAttempt: Sendable, Equatable, Encodable {
         try c.encode(outcome, forKey: .outcome)
         try c.encode(payopState, forKey: .payopState)
         try c.encode(detail, forKey: .detail)
+    }
+}
+
+extension IPNClaim {
+    /// Whether `other` claims the same as this copy, whichever receipts carried them: byte for byte, as
+    /// SQLite's `GROUP BY` compares text (Swift's `==` on strings would merge two spellings of one
+    /// character, so a copy could hide another's claim).
+    fileprivate func isSameClaim(as other: IPNClaim) -> Bool {
+        func same(_ a: String?, _ b: String?) -> Bool {
+            switch (a, b) {
+            case (nil, nil): true
+            case (let a?, let b?): a.utf8.elementsEqual(b.utf8)
+            default: false
+            }
+        }
+        return same(orderID, other.orderID) && same(amount, other.amount) && same(currency, other.currency)
+            && same(invoiceID, other.invoiceID) && same(transactionID, other.transactionID)
     }
 }
