@@ -183,7 +183,7 @@ import Glibc
         let dir = try TemporaryDirectory()
         let daemon = try await Self.startServing(hookScript: "exit 0", in: dir, arguments: ["--log-level", "debug"])
         daemon.process.terminate()
-        daemon.process.waitUntilExit()
+        #expect(try await Self.waitForExit(daemon.process, seconds: 10))
         let log = String(decoding: daemon.stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(log.contains("SQLite's allocation statistics are off"), "\(log)")
     }

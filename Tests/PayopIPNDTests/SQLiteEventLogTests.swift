@@ -467,8 +467,9 @@ import Testing
 
     /// The writer reads an event's claims for every answer by walking its copies, not with SQLite's
     /// grouped query: the two give the same list for any set of copies (seeded, with repeats, NULLs,
-    /// refused copies, two byte spellings of one character, and more copies than the walk takes), and
-    /// the walk needs no sort.
+    /// refused copies, two byte spellings of one character, and more copies than the walk takes, where
+    /// the grouped query answers and the count of distinct claims is what is checked), and the walk
+    /// needs no sort.
     @Test(arguments: [1, 2, 3, 4, 5, 6, 7, 8])
     func theWalkedClaimsAreTheGroupedQuerysForAnySetOfCopies(seed: UInt64) async throws {
         let dir = try TemporaryDirectory()
@@ -547,6 +548,33 @@ import Testing
         }
         #expect(claims.map(\.receiptID) == [2, 1])
         #expect(claims.map { Array($0.orderID?.utf8 ?? "".utf8) } == [Array("cafe\u{301}".utf8), Array("caf\u{E9}".utf8)])
+    }
+
+    /// Claims another program stored (a blob, text with a NUL inside, bytes that are not UTF-8) could
+    /// read as the same string though SQLite groups them apart: the walk hands such an event to the
+    /// grouped query, so no copy hides another's claim.
+    @Test func claimsThatDoNotReadAsStoredAreGroupedBySQLite() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
+        defer { log.close() }
+        let (walked, grouped) = try await log.write { db in
+            try db.execute(
+                sql: """
+                    INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                    VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'received', 'ipn', 1000)
+                    """)
+            for order in ["'o-1'", "X'6F2D31'", "'o-1' || char(0) || 'x'", "CAST(X'F09F98' AS TEXT)", "CAST(X'E282' AS TEXT)"] {
+                try db.execute(
+                    sql: """
+                        INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
+                                              claim_amount, claim_currency)
+                        VALUES (1000, '127.0.0.1', '/payop/ipn', 200, 'evt_1', 2, X'7B7D', \(order), '10.00', 'EUR')
+                        """)
+            }
+            return (try SQLiteEventLog.claims(db, "evt_1"), try SQLiteEventLog.groupedClaims(db, "evt_1"))
+        }
+        #expect(walked.map(\.receiptID) == [5, 4, 3, 2, 1])
+        #expect(walked == grouped)
     }
 
     /// What `top -H`, `perf` and a stack dump show: the thread that fsyncs is named, not one of the pool's.

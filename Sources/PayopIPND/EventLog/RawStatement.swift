@@ -175,6 +175,23 @@ struct RawColumns: PositionalRow {
         return String(cString: bytes)
     }
 
+    /// The column as stored, when it is NULL (`.some(nil)`) or text that `text` reads back byte for byte
+    /// (UTF-8 without a NUL); nil when `text` would change it (a blob, a NUL inside, bytes that are not
+    /// UTF-8), so that two stored values could read as one.
+    func exactText(_ column: Int) -> String?? {
+        switch sqlite3_column_type(handle, Int32(column)) {
+        case SQLITE_NULL:
+            return .some(nil)
+        case SQLITE_TEXT:
+            guard let bytes = sqlite3_column_text(handle, Int32(column)) else { return nil }
+            let stored = UnsafeBufferPointer(start: bytes, count: Int(sqlite3_column_bytes(handle, Int32(column))))
+            guard !stored.contains(0), let text = String(validating: stored, as: UTF8.self) else { return nil }
+            return .some(text)
+        default:
+            return nil
+        }
+    }
+
     /// SQLite converts any stored value to an integer; the columns read as integers hold integers or
     /// NULL (debug builds check it).
     func integer(_ column: Int) -> Int64? {

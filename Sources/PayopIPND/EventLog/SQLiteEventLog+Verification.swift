@@ -94,18 +94,34 @@ extension SQLiteEventLog {
     /// order along `receipts_by_event` and each claim is kept with its first copy, which needs no sort
     /// (the grouped query below took two of SQLite's sorters per answer). An event with more than
     /// `claimsWalked` copies is answered by that query, whose sorter spills to disk: a flood of forged
-    /// copies does not grow the writer's memory.
+    /// copies does not grow the writer's memory. So is one with a claim this daemon never writes (a
+    /// blob, text that is not UTF-8), which the walk could not compare as SQLite does.
     static func claims(_ db: Database, _ eventID: String) throws -> [IPNClaim] {
         var claims: [IPNClaim] = []
         var walked = 0
+        var exact = true
         try db.cachedStatement(sql: claimsQuery).forEachRow { $0.add(eventID) } _: { row in
             walked += 1
             guard walked <= claimsWalked else { return false }
-            let claim = claimRead(row)
+            // Compared as read, a claim must read as stored: another program's blob or broken text could
+            // otherwise read the same as a copy the grouped query keeps apart.
+            guard let claim = exactClaim(row) else {
+                exact = false
+                return false
+            }
             if !claims.contains(where: { $0.isSameClaim(as: claim) }) { claims.append(claim) }
             return true
         }
-        return walked <= claimsWalked ? claims.reversed() : try groupedClaims(db, eventID)
+        return walked <= claimsWalked && exact ? claims.reversed() : try groupedClaims(db, eventID)
+    }
+
+    private static func exactClaim(_ row: RawColumns) -> IPNClaim? {
+        guard let orderID = row.exactText(1), let amount = row.exactText(2), let currency = row.exactText(3),
+            let invoiceID = row.exactText(4), let transactionID = row.exactText(5)
+        else { return nil }
+        return IPNClaim(
+            receiptID: row.integer(0), orderID: orderID, amount: amount, currency: currency, invoiceID: invoiceID,
+            transactionID: transactionID)
     }
 
     /// `claims`' walk: `receipts_by_event` holds an event's copies in id order.
