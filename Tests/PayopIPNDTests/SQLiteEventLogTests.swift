@@ -577,6 +577,64 @@ import Testing
         #expect(walked == grouped)
     }
 
+    /// The state checks of events and deliveries, as migration 0008 leaves a log of the previous version:
+    /// writing a state builds no temporary b-tree (`OpenEphemeral`, which a CHECK with a list of three
+    /// values or more costs every statement that runs it), an unknown state is still refused, and the
+    /// rows and the file are intact.
+    @Test func stateChecksBuildNoTemporaryTableAndStillRefuseAnUnknownState() async throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.file("events.sqlite3")
+        do {
+            let queue = try DatabaseQueue(path: path)
+            try Schema.migrator.migrate(queue, upTo: "0007-lean-deliveries")
+            try await queue.write { db in
+                try db.execute(
+                    sql: """
+                        INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                        VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000);
+                        INSERT INTO deliveries (event_id, hook, kind, entity_id, state, next_attempt_at, created_at)
+                        VALUES ('evt_1', 'fulfil', 'checkout', 'tx-1', 'pending', 1000, 1000);
+                        """)
+            }
+            try queue.close()
+        }
+        let log = try SQLiteEventLog.open(path: path, mode: .daemon)
+        defer { log.close() }
+        let writes = [
+            "INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at) VALUES (?, 'checkout', ?, 'accepted', 'accepted', ?, 'ipn', 1)",
+            "UPDATE events SET state = ?, next_check_at = NULL WHERE id = ?",
+            "INSERT INTO deliveries (event_id, hook, kind, entity_id, state, next_attempt_at, created_at) VALUES (?, 'fulfil', 'checkout', ?, ?, 1, 1)",
+            "UPDATE deliveries SET state = ?, attempts = attempts + 1 WHERE id = ?",
+        ]
+        let (programs, rows, integrity) = try await log.write { db in
+            (
+                try writes.map { sql in
+                    try Row.fetchAll(db, sql: "EXPLAIN \(sql)", arguments: StatementArguments([String?](repeating: nil, count: sql.filter { $0 == "?" }.count)))
+                        .map { $0["opcode"] as String }
+                },
+                try Int.fetchOne(db, sql: "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries)"),
+                try String.fetchOne(db, sql: "PRAGMA integrity_check")
+            )
+        }
+        for (sql, program) in zip(writes, programs) {
+            #expect(!program.contains("OpenEphemeral"), "\(sql)")
+        }
+        #expect(rows == 2 && integrity == "ok")
+        for refused in [
+            "UPDATE events SET state = 'delivered' WHERE id = 'evt_1'", "UPDATE deliveries SET state = 'verified' WHERE id = 1",
+        ] {
+            do {
+                try await log.write { db in try db.execute(sql: refused) }
+                Issue.record("\(refused) was accepted")
+            } catch {
+                #expect("\(error)".contains("CHECK constraint failed"), "\(refused): \(error)")
+            }
+        }
+        for accepted in ["UPDATE events SET state = 'rejected' WHERE id = 'evt_1'", "UPDATE deliveries SET state = 'dead' WHERE id = 1"] {
+            try await log.write { db in try db.execute(sql: accepted) }
+        }
+    }
+
     /// What `top -H`, `perf` and a stack dump show: the thread that fsyncs is named, not one of the pool's.
     @Test func theWriterThreadCarriesItsNameWhereOperatorsLook() async throws {
         let dir = try TemporaryDirectory()

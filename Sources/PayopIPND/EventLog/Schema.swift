@@ -179,6 +179,35 @@ enum Schema {
                     CREATE INDEX deliveries_by_state ON deliveries (state, id) WHERE state <> 'delivered';
                     """)
         }
+        migrator.registerMigration("0008-checks-without-lists") { db in
+            // A CHECK of `x IN (a, b, c)` (three values or more) builds a temporary b-tree of its list each
+            // time a statement runs it: every event and delivery written and every change of their state
+            // opened and freed one. The same checks as chains of `=` build nothing. Only the text of the
+            // constraints changes (same meaning, rows already satisfy it), so the schema is edited in
+            // place, as SQLite documents for changing CHECK constraints (lang_altertable.html, "Making
+            // Other Kinds Of Table Schema Changes"), rather than copying both tables.
+            let version = try Int.fetchOne(db, sql: "PRAGMA schema_version") ?? 0
+            try db.execute(sql: "PRAGMA writable_schema = ON")
+            for (table, list, chain) in Schema.checksWithoutLists {
+                try db.execute(
+                    sql: "UPDATE sqlite_schema SET sql = replace(sql, ?, ?) WHERE type = 'table' AND name = ?",
+                    arguments: [list, chain, table])
+            }
+            try db.execute(sql: "PRAGMA schema_version = \(version + 1)")
+            try db.execute(sql: "PRAGMA writable_schema = OFF")
+        }
         return migrator
     }
+
+    /// Migration 0008's edits: each table's CHECK as 0001 and 0003 wrote it, and the same as a chain.
+    static let checksWithoutLists = [
+        (
+            "events", "CHECK (state IN ('received', 'verified', 'rejected'))",
+            "CHECK (state = 'received' OR state = 'verified' OR state = 'rejected')"
+        ),
+        (
+            "deliveries", "CHECK (state IN ('pending', 'running', 'delivered', 'dead'))",
+            "CHECK (state = 'pending' OR state = 'running' OR state = 'delivered' OR state = 'dead')"
+        ),
+    ]
 }
