@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The log writer's SQLite statements alone, on this machine's libsqlite3 (bench/sqlite-writer.c): CPU
-# per IPN with SQLite's allocation statistics on (its default, the daemon before 2026-11-30) and off
-# (what `serve` sets), and with an answer's claims read by the grouped query (before) or by walking the
-# event's copies (now). The four are run in turn, ROUNDS times, in one run; medians and ratios printed.
+# per IPN as the daemon ran them before 2026-11-30's SQLite round (SQLite's allocation statistics on,
+# an answer's claims read by a grouped query, state checks written as lists), each of that round's
+# three changes alone (statistics off, claims walked, checks as chains of `=`), and all three (the
+# daemon now). The five are run in turn, ROUNDS times, in one run; medians and ratios printed.
 #
 #   bench/sqlite-writer.sh [IPNS] [ROUNDS]
 set -euo pipefail
@@ -16,7 +17,7 @@ WORK=$(mktemp -d /tmp/payop-ipnd-sqlite-writer.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 gcc -O2 -o "$WORK/sqlite-writer" bench/sqlite-writer.c -lsqlite3
 
-CONFIGS=("1 grouped" "0 grouped" "1 walked" "0 walked")
+CONFIGS=("1 grouped lists" "0 grouped lists" "1 walked lists" "1 grouped chains" "0 walked chains")
 for round in $(seq "$ROUNDS"); do
     for config in "${CONFIGS[@]}"; do
         # shellcheck disable=SC2086
@@ -26,14 +27,18 @@ done
 python3 - "$WORK/results" "$IPNS" "$ROUNDS" <<'PY'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
+labels = {
+    ("1", "grouped", "lists"): "before (statistics on, claims grouped, checks as lists)",
+    ("0", "grouped", "lists"): "statistics off alone",
+    ("1", "walked", "lists"): "claims walked alone",
+    ("1", "grouped", "chains"): "checks as chains alone",
+    ("0", "walked", "chains"): "all three (the daemon now)",
+}
 median = {}
-for memstatus, claims in [("1", "grouped"), ("0", "grouped"), ("1", "walked"), ("0", "walked")]:
-    values = [float(r[2]) for r in rows if r[0] == memstatus and r[1] == claims]
-    median[(memstatus, claims)] = statistics.median(values)
-    print(f"  statistics {'on ' if memstatus == '1' else 'off'}, claims {claims:7}: {median[(memstatus, claims)]:6.2f} us per IPN"
-          f"  (runs: {', '.join(f'{v:.2f}' for v in values)})")
-base = median[("1", "grouped")]
-print(f"the writer's SQLite statements, {sys.argv[2]} IPNs x {sys.argv[3]} rounds, CPU per IPN against statistics on + grouped claims:")
-for key, label in [(("0", "grouped"), "statistics off"), (("1", "walked"), "claims walked"), (("0", "walked"), "both (the daemon now)")]:
-    print(f"  {label}: {median[key] / base:.2f}x")
+print(f"the log writer's SQLite statements per IPN (ingest, answer, delivery), {sys.argv[2]} IPNs x {sys.argv[3]} rounds:")
+for key, label in labels.items():
+    values = [float(r[3]) for r in rows if tuple(r[:3]) == key]
+    median[key] = statistics.median(values)
+    ratio = median[key] / median[("1", "grouped", "lists")]
+    print(f"  {label:58} {median[key]:6.2f} us  {ratio:.2f}x  (runs: {', '.join(f'{v:.2f}' for v in values)})")
 PY
