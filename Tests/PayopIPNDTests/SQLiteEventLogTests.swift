@@ -1,3 +1,4 @@
+import CSQLiteConfig
 import Foundation
 import GRDB
 import GRDBSQLite
@@ -630,9 +631,37 @@ import Testing
                 #expect("\(error)".contains("CHECK constraint failed"), "\(refused): \(error)")
             }
         }
-        for accepted in ["UPDATE events SET state = 'rejected' WHERE id = 'evt_1'", "UPDATE deliveries SET state = 'dead' WHERE id = 1"] {
-            try await log.write { db in try db.execute(sql: accepted) }
+        for state in ["received", "verified", "rejected"] {
+            try await log.write { db in try db.execute(sql: "UPDATE events SET state = ? WHERE id = 'evt_1'", arguments: [state]) }
         }
+        for state in ["pending", "running", "delivered", "dead"] {
+            try await log.write { db in try db.execute(sql: "UPDATE deliveries SET state = ? WHERE id = 1", arguments: [state]) }
+        }
+    }
+
+    /// A library in defensive mode (macOS's turns it on for every connection) refuses edits of the schema:
+    /// migration 0008 then leaves the checks as they were, and the log opens and works.
+    @Test func theChecksMigrationLeavesALibraryInDefensiveModeItsListsAndTheLogWorks() async throws {
+        let dir = try TemporaryDirectory()
+        var configuration = Configuration()
+        configuration.prepareDatabase { db in
+            #expect(payop_sqlite3_db_config_defensive(db.sqliteConnection, 1) == 0)
+        }
+        let queue = try DatabaseQueue(path: dir.file("events.sqlite3"), configuration: configuration)
+        try Schema.migrator.migrate(queue)
+        let (schema, applied) = try await queue.write { db in
+            try db.execute(
+                sql: """
+                    INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                    VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'received', 'ipn', 1000)
+                    """)
+            return (
+                try String.fetchAll(db, sql: "SELECT sql FROM sqlite_schema WHERE name IN ('events', 'deliveries')"),
+                try Schema.migrator.appliedIdentifiers(db)
+            )
+        }
+        #expect(schema.count == 2 && schema.allSatisfy { $0.contains("CHECK (state IN (") })
+        #expect(applied.contains("0008-checks-without-lists"))
     }
 
     /// What `top -H`, `perf` and a stack dump show: the thread that fsyncs is named, not one of the pool's.

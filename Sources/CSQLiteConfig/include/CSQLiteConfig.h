@@ -6,4 +6,10 @@
 /// has been initialized (the first connection opened), when the setting can no longer change.
 int payop_sqlite3_config_memstatus(int on);
 
+struct sqlite3;
+
+/// `sqlite3_db_config(db, SQLITE_DBCONFIG_DEFENSIVE, on, NULL)`, also variadic: the tests play a library
+/// that turns defensive mode on by default (macOS's) with it.
+int payop_sqlite3_db_config_defensive(struct sqlite3 *db, int on);
+
 #endif
