@@ -157,6 +157,34 @@ import Testing
         #expect(try await log.counts().events == 31)
     }
 
+    /// A checkpoint past the limit syncs the database file; the daemon keeps its locks on the file
+    /// while it does. Without them, a tool's connection closing in another process (`events list`)
+    /// would find itself the last one, checkpoint and delete the WAL, and the daemon's next commits
+    /// would go to a deleted file: answered, and gone.
+    @Test func aCheckpointThatSyncsLeavesNoOtherProcessTheWALToDelete() async throws {
+        let dir = try TemporaryDirectory()
+        let log = try await logPastItsWALLimit(in: dir)
+        defer { log.close() }
+        #expect(try log.checkpoint() > 16)
+        let path = dir.file("events.sqlite3")
+        let script = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute('SELECT count(*) FROM events').fetchone()[0]); c.close()"
+        func countFromAnotherProcess() throws -> String {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            process.arguments = ["python3", "-c", script, path]
+            let output = Pipe()
+            process.standardOutput = output
+            try process.run()
+            let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return printed.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        #expect(try countFromAnotherProcess() == "30")
+        #expect(FileManager.default.fileExists(atPath: dir.file("events.sqlite3-wal")))
+        _ = try await log.ingest(try ipn(checkoutBody(transaction: "after", state: 2)))
+        #expect(try countFromAnotherProcess() == "31")
+    }
+
     @Test func pastTheLimitTheWriterCopiesWhatTheOtherConnectionCouldNot() async throws {
         let dir = try TemporaryDirectory()
         let log = try await logPastItsWALLimit(in: dir)

@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import GRDBSQLite
 import Synchronization
 
 #if canImport(Glibc)
@@ -217,7 +218,7 @@ public final class SQLiteEventLog: EventLog {
             // path (the writer's checkpoint took 7-8 ms with a second of them to sync, and commits
             // waited for it). A failed sync is reported, and then the writer is not asked: the WAL
             // must not start over on pages that may not be on disk.
-            try Self.syncFile(path)
+            try connection.writeWithoutTransaction { db in try Self.syncFile(db) }
             // Even when these passes copied everything, the writer was most likely inside a commit
             // whose frames came after them: once few are left (looked at again after the sync), the
             // writer copies them between two batches.
@@ -238,14 +239,22 @@ public final class SQLiteEventLog: EventLog {
         return (row?[1] ?? -1, row?[2] ?? -1)
     }
 
-    private static func syncFile(_ path: String) throws(EventLogError) {
-        let file = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard file >= 0 else {
-            throw EventLogError(.unavailable, "cannot open the event log to sync it", cause: SystemError(errno))
+    /// Syncs the database file through `db`'s own handle of it (SQLite's `xSync`). Opening and closing
+    /// another descriptor of the file would drop every POSIX lock this process holds on it, SQLite's
+    /// shared locks among them: a tool closing its connection could then take the file for itself,
+    /// checkpoint and delete the WAL under the running daemon, whose next commits would go to a deleted
+    /// file.
+    private static func syncFile(_ db: Database) throws {
+        var file: UnsafeMutablePointer<sqlite3_file>?
+        let found = sqlite3_file_control(db.sqliteConnection, "main", SQLITE_FCNTL_FILE_POINTER, &file)
+        guard found == SQLITE_OK, let file, let sync = file.pointee.pMethods?.pointee.xSync else {
+            throw EventLogError(.unavailable, "cannot reach the event log's database file to sync it")
         }
-        defer { Glibc.close(file) }
-        guard fdatasync(file) == 0 else {
-            throw EventLogError(.unavailable, "cannot sync the event log's database file", cause: SystemError(errno))
+        let synced = sync(file, SQLITE_SYNC_NORMAL)
+        guard synced == SQLITE_OK else {
+            throw EventLogError(
+                .unavailable, "cannot sync the event log's database file",
+                cause: DatabaseError(resultCode: ResultCode(rawValue: synced)))
         }
     }
 
