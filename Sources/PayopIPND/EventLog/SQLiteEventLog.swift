@@ -218,11 +218,13 @@ public final class SQLiteEventLog: EventLog {
             // path (the writer's checkpoint took 7-8 ms with a second of them to sync, and commits
             // waited for it). A failed sync is reported, and then the writer is not asked: the WAL
             // must not start over on pages that may not be on disk.
-            try connection.writeWithoutTransaction { db in try Self.syncFile(db) }
             // Even when these passes copied everything, the writer was most likely inside a commit
             // whose frames came after them: once few are left (looked at again after the sync), the
             // writer copies them between two batches.
-            let (frames, copied) = try connection.writeWithoutTransaction { db in try Self.passiveCheckpoint(db) }
+            let (frames, copied) = try connection.writeWithoutTransaction { db in
+                try Self.syncFile(db)
+                return try Self.passiveCheckpoint(db)
+            }
             if frames >= 0, frames - copied <= Self.writerCheckpointFrames { writer.requestCheckpoint() }
         } catch let error as EventLogError {
             throw error
