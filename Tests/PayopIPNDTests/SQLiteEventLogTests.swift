@@ -457,34 +457,60 @@ import Testing
         #expect(rows == 1)
     }
 
+    /// A log at `dir`'s `events.sqlite3` as a version whose last migration was `migration` left it,
+    /// holding the rows `rows` inserts; returns its path.
+    func logOfAnEarlierVersion(in dir: TemporaryDirectory, upTo migration: String, rows: String) async throws -> String {
+        let path = dir.file("events.sqlite3")
+        let queue = try DatabaseQueue(path: path)
+        try Schema.migrator.migrate(queue, upTo: migration)
+        try await queue.write { db in try db.execute(sql: rows) }
+        try queue.close()
+        return path
+    }
+
+    /// An event `id` (of a checkout also named `id`), received and not yet verified.
+    static func insertEvent(_ db: Database, _ id: String = "evt_1") throws {
+        try db.execute(
+            sql: """
+                INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                VALUES (?, 'checkout', ?, 'accepted', 'accepted', 'received', 'ipn', 1000)
+                """, arguments: [id, id])
+    }
+
+    /// A copy of the IPN of `event` answered `answer`, with its claims: `orderSQL` is an SQL expression
+    /// (another program's values can only be written so), the others are bound.
+    static func insertCopy(
+        _ db: Database, of event: String = "evt_1", answer: Int = 200, orderSQL: String = "?", _ claims: [String?]
+    ) throws {
+        try db.execute(
+            sql: """
+                INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
+                                      claim_amount, claim_currency, claim_invoice_id, claim_transaction_id)
+                VALUES (1000, '127.0.0.1', '/payop/ipn', ?, ?, 2, X'7B7D', \(orderSQL), ?, ?, ?, ?)
+                """, arguments: StatementArguments([answer, event] as [(any DatabaseValueConvertible)?] + claims))
+    }
+
     /// The log of an earlier version: migration 0007 takes out the history row a first run that delivered
     /// had beside its delivery's row, and the history read back is the same.
     @Test func theLeanDeliveriesMigrationKeepsEveryRunOfTheHistory() async throws {
         let dir = try TemporaryDirectory()
-        let path = dir.file("events.sqlite3")
-        do {
-            let queue = try DatabaseQueue(path: path)
-            try Schema.migrator.migrate(queue, upTo: "0006-time-ordered-ids")
-            try await queue.write { db in
-                try db.execute(
-                    sql: """
-                        INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at, verified_at)
-                        VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000, 1001);
-                        INSERT INTO deliveries (id, event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
-                                                last_exit_code, output, created_at, finished_at, delivered_at)
-                        VALUES (1, 'evt_1', 'a', 'checkout', 'tx-1', 'delivered', 1, 1010, 0, 'a1', 1001, 1010, 1010),
-                               (2, 'evt_1', 'b', 'checkout', 'tx-1', 'delivered', 2, 1030, 0, 'b2', 1001, 1030, 1030),
-                               (3, 'evt_1', 'c', 'checkout', 'tx-1', 'delivered', 1, 1060, 0, 'c1b', 1001, 1060, 1060),
-                               (4, 'evt_1', 'd', 'checkout', 'tx-1', 'dead', 1, 1070, 1, 'd1', 1001, 1070, NULL);
-                        INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, output)
-                        VALUES (1, 1, 1010, 'delivered', 0, 'a1'),
-                               (2, 1, 1020, 'failed', 1, 'b1'), (2, 2, 1030, 'delivered', 0, 'b2'),
-                               (3, 1, 1040, 'delivered', 0, 'c1a'), (3, 1, 1060, 'delivered', 0, 'c1b'),
-                               (4, 1, 1070, 'failed', 1, 'd1');
-                        """)
-            }
-            try queue.close()
-        }
+        let path = try await logOfAnEarlierVersion(
+            in: dir, upTo: "0006-time-ordered-ids",
+            rows: """
+                INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at, verified_at)
+                VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000, 1001);
+                INSERT INTO deliveries (id, event_id, hook, kind, entity_id, state, attempts, next_attempt_at,
+                                        last_exit_code, output, created_at, finished_at, delivered_at)
+                VALUES (1, 'evt_1', 'a', 'checkout', 'tx-1', 'delivered', 1, 1010, 0, 'a1', 1001, 1010, 1010),
+                       (2, 'evt_1', 'b', 'checkout', 'tx-1', 'delivered', 2, 1030, 0, 'b2', 1001, 1030, 1030),
+                       (3, 'evt_1', 'c', 'checkout', 'tx-1', 'delivered', 1, 1060, 0, 'c1b', 1001, 1060, 1060),
+                       (4, 'evt_1', 'd', 'checkout', 'tx-1', 'dead', 1, 1070, 1, 'd1', 1001, 1070, NULL);
+                INSERT INTO delivery_attempts (delivery_id, attempt, finished_at, outcome, exit_code, output)
+                VALUES (1, 1, 1010, 'delivered', 0, 'a1'),
+                       (2, 1, 1020, 'failed', 1, 'b1'), (2, 2, 1030, 'delivered', 0, 'b2'),
+                       (3, 1, 1040, 'delivered', 0, 'c1a'), (3, 1, 1060, 'delivered', 0, 'c1b'),
+                       (4, 1, 1070, 'failed', 1, 'd1');
+                """)
         let log = try SQLiteEventLog.open(path: path, mode: .daemon)
         defer { log.close() }
         #expect(try FirstRunsMigrationFixture.runs(try await log.event(id: "evt_1")) == FirstRunsMigrationFixture.expectedRuns)
@@ -512,27 +538,19 @@ import Testing
         for event in 0..<6 {
             let copies = [1, 2, 5, SQLiteEventLog.claimsWalked, SQLiteEventLog.claimsWalked + 1, 150][event]
             let rows = (0..<copies).map { _ in
-                [
-                    Int.random(in: 0..<8, using: &random) == 0 ? "400" : "200", orders.randomElement(using: &random)!,
-                    amounts.randomElement(using: &random)!, currencies.randomElement(using: &random)!,
-                    Bool.random(using: &random) ? "inv-1" : nil, Bool.random(using: &random) ? "tx-1" : "tx-2",
-                ]
+                (
+                    Int.random(in: 0..<8, using: &random) == 0 ? 400 : 200,
+                    [
+                        orders.randomElement(using: &random)!, amounts.randomElement(using: &random)!,
+                        currencies.randomElement(using: &random)!, Bool.random(using: &random) ? "inv-1" : nil,
+                        Bool.random(using: &random) ? "tx-1" : "tx-2",
+                    ]
+                )
             }
             let eventID = "evt_\(seed)_\(event)"
             let (walked, grouped, distinct) = try await log.write { db in
-                try db.execute(
-                    sql: """
-                        INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
-                        VALUES (?, 'checkout', ?, 'accepted', 'accepted', 'received', 'ipn', 1000)
-                        """, arguments: [eventID, eventID])
-                for row in rows {
-                    try db.execute(
-                        sql: """
-                            INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
-                                                  claim_amount, claim_currency, claim_invoice_id, claim_transaction_id)
-                            VALUES (1000, '127.0.0.1', '/payop/ipn', ?, ?, 2, X'7B7D', ?, ?, ?, ?, ?)
-                            """, arguments: StatementArguments([row[0], eventID] + Array(row[1...])))
-                }
+                try Self.insertEvent(db, eventID)
+                for (answer, claims) in rows { try Self.insertCopy(db, of: eventID, answer: answer, claims) }
                 return (
                     try SQLiteEventLog.claims(db, eventID), try SQLiteEventLog.groupedClaims(db, eventID),
                     try Int.fetchOne(
@@ -560,19 +578,8 @@ import Testing
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
         let claims = try await log.write { db in
-            try db.execute(
-                sql: """
-                    INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
-                    VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'received', 'ipn', 1000)
-                    """)
-            for order in ["caf\u{E9}", "cafe\u{301}", "caf\u{E9}"] {
-                try db.execute(
-                    sql: """
-                        INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
-                                              claim_amount, claim_currency)
-                        VALUES (1000, '127.0.0.1', '/payop/ipn', 200, 'evt_1', 2, X'7B7D', ?, '10.00', 'EUR')
-                        """, arguments: [order])
-            }
+            try Self.insertEvent(db)
+            for order in ["caf\u{E9}", "cafe\u{301}", "caf\u{E9}"] { try Self.insertCopy(db, [order, "10.00", "EUR", nil, nil]) }
             return try SQLiteEventLog.claims(db, "evt_1")
         }
         #expect(claims.map(\.receiptID) == [2, 1])
@@ -587,18 +594,9 @@ import Testing
         let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
         defer { log.close() }
         let (walked, grouped) = try await log.write { db in
-            try db.execute(
-                sql: """
-                    INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
-                    VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'received', 'ipn', 1000)
-                    """)
+            try Self.insertEvent(db)
             for order in ["'o-1'", "X'6F2D31'", "'o-1' || char(0) || 'x'", "CAST(X'F09F98' AS TEXT)", "CAST(X'E282' AS TEXT)"] {
-                try db.execute(
-                    sql: """
-                        INSERT INTO receipts (received_at, source_ip, path, answer, event_id, size, body, claim_order_id,
-                                              claim_amount, claim_currency)
-                        VALUES (1000, '127.0.0.1', '/payop/ipn', 200, 'evt_1', 2, X'7B7D', \(order), '10.00', 'EUR')
-                        """)
+                try Self.insertCopy(db, orderSQL: order, ["10.00", "EUR", nil, nil])
             }
             return (try SQLiteEventLog.claims(db, "evt_1"), try SQLiteEventLog.groupedClaims(db, "evt_1"))
         }
@@ -612,21 +610,14 @@ import Testing
     /// rows and the file are intact.
     @Test func stateChecksBuildNoTemporaryTableAndStillRefuseAnUnknownState() async throws {
         let dir = try TemporaryDirectory()
-        let path = dir.file("events.sqlite3")
-        do {
-            let queue = try DatabaseQueue(path: path)
-            try Schema.migrator.migrate(queue, upTo: "0007-lean-deliveries")
-            try await queue.write { db in
-                try db.execute(
-                    sql: """
-                        INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
-                        VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000);
-                        INSERT INTO deliveries (event_id, hook, kind, entity_id, state, next_attempt_at, created_at)
-                        VALUES ('evt_1', 'fulfil', 'checkout', 'tx-1', 'pending', 1000, 1000);
-                        """)
-            }
-            try queue.close()
-        }
+        let path = try await logOfAnEarlierVersion(
+            in: dir, upTo: "0007-lean-deliveries",
+            rows: """
+                INSERT INTO events (id, kind, entity_id, status, status_key, state, source, received_at)
+                VALUES ('evt_1', 'checkout', 'tx-1', 'accepted', 'accepted', 'verified', 'ipn', 1000);
+                INSERT INTO deliveries (event_id, hook, kind, entity_id, state, next_attempt_at, created_at)
+                VALUES ('evt_1', 'fulfil', 'checkout', 'tx-1', 'pending', 1000, 1000);
+                """)
         let log = try SQLiteEventLog.open(path: path, mode: .daemon)
         defer { log.close() }
         let writes = [
