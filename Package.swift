@@ -35,9 +35,12 @@ let package = Package(
             name: "CSQLiteConfig",
             linkerSettings: [.linkedLibrary("sqlite3")]
         ),
+        // One C function: a hook's start without glibc's per-child stack (`Delivery/HookProcess.swift`).
+        .target(name: "CHookSpawn"),
         .target(
             name: "PayopIPND",
             dependencies: [
+                "CHookSpawn",
                 "CLibcrypto",
                 "CSQLiteConfig",
                 "PayopSimulator",

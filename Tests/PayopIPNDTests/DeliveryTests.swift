@@ -442,12 +442,16 @@ struct DeliveryHarnessView {
         let endless = try script(dir, "endless", "yes & exit 0")
         let quick = try script(dir, "quick", "echo done")
         let started = ContinuousClock.now
-        async let flood = runOnce(endless, body: [])
+        async let flood = { () async -> (HookResult, ContinuousClock.Instant) in
+            (await runOnce(endless, body: []), ContinuousClock.now)
+        }()
         try await Task.sleep(for: .milliseconds(200))
-        let beside = ContinuousClock.now
         #expect(await runOnce(quick, body: []).output == "done\n")
-        #expect(ContinuousClock.now - beside < .seconds(1))  // the reaper still reaps and reads the others
-        let result = await flood
+        // The reaper still reaps and reads the others: the quick run ends before the flooded one, which
+        // lasts at least a second after its hook exits (a wall-clock bound here flaked on a busy machine).
+        let quickEnded = ContinuousClock.now
+        let (result, floodEnded) = await flood
+        #expect(quickEnded < floodEnded)
         // Ended a second after the hook exited (the reader closes the pipe; `yes` then dies of SIGPIPE):
         // about 1 s alone, 4.1 s once in the whole suite on a busy machine; a run kept going would last
         // until its 10 s timeout.
@@ -526,6 +530,56 @@ struct DeliveryHarnessView {
         let notExecutable = dir.file("plain")
         try "#!/bin/sh\n".write(toFile: notExecutable, atomically: true, encoding: .utf8)
         #expect(await runOnce(notExecutable).error == "could not run \(notExecutable): Permission denied")
+    }
+
+    @Test func aStartThatFailsLeavesNoChildBehindAndNoStartChangesTheCallersSignalMask() async throws {
+        // The child is cloned with every signal blocked, so the calling thread blocks them around the
+        // clone; it must get its own mask back. A child that failed before exec must be reaped: nobody
+        // else knows its id. It never exec'd, so it bears this thread's name.
+        let name = "ipnd-spawn-test"
+        let result = await withCheckedContinuation { (finished: CheckedContinuation<(masksKept: Bool, failure: Int32?), Never>) in
+            Thread {
+                nameCurrentThread(name)
+                var extra = sigset_t()
+                sigemptyset(&extra)
+                sigaddset(&extra, SIGUSR2)
+                pthread_sigmask(SIG_BLOCK, &extra, nil)
+                func blocked() -> [Int32] {
+                    var now = sigset_t()
+                    pthread_sigmask(SIG_BLOCK, nil, &now)
+                    return (1..<65).map { sigismember(&now, Int32($0)) }
+                }
+                let before = blocked()
+                var failure: Int32?
+                do throws(SystemError) {
+                    _ = try HookProcess.spawn(argv: ["/nonexistent/hook"], environment: [], input: [], output: 2)
+                } catch {
+                    failure = error.code
+                }
+                let afterFailure = blocked()
+                let started = try? HookProcess.spawn(argv: ["/bin/true"], environment: [], input: [], output: 2)
+                let afterStart = blocked()
+                let kept = started != nil && before[Int(SIGUSR2) - 1] == 1 && afterFailure == before && afterStart == before
+                finished.resume(returning: (kept, failure))
+            }.start()
+        }
+        #expect(result.failure == ENOENT)
+        #expect(result.masksKept)
+        #expect(zombieChildren(named: name).isEmpty)
+    }
+
+    /// Children of this process that have exited and are not reaped, whose name is `name`.
+    private func zombieChildren(named name: String) -> [String] {
+        let own = getpid()
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.filter { entry in
+            guard Int32(entry) != nil, let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+                let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")")
+            else { return false }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            return stat[stat.index(after: open)..<close] == name && fields.count > 2 && fields[0] == "Z"
+                && Int32(fields[1]) == own
+        }
     }
 
     @Test func withoutPidfdsEachHookIsWaitedForOnItsOwnThreadAndCanStillBeStopped() async throws {

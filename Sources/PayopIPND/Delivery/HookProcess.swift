@@ -1,3 +1,4 @@
+import CHookSpawn
 import Foundation
 import NIOCore
 import NIOPosix
@@ -7,11 +8,12 @@ import Synchronization
 import Glibc
 #endif
 
-/// A hook's process: started with `posix_spawn` (no shell, a process group of its own, working
-/// directory `/`, only the given environment, every signal at its default, no descriptor of the
-/// daemon's but stdin, stdout and stderr), its exit learnt by the one `ProcessReaper` thread.
-/// No thread per process: swift-subprocess started one for each run, and on a backlog its thread
-/// creation, wake-ups and stack unmapping cost more than the hook's own exec.
+/// A hook's process: started by `payop_spawn_hook` (`CHookSpawn`: no shell, a process group of its
+/// own, working directory `/`, only the given environment, every signal at its default and none
+/// blocked, no descriptor of the daemon's but stdin, stdout and stderr), its exit learnt by the one
+/// `ProcessReaper` thread. No thread per process: swift-subprocess started one for each run, and on a
+/// backlog its thread creation, wake-ups and stack unmapping cost more than the hook's own exec; and no
+/// stack mapped and unmapped per process, as glibc's `posix_spawn` does.
 final class HookProcess: Sendable {
     let pid: pid_t
     private struct State {
@@ -142,34 +144,10 @@ final class HookProcess: Sendable {
             }
         }
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, readEnd, 0)
-        posix_spawn_file_actions_adddup2(&actions, output, 1)
-        posix_spawn_file_actions_adddup2(&actions, output, 2)
-        systemAddChdir(&actions, "/")
-        systemAddClosefrom(&actions, 3)
-
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setpgroup(&attributes, 0)
-        // The daemon ignores SIGPIPE and its lifecycle ignores SIGTERM/SIGINT/SIGHUP (handled through
-        // dispatch sources); ignored signals survive exec, so every signal is reset for the hook.
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for signal in 1...64 where signal != SIGKILL && signal != SIGSTOP { sigaddset(&defaults, Int32(signal)) }
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        var unblocked = sigset_t()
-        sigemptyset(&unblocked)
-        posix_spawnattr_setsigmask(&attributes, &unblocked)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
-
         var pid = pid_t()
         let spawned = withCStrings(argv) { argvPointers in
             withCStrings(environment) { environmentPointers in
-                posix_spawn(&pid, argv[0], &actions, &attributes, argvPointers, environmentPointers)
+                payop_spawn_hook(&pid, argv[0], argvPointers, environmentPointers, readEnd, output)
             }
         }
         guard spawned == 0 else {
@@ -420,13 +398,3 @@ func systemSetNonblocking(_ descriptor: Int32) -> Bool {
 /// glibc 2.36's pidfd_open (Linux 5.3).
 @_silgen_name("pidfd_open")
 private func systemPidfdOpen(_ pid: pid_t, _ flags: UInt32) -> Int32
-
-/// glibc's posix_spawn_file_actions_addchdir_np (2.29).
-@_silgen_name("posix_spawn_file_actions_addchdir_np")
-@discardableResult
-private func systemAddChdir(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ path: UnsafePointer<CChar>) -> Int32
-
-/// glibc's posix_spawn_file_actions_addclosefrom_np (2.34).
-@_silgen_name("posix_spawn_file_actions_addclosefrom_np")
-@discardableResult
-private func systemAddClosefrom(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ from: Int32) -> Int32
