@@ -53,6 +53,18 @@ import Testing
         #expect(!StrictJSON.isValid(Array(duplicate.utf8)))
     }
 
+    @Test func anArraysElementsAreEachBuiltAsTheSelectionSays() throws {
+        let body = #"{"data": [{"id": 1, "big": {"a": [1, 2]}}, {"id": "2"}, 3, ["x", {"id": 4, "y": 5}]], "more": [1]}"#
+        let value = try StrictJSON.parse(Array(body.utf8), keeping: .members(["data": .members(["id": .all])]))
+        #expect(
+            value == .object([
+                "data": .array([
+                    .object(["id": .number("1")]), .object(["id": .string("2")]), .number("3"),
+                    .array([.string("x"), .object(["id": .number("4")])]),
+                ])
+            ]))
+    }
+
     // MARK: Generation
 
     private static let keys = ["a", "b", "id", "x", "transaction", "\\u0061", "é", "e\\u0301", "k10", "k11", "k12", "k13"]
@@ -86,6 +98,7 @@ import Testing
 
     /// The whole parse reduced to `selection`, as the parser is meant to build it.
     private static func reduce(_ value: StrictJSON.Value, to selection: StrictJSON.Selection) -> StrictJSON.Value {
+        if !selection.isAll, case .array(let elements) = value { return .array(elements.map { reduce($0, to: selection) }) }
         guard !selection.isAll, case .object(let members) = value else { return value }
         var kept: [String: StrictJSON.Value] = [:]
         for (key, member) in members {

@@ -62,7 +62,8 @@ enum StrictJSON {
         static let all = Selection(selected: nil)
 
         /// An object's listed members, each built as its own selection says; the others are left out.
-        /// A value here that is not an object is built whole.
+        /// An array here has each of its elements built as this selection says; any other value is
+        /// built whole.
         static func members(_ members: [String: Selection]) -> Selection {
             Selection(selected: members.map { ($0.key, $0.value) })
         }
@@ -185,7 +186,7 @@ private struct Parser {
     private mutating func value(depth: Int, keeping selection: StrictJSON.Selection?) throws(Failure) -> Value {
         switch current {
         case UInt8(ascii: "{"): return try object(depth: depth + 1, keeping: selection)
-        case UInt8(ascii: "["): return try array(depth: depth + 1, building: selection != nil)
+        case UInt8(ascii: "["): return try array(depth: depth + 1, keeping: selection)
         case quote:
             let text = try string(building: selection != nil)
             return selection == nil ? .null : .string(text)
@@ -280,8 +281,9 @@ private struct Parser {
         }
     }
 
-    /// Not `building`: checked, and `.null` stands in for it.
-    private mutating func array(depth: Int, building: Bool) throws(Failure) -> Value {
+    /// Each element built as `selection` says; nil: checked, and `.null` stands in for it.
+    private mutating func array(depth: Int, keeping selection: StrictJSON.Selection?) throws(Failure) -> Value {
+        let building = selection != nil
         guard depth <= StrictJSON.maxDepth else { throw Failure(reason: .tooDeep, offset: index) }
         index += 1  // [
         var elements: [Value] = []
@@ -291,7 +293,7 @@ private struct Parser {
             return building ? .array(elements) : .null
         }
         while true {
-            let element = try value(depth: depth, keeping: building ? .all : nil)
+            let element = try value(depth: depth, keeping: selection)
             if building { elements.append(element) }
             skipWhitespace()
             switch current {
