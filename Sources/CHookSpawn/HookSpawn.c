@@ -17,7 +17,6 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <pthread.h>
 
 #include "CHookSpawn.h"
 
@@ -38,15 +37,50 @@ static int place(int from, int to) {
     return dup2(from, to) < 0 ? -1 : 0;
 }
 
+// Linux's own directory entry, as getdents64 writes it.
+struct directory_entry {
+    unsigned long long inode;
+    long long offset;
+    unsigned short length;
+    unsigned char type;
+    char name[];
+};
+
+// Every descriptor from 3 up closed. close_range (Linux 5.9) when the kernel and any seccomp filter
+// allow it; else, as glibc does, each descriptor /proc/self/fd lists (read again from its start until it
+// lists no other); else every descriptor the limit allows. Raw system calls only: glibc's `close` is a
+// cancellation point, which reads the calling thread's state.
 static int close_from_3(void) {
 #ifdef SYS_close_range
     if (syscall(SYS_close_range, 3U, ~0U, 0U) == 0) return 0;
-    if (errno != ENOSYS) return -1;
 #endif
-    // Kernels before 5.9: every descriptor the limit allows.
+    int directory = (int)syscall(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (directory >= 0) {
+        _Alignas(8) char buffer[1024];
+        for (;;) {
+            long length = syscall(SYS_getdents64, directory, buffer, sizeof buffer);
+            if (length <= 0) break;
+            int closed = 0;
+            for (long at = 0; at < length;) {
+                struct directory_entry *entry = (struct directory_entry *)(buffer + at);
+                at += entry->length;
+                long fd = 0;
+                const char *digit = entry->name;
+                if (*digit < '0' || *digit > '9') continue;  // "." and ".."
+                for (; *digit >= '0' && *digit <= '9'; digit++) fd = fd * 10 + (*digit - '0');
+                if (fd >= 3 && fd != directory) {
+                    syscall(SYS_close, (int)fd);
+                    closed = 1;
+                }
+            }
+            if (closed) syscall(SYS_lseek, directory, 0L, SEEK_SET);
+        }
+        syscall(SYS_close, directory);
+        return 0;
+    }
     struct rlimit limit;
     long last = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY ? (long)limit.rlim_cur : 65536;
-    for (long fd = 3; fd < last; fd++) close((int)fd);
+    for (long fd = 3; fd < last; fd++) syscall(SYS_close, (int)fd);
     return 0;
 }
 
@@ -69,13 +103,12 @@ static int child(void *argument) {
             syscall(SYS_rt_sigaction, signal, &default_action, NULL, sizeof default_action.mask);
         }
     }
-    sigset_t none;
-    sigemptyset(&none);
+    unsigned long none = 0;
     if (setpgid(0, 0) != 0) goto failed;
     if (place(spawn->input, 0) != 0 || place(spawn->output, 1) != 0 || place(spawn->output, 2) != 0) goto failed;
     if (chdir("/") != 0) goto failed;
     if (close_from_3() != 0) goto failed;
-    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0) goto failed;
+    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none) != 0) goto failed;
     execve(spawn->path, spawn->argv, spawn->envp);
 failed:
     spawn->error = errno;
@@ -87,15 +120,15 @@ int payop_spawn_hook(pid_t *pid, const char *path, char *const argv[], char *con
     // save the vector registers on it, which takes a few KB at most.
     _Alignas(16) char stack[32768];
     struct spawn spawn = {path, argv, envp, input, output, 0};
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &previous);
+    // Every signal, glibc's own two included (its sigfillset leaves them out): raw, as glibc's spawn does.
+    unsigned long all = ~0UL, previous = 0;
+    syscall(SYS_rt_sigprocmask, SIG_BLOCK, &all, &previous, sizeof all);
     pid_t started = clone(child, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, &spawn);
     int error = started < 0 ? errno : spawn.error;
     if (started > 0 && error != 0) {
-        while (waitpid(started, NULL, 0) < 0 && errno == EINTR) {}
+        while (syscall(SYS_wait4, started, NULL, 0, NULL) < 0 && errno == EINTR) {}
     }
-    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &previous, NULL, sizeof previous);
     if (error != 0) return error;
     *pid = started;
     return 0;

@@ -27,6 +27,12 @@ import Testing
         #expect(n.errorMessage == nil)
     }
 
+    @Test func anArrayWhereAnObjectIsReadIsReadAsAbsent() {
+        // `fieldsRead` builds an array's elements as it would the object; the parser still reads none of them.
+        #expect(classify(Array(#"{"invoice": {"id": "i-1"}, "transaction": [{"id": "t-1", "state": 2}]}"#.utf8)) == classify(Array(#"{"invoice": {"id": "i-1"}}"#.utf8)))
+        #expect(classify(Array(#"{"transaction": {"id": "t-1", "state": 2, "error": [{"message": "x"}], "order": [{"id": "o"}]}}"#.utf8)) == classify(Array(#"{"transaction": {"id": "t-1", "state": 2}}"#.utf8)))
+    }
+
     @Test func checkoutTimeoutSampleIsStateFiveWithTimeoutMessage() throws {
         let n = try parse(try Samples.data("checkout-timeout"))
         #expect(n.type == "checkout.timeout")
