@@ -50,9 +50,9 @@ struct directory_entry {
 // allow it; else, as glibc does, each descriptor /proc/self/fd lists (read again from its start until it
 // lists no other); else every descriptor the limit allows. Raw system calls only: glibc's `close` is a
 // cancellation point, which reads the calling thread's state.
-static int close_from_3(void) {
+static void close_from_3(void) {
 #ifdef SYS_close_range
-    if (syscall(SYS_close_range, 3U, ~0U, 0U) == 0) return 0;
+    if (syscall(SYS_close_range, 3U, ~0U, 0U) == 0) return;
 #endif
     int directory = (int)syscall(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (directory >= 0) {
@@ -76,12 +76,11 @@ static int close_from_3(void) {
             if (closed) syscall(SYS_lseek, directory, 0L, SEEK_SET);
         }
         syscall(SYS_close, directory);
-        return 0;
+        return;
     }
     struct rlimit limit;
     long last = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY ? (long)limit.rlim_cur : 65536;
     for (long fd = 3; fd < last; fd++) syscall(SYS_close, (int)fd);
-    return 0;
 }
 
 // The kernel's own `struct sigaction` (x86-64 and arm64 alike): glibc's wrapper refuses its two internal
@@ -107,7 +106,7 @@ static int child(void *argument) {
     if (setpgid(0, 0) != 0) goto failed;
     if (place(spawn->input, 0) != 0 || place(spawn->output, 1) != 0 || place(spawn->output, 2) != 0) goto failed;
     if (chdir("/") != 0) goto failed;
-    if (close_from_3() != 0) goto failed;
+    close_from_3();
     if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none) != 0) goto failed;
     execve(spawn->path, spawn->argv, spawn->envp);
 failed:
