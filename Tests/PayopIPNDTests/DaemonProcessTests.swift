@@ -32,8 +32,7 @@ import Glibc
 
     /// User + system CPU time of `pid` so far, in seconds, from /proc.
     static func cpuSeconds(_ pid: Int32) throws -> Double {
-        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
-        let fields = stat[stat.index(after: try #require(stat.lastIndex(of: ")")))...].split(separator: " ")
+        let fields = try #require(ProcessStat(pid)).fields
         let ticks = Double(fields[11])! + Double(fields[12])!  // utime, stime (fields 14 and 15)
         return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
     }

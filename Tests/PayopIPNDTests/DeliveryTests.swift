@@ -174,8 +174,7 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
     }
 
     func isZombie(_ pid: Int32) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
-        return stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") ?? true
+        ProcessStat(pid)?.isZombie ?? true
     }
 
     @Test func shellMetacharactersInIPNFieldsArePassedVerbatim() async throws {
@@ -573,12 +572,8 @@ struct DeliveryHarnessView {
         let own = getpid()
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return entries.filter { entry in
-            guard Int32(entry) != nil, let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
-                let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")")
-            else { return false }
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            return stat[stat.index(after: open)..<close] == name && fields.count > 2 && fields[0] == "Z"
-                && Int32(fields[1]) == own
+            guard Int32(entry) != nil, let stat = ProcessStat(entry) else { return false }
+            return stat.name == name && stat.isZombie && stat.parent == own
         }
     }
 
@@ -634,8 +629,8 @@ struct DeliveryHarnessView {
         let child = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         func alive() -> Bool {
             // Gone, or a zombie waiting for whoever inherited it.
-            guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8) else { return false }
-            return !stat.contains(") Z ")
+            guard let stat = ProcessStat(child) else { return false }
+            return !stat.isZombie
         }
         let deadline = ContinuousClock.now + .seconds(5)
         while alive(), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }

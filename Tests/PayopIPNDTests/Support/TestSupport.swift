@@ -140,3 +140,22 @@ actor ExclusiveTiming {
         return try await body()
     }
 }
+
+/// A process's `/proc/PID/stat`: its name, and the fields after it (`fields[0]` is the state, `fields[1]`
+/// the parent's id, `fields[11]` and `fields[12]` the user and system ticks). Nil when the process is
+/// gone (reaped) or the file cannot be read.
+struct ProcessStat {
+    let name: Substring
+    let fields: [Substring]
+
+    init?(_ pid: some CustomStringConvertible) {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")")
+        else { return nil }
+        name = stat[stat.index(after: open)..<close]
+        fields = stat[stat.index(after: close)...].split(separator: " ")
+    }
+
+    var isZombie: Bool { fields.first == "Z" }
+    var parent: Int32? { fields.count > 1 ? Int32(fields[1]) : nil }
+}
