@@ -62,6 +62,16 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
     HookConfig(name: name, target: .command([path]), events: events, timeoutSeconds: timeout, maxAttempts: attempts)
 }
 
+/// Records the thread each delivery's outcome is reported on.
+final class ThreadRecordingMetrics: DeliveryMetrics {
+    let threads = Mutex<[String]>([])
+    func delivery(hook: String, outcome: String, milliseconds: Int64) {
+        let name = currentThreadName()
+        threads.withLock { $0.append(name) }
+    }
+    func orphanedDeliveries(_ count: Int) {}
+}
+
 @Suite struct CommandHookTests {
     @Test func hookGetsTheEventOnStdinAndOnlyPathAndPayopVariables() async throws {
         setenv("PAYOP_IPND_TEST_DATABASE_PASSWORD", "hunter2", 1)
@@ -88,6 +98,22 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
         #expect(try String(contentsOfFile: dir.file("pwd"), encoding: .utf8) == "/\n")
         let delivery = try #require(try await h.deliveries().first)
         #expect(delivery.state == .delivered && delivery.lastExitCode == 0)
+    }
+
+    @Test func aRunGoesOnOnTheHookThreadAfterItsHookExitsAndAfterItsOutcomeIsWritten() async throws {
+        // The thread that learns of the exit runs the task waiting for it: no pool thread is woken per
+        // delivery, neither for the exit nor for the outcome's commit.
+        let h = try DeliveryHarness(hooks: [commandHook("true", "/bin/true")])
+        try await h.verifiedEvent()
+        let metrics = ThreadRecordingMetrics()
+        let dispatcher = Dispatcher(
+            store: h.log, runner: CommandHookRunner(path: "/usr/bin:/bin"), hooks: { [log = h.log] in log.hooks },
+            policy: DeliveryPolicy(
+                backoff: Backoff(initialSeconds: 2, maxSeconds: 10800, jitter: Backoff.noJitter), killGraceSeconds: 0.2,
+                shutdownGraceSeconds: 1),
+            clock: h.clock, logger: quietLogger, metrics: metrics)
+        #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(metrics.threads.withLock { $0 } == ["ipnd-hook-reap"])
     }
 
     @Test func failingTwiceThenSucceedingRunsThreeTimesWithAttemptNumbers() async throws {

@@ -44,6 +44,9 @@ public final class Dispatcher: Sendable {
     private let pause: @Sendable (Duration) async -> Void
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
+    /// Where the runs' tasks execute: the thread that learns of a hook's exit (`ProcessReaper`), so the
+    /// task waiting for it goes on at once, on that thread, and no pool thread is woken per delivery.
+    let runs: any TaskExecutor
     /// Runs of this dispatcher, from their claim until their outcome is written: delivery id -> the
     /// run. A run whose hook has exited keeps its entry until the outcome is written, so that it is never
     /// claimed again meanwhile (a shared log's lease may lapse while the log is unreachable).
@@ -88,6 +91,7 @@ public final class Dispatcher: Sendable {
         pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
     ) {
         self.signal = signal
+        self.runs = ProcessReaper.shared
         self.store = store
         self.runner = runner
         self.hooks = hooks
@@ -452,7 +456,7 @@ public final class Dispatcher: Sendable {
             // What was claimed runs, even when a later claim of the pass failed: it is recorded running.
             let chained = await withTaskGroup(of: Int.self) { group in
                 for (claim, hook) in spawned {
-                    group.addTask { await self.run(claim, hook: hook) }
+                    group.addTask(executorPreference: runs) { await self.run(claim, hook: hook) }
                 }
                 return await group.reduce(0, +)
             }
@@ -587,7 +591,7 @@ struct DispatcherService: Service {
             await withGracefulShutdownHandler {
                 await loop.run(while: { !Task.isCancelled && !Task.isShuttingDownGracefully }) {
                     let started = try await dispatcher.startDue { claim, hook in
-                        group.addTask { await dispatcher.run(claim, hook: hook) }
+                        group.addTask(executorPreference: dispatcher.runs) { await dispatcher.run(claim, hook: hook) }
                     }
                     return (started, try await dispatcher.nextDue())
                 }

@@ -209,7 +209,12 @@ final class HookProcess: Sendable {
 /// process once it has exited, and ends its output at EOF, or a second after the exit when something
 /// the hook left behind still holds the pipe. It sleeps in `poll` while hooks run or none does. One
 /// owner for a run's process and output means no event-loop channel, registration and close per run.
-final class ProcessReaper: @unchecked Sendable {
+///
+/// It is also the runs' task executor (`Dispatcher` starts each run's task on it): the task waiting
+/// for a hook's exit runs on this thread as soon as the exit is learnt, and starts the next run of its
+/// slot from here, so a delivery wakes no thread of the Swift pool. Tasks run between two polls; what
+/// they do is short (build the event's body, start a process, hand the outcome to the writer).
+final class ProcessReaper: TaskExecutor, @unchecked Sendable {
     static let shared = ProcessReaper()
     /// How long a pipe is read after its hook exited, when something else still holds it open.
     static let lingerNanoseconds: UInt64 = 1_000_000_000
@@ -235,8 +240,12 @@ final class ProcessReaper: @unchecked Sendable {
     private var reading: [Int32: Reading] = [:]
     /// Hooks with a timeout not yet reached, until they are reaped (by process: a pid may be reused).
     private var timeouts: [ObjectIdentifier: Timeout] = [:]
+    /// Jobs of the runs' tasks, to run on the reaper thread before it polls again.
+    private var jobs: [UnownedJob] = []
+    /// The reaper thread is in `poll`, or about to be, with no job left: what it must look at now wakes it.
+    private var polling = false
     private let lock = NSLock()
-    /// A pipe whose byte wakes `poll` to look at a newly watched process.
+    /// A pipe whose byte wakes `poll` to look at a newly watched process, or a job.
     private let wakeRead: Int32
     private let wakeWrite: Int32
 
@@ -269,12 +278,32 @@ final class ProcessReaper: @unchecked Sendable {
         }
         if pidfd < 0 {
             process.reapOnItsOwnThread { [self] in
-                lock.withLock { _ = timeouts.removeValue(forKey: ObjectIdentifier(process)) }
+                let polling = lock.withLock {
+                    _ = timeouts.removeValue(forKey: ObjectIdentifier(process))
+                    return wasPolling()
+                }
                 exited(output)
-                wake()
+                if polling { wake() }
             }
         }
-        wake()
+        if lock.withLock({ wasPolling() }) { wake() }
+    }
+
+    /// Runs `job` on the reaper thread, before it polls again.
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let polling = lock.withLock {
+            jobs.append(job)
+            return wasPolling()
+        }
+        if polling { wake() }
+    }
+
+    /// Whether the reaper thread polls and must be woken to see what changed (once: the first caller
+    /// wakes it). Under `lock`; a thread that is not polling looks at everything before it polls again.
+    private func wasPolling() -> Bool {
+        defer { polling = false }
+        return polling
     }
 
     private func wake() {
@@ -300,8 +329,17 @@ final class ProcessReaper: @unchecked Sendable {
         var drain = [UInt8](repeating: 0, count: 64)
         var buffer = [UInt8](repeating: 0, count: 16_384)
         while true {
-            let (processes, outputs, nearestTimeout) = lock.withLock {
-                (Array(watched), Array(reading), timeouts.values.map(\.deadline).min())
+            // The runs' tasks first: a task woken by the last poll (a hook exited) or by another thread
+            // (its outcome committed) goes on now, and what it starts is watched by the poll below.
+            for job in lock.withLock({ () -> [UnownedJob] in
+                defer { jobs.removeAll(keepingCapacity: true) }
+                return jobs
+            }) {
+                job.runSynchronously(on: asUnownedTaskExecutor())
+            }
+            let (processes, outputs, nearestTimeout, jobsWaiting) = lock.withLock {
+                polling = jobs.isEmpty
+                return (Array(watched), Array(reading), timeouts.values.map(\.deadline).min(), !jobs.isEmpty)
             }
             var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             fds += processes.map { pollfd(fd: $0.key, events: Int16(POLLIN), revents: 0) }
@@ -315,7 +353,9 @@ final class ProcessReaper: @unchecked Sendable {
             }
             // Without a wake pipe a new run cannot interrupt `poll`: look every 10 ms instead.
             if wakeRead < 0, timeout < 0 || timeout > 10 { timeout = 10 }
+            if jobsWaiting { timeout = 0 }
             let ready = poll(&fds, nfds_t(fds.count), timeout)
+            lock.withLock { polling = false }
             if ready < 0 {
                 if errno != EINTR { usleep(10_000) }  // never a hot loop, whatever poll says
                 continue

@@ -159,3 +159,9 @@ struct ProcessStat {
     var isZombie: Bool { fields.first == "Z" }
     var parent: Int32? { fields.count > 1 ? Int32(fields[1]) : nil }
 }
+
+/// The calling OS thread's name, as `/proc/thread-self/comm` has it.
+func currentThreadName() -> String {
+    ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "")
+        .trimmingCharacters(in: .newlines)
+}
