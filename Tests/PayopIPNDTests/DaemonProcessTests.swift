@@ -158,6 +158,38 @@ import Glibc
         #expect(used < 0.3, "the daemon used \(used) s of CPU in 3 s while waiting")
     }
 
+    /// Context switches of thread `tid` of process `pid` so far (voluntary and not), from /proc.
+    static func switches(thread tid: Int32, of pid: Int32) throws -> Int {
+        let status = try String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8)
+        return status.split(separator: "\n").filter { $0.contains("ctxt_switches:") }
+            .compactMap { Int($0.split(separator: "\t").last ?? "") }.reduce(0, +)
+    }
+
+    @Test func hooksEndingDoNotWakeTheDaemonsMainThread() async throws {
+        // Each hook's exit sends SIGCHLD. Blocked by the thread that started the hook, it was queued for
+        // the main thread (libdispatch's, in sigsuspend) and woke it, and libdispatch's manager, per hook.
+        let dir = try TemporaryDirectory()
+        let ran = dir.file("ran")
+        let daemon = try await Self.startServing(hookScript: "echo x >> '\(ran)'", in: dir)
+        defer {
+            daemon.process.terminate()
+            daemon.process.waitUntilExit()
+        }
+        let pid = daemon.process.processIdentifier
+        let before = try Self.switches(thread: pid, of: pid)
+        let hooks = 40
+        for order in 0..<hooks {
+            #expect(try await Self.postLegacy(port: daemon.ipnPort, order: "w-\(order)", status: "success").hasPrefix("HTTP/1.1 200"))
+        }
+        func runs() -> Int {
+            ((try? String(contentsOfFile: ran, encoding: .utf8)) ?? "").split(separator: "\n").count
+        }
+        for _ in 0..<400 where runs() < hooks { try await Task.sleep(for: .milliseconds(50)) }
+        try #require(runs() == hooks)
+        let woken = try Self.switches(thread: pid, of: pid) - before
+        #expect(woken < 4, "the main thread was woken \(woken) times while \(hooks) hooks ran")
+    }
+
     @Test func secondServeOnTheSameLogExitsOneNamingTheFirst() async throws {
         let dir = try TemporaryDirectory()
         let first = try await Self.startServing(hookScript: "exit 0", in: dir)

@@ -255,6 +255,15 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
         (wakeRead, wakeWrite) = (fds[0], fds[1])
         let thread = Thread { [self] in
             nameCurrentThread("ipnd-hook-reap")
+            // Hooks are started from this thread (their runs' tasks run here), so a hook's exit signals
+            // it: SIGCHLD, left at its default (ignored), is then dropped by the kernel at once, when the
+            // thread that started the child does not block it. Blocked (as the threads it inherits its
+            // mask from do), it was queued for the one thread that does not block it, the main thread,
+            // and woke it and libdispatch's manager (its signalfd) at every hook's exit, for nothing.
+            var childSignal = sigset_t()
+            sigemptyset(&childSignal)
+            sigaddset(&childSignal, SIGCHLD)
+            pthread_sigmask(SIG_UNBLOCK, &childSignal, nil)
             run()
         }
         thread.start()
