@@ -120,15 +120,17 @@ int payop_spawn_hook(pid_t *pid, const char *path, char *const argv[], char *con
     _Alignas(16) char stack[32768];
     struct spawn spawn = {path, argv, envp, input, output, 0};
     // Every signal, glibc's own two included (its sigfillset leaves them out): raw, as glibc's spawn does.
-    // But SIGCHLD while it is ignored (the daemon leaves it at its default): an earlier hook's exit,
+    // But SIGCHLD while it is at its default, ignored (the daemon leaves it so): an earlier hook's exit,
     // which signals the thread that started it, is then dropped by the kernel at once. Blocked here, it
     // would be queued for the one thread that does not block it (the main thread) and wake that thread
     // and libdispatch's manager, whose signalfd every signal wakes, for nothing; and this thread spends
-    // much of a backlog here. An ignored signal runs no handler, in the child neither.
+    // much of a backlog here. A signal at its default runs no handler, in the child neither. (Should a
+    // handler be installed between this check and the child's reset, it could run in the child only for a
+    // SIGCHLD sent to the child itself or its process group in those few system calls.)
     unsigned long all = ~0UL, previous = 0;
     struct kernel_sigaction child_signal;
     if (syscall(SYS_rt_sigaction, SIGCHLD, NULL, &child_signal, sizeof child_signal.mask) == 0 &&
-        (child_signal.handler == SIG_DFL || child_signal.handler == SIG_IGN)) {
+        child_signal.handler == SIG_DFL) {
         all &= ~(1UL << (SIGCHLD - 1));
     }
     syscall(SYS_rt_sigprocmask, SIG_BLOCK, &all, &previous, sizeof all);

@@ -177,10 +177,23 @@ import Glibc
         }
         let pid = daemon.process.processIdentifier
         let before = try Self.switches(thread: pid, of: pid)
-        let hooks = 40
-        for order in 0..<hooks {
-            #expect(try await Self.postLegacy(port: daemon.ipnPort, order: "w-\(order)", status: "success").hasPrefix("HTTP/1.1 200"))
+        // Posted by 8 clients at once, so that hooks start while others exit (inside a start, the starting
+        // thread blocks signals for a while).
+        let hooks = 160
+        let answered = try await withThrowingTaskGroup(of: Int.self) { group in
+            for client in 0..<8 {
+                group.addTask {
+                    var ok = 0
+                    for order in stride(from: client, to: hooks, by: 8) {
+                        let answer = try await Self.postLegacy(port: daemon.ipnPort, order: "w-\(order)", status: "success")
+                        if answer.hasPrefix("HTTP/1.1 200") { ok += 1 }
+                    }
+                    return ok
+                }
+            }
+            return try await group.reduce(0, +)
         }
+        #expect(answered == hooks)
         func runs() -> Int {
             ((try? String(contentsOfFile: ran, encoding: .utf8)) ?? "").split(separator: "\n").count
         }

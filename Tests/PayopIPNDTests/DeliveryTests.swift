@@ -62,6 +62,19 @@ func commandHook(_ name: String, _ path: String, events: [String] = ["*"], timeo
     HookConfig(name: name, target: .command([path]), events: events, timeoutSeconds: timeout, maxAttempts: attempts)
 }
 
+/// Runs hooks with `inner` and records the thread each run goes on on once its hook has exited.
+final class ThreadRecordingRunner: HookRunner {
+    let inner: any HookRunner
+    let threads = Mutex<[String]>([])
+    init(inner: any HookRunner) { self.inner = inner }
+    func run(_ invocation: HookInvocation) async -> HookResult {
+        let result = await inner.run(invocation)
+        let name = currentThreadName()
+        threads.withLock { $0.append(name) }
+        return result
+    }
+}
+
 /// Records the thread each delivery's outcome is reported on.
 final class ThreadRecordingMetrics: DeliveryMetrics {
     let threads = Mutex<[String]>([])
@@ -106,13 +119,15 @@ final class ThreadRecordingMetrics: DeliveryMetrics {
         let h = try DeliveryHarness(hooks: [commandHook("true", "/bin/true")])
         try await h.verifiedEvent()
         let metrics = ThreadRecordingMetrics()
+        let runner = ThreadRecordingRunner(inner: CommandHookRunner(path: "/usr/bin:/bin"))
         let dispatcher = Dispatcher(
-            store: h.log, runner: CommandHookRunner(path: "/usr/bin:/bin"), hooks: { [log = h.log] in log.hooks },
+            store: h.log, runner: runner, hooks: { [log = h.log] in log.hooks },
             policy: DeliveryPolicy(
                 backoff: Backoff(initialSeconds: 2, maxSeconds: 10800, jitter: Backoff.noJitter), killGraceSeconds: 0.2,
                 shutdownGraceSeconds: 1),
             clock: h.clock, logger: quietLogger, metrics: metrics)
         #expect(try await dispatcher.dispatchDue() == 1)
+        #expect(runner.threads.withLock { $0 } == ["ipnd-hook-reap"])
         #expect(metrics.threads.withLock { $0 } == ["ipnd-hook-reap"])
     }
 
@@ -616,6 +631,30 @@ struct DeliveryHarnessView {
         #expect(ContinuousClock.now - before < .seconds(1))
         sleeper.terminate(grace: .seconds(5))
         #expect(HookProcess.Termination(status: await sleeper.exitStatus) == .signaled(SIGTERM))
+    }
+
+    @Test func withoutPidfdsOutputHeldOpenByWhatAHookLeftBehindEndsASecondAfterTheHookExits() async throws {
+        // The thread waiting for the hook sets its output's deadline, then must wake the reaper if it
+        // polls: a reaper asleep without that deadline would read on until the pipe's EOF (4 s here).
+        try await withThrowingTaskGroup(of: (Duration, String).self) { group in
+            for _ in 0..<16 {
+                group.addTask {
+                    let output = try OutputPipe.open()
+                    let hook = try HookProcess.spawn(
+                        argv: ["/bin/sh", "-c", "sleep 4 & echo started"], environment: [], input: [],
+                        output: output.writeEnd, watch: { ProcessReaper.shared.watch($0, output: output, pidfds: false) })
+                    output.closeWriteEnd()
+                    _ = await hook.exitStatus
+                    let exited = ContinuousClock.now
+                    let text = await output.finish()
+                    return (ContinuousClock.now - exited, text)
+                }
+            }
+            for try await (lingered, text) in group {
+                #expect(text == "started\n")
+                #expect(lingered < .seconds(3), "output ended \(lingered) after its hook exited")
+            }
+        }
     }
 
     @Test(arguments: [true, false])

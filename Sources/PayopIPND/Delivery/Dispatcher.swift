@@ -44,9 +44,9 @@ public final class Dispatcher: Sendable {
     private let pause: @Sendable (Duration) async -> Void
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
-    /// Where the runs' tasks execute: the thread that learns of a hook's exit (`ProcessReaper`), so the
-    /// task waiting for it goes on at once, on that thread, and no pool thread is woken per delivery.
-    let runs: any TaskExecutor
+    /// Where each run's task executes: a thread that learns of hooks' exits (`ProcessReaper`), so the
+    /// task waiting for its hook goes on at once, on that thread, and no pool thread is woken per delivery.
+    var runs: any TaskExecutor { ProcessReaper.forNextRun() }
     /// Runs of this dispatcher, from their claim until their outcome is written: delivery id -> the
     /// run. A run whose hook has exited keeps its entry until the outcome is written, so that it is never
     /// claimed again meanwhile (a shared log's lease may lapse while the log is unreachable).
@@ -91,7 +91,6 @@ public final class Dispatcher: Sendable {
         pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }
     ) {
         self.signal = signal
-        self.runs = ProcessReaper.shared
         self.store = store
         self.runner = runner
         self.hooks = hooks

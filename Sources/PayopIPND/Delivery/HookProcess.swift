@@ -122,7 +122,7 @@ final class HookProcess: Sendable {
     /// as its stdin and `output` as its stdout and stderr.
     static func spawn(
         argv: [String], environment: [String], input: [UInt8], output: Int32,
-        watch: (HookProcess) -> Void = { ProcessReaper.shared.watch($0, output: nil) }
+        watch: (HookProcess) -> Void = { (ProcessReaper.current ?? ProcessReaper.shared).watch($0, output: nil) }
     ) throws(SystemError) -> HookProcess {
         var fds: [Int32] = [0, 0]
         guard systemPipe2(&fds, O_CLOEXEC) == 0 else { throw SystemError(errno) }
@@ -215,7 +215,22 @@ final class HookProcess: Sendable {
 /// slot from here, so a delivery wakes no thread of the Swift pool. Tasks run between two polls; what
 /// they do is short (build the event's body, start a process, hand the outcome to the writer).
 final class ProcessReaper: TaskExecutor, @unchecked Sendable {
-    static let shared = ProcessReaper()
+    /// Two reaper threads: a hook's start blocks the thread starting it until the child has exec'd
+    /// (`CLONE_VFORK`), and meanwhile the other goes on with its own runs, exits and outputs.
+    static let all = [ProcessReaper(), ProcessReaper()]
+    static var shared: ProcessReaper { all[0] }
+    private static let turn = Atomic<Int>(0)
+    /// Where the next run's task goes: to each reaper in turn. The task stays there, and so do the runs
+    /// it starts after it (`Dispatcher.run`).
+    static func forNextRun() -> ProcessReaper { all[turn.add(1, ordering: .relaxed).oldValue % all.count] }
+    /// The reaper whose thread this is, if any: a hook a run's task starts is watched by the thread the
+    /// task runs on, so that its exit wakes no other thread.
+    static var current: ProcessReaper? {
+        let me = pthread_self()
+        return all.first { $0.thread.load(ordering: .relaxed) == me }
+    }
+    /// The reaper thread's pthread id, once it runs.
+    private let thread = Atomic<UInt>(0)
     /// How long a pipe is read after its hook exited, when something else still holds it open.
     static let lingerNanoseconds: UInt64 = 1_000_000_000
 
@@ -255,15 +270,20 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
         (wakeRead, wakeWrite) = (fds[0], fds[1])
         let thread = Thread { [self] in
             nameCurrentThread("ipnd-hook-reap")
+            self.thread.store(pthread_self(), ordering: .relaxed)
             // Hooks are started from this thread (their runs' tasks run here), so a hook's exit signals
             // it: SIGCHLD, left at its default (ignored), is then dropped by the kernel at once, when the
             // thread that started the child does not block it. Blocked (as the threads it inherits its
             // mask from do), it was queued for the one thread that does not block it, the main thread,
             // and woke it and libdispatch's manager (its signalfd) at every hook's exit, for nothing.
-            var childSignal = sigset_t()
-            sigemptyset(&childSignal)
-            sigaddset(&childSignal, SIGCHLD)
-            pthread_sigmask(SIG_UNBLOCK, &childSignal, nil)
+            // Every other signal blocked, whatever the mask of the thread that created this one: process
+            // signals are the main thread's (libdispatch's sources). Should anything install a SIGCHLD
+            // handler one day (a DispatchSource for it), SIGCHLD would be delivered here, and `poll`
+            // retries after EINTR.
+            var allButChildSignal = sigset_t()
+            sigfillset(&allButChildSignal)
+            sigdelset(&allButChildSignal, SIGCHLD)
+            pthread_sigmask(SIG_SETMASK, &allButChildSignal, nil)
             run()
         }
         thread.start()
@@ -280,22 +300,25 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
         let pidfd = pidfds ? systemPidfdOpen(process.pid, 0) : -1
         // Capped at a year (the config refuses longer timeouts).
         let deadline = timeout.map { Self.now() &+ WorkSignal.nanoseconds(min($0, .seconds(31_536_000))) }
-        lock.withLock {
+        // What the reaper thread must see is in place before it is asked whether it polls: one that does
+        // not takes its next snapshot after this, one that does is woken.
+        let polling = lock.withLock {
             if let output { reading[output.readEnd] = Reading(output: output) }
             if pidfd >= 0 { watched[pidfd] = Watch(process: process, output: output) }
             if let deadline { timeouts[ObjectIdentifier(process)] = Timeout(deadline: deadline, expired: expired) }
+            return wasPolling()
         }
         if pidfd < 0 {
             process.reapOnItsOwnThread { [self] in
+                exited(output)
                 let polling = lock.withLock {
                     _ = timeouts.removeValue(forKey: ObjectIdentifier(process))
                     return wasPolling()
                 }
-                exited(output)
                 if polling { wake() }
             }
         }
-        if lock.withLock({ wasPolling() }) { wake() }
+        if polling { wake() }
     }
 
     /// Runs `job` on the reaper thread, before it polls again.
