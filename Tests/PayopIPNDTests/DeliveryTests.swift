@@ -478,24 +478,25 @@ struct DeliveryHarnessView {
 
     @Test func aWriterThatNeverStopsNeitherKeepsItsRunGoingNorStallsOtherRuns() async throws {
         let dir = try TemporaryDirectory()
-        // `yes` outlives the hook on its stdout and writes as fast as the pipe is read.
-        let endless = try script(dir, "endless", "yes & exit 0")
+        // `yes` writes on the hook's stdout as fast as the pipe is read, for the 6 s the hook lives, and
+        // outlives it.
+        let endless = try script(dir, "endless", "yes & sleep 6; exit 0")
         let quick = try script(dir, "quick", "echo done")
         let started = ContinuousClock.now
         async let flood = { () async -> (HookResult, ContinuousClock.Instant) in
-            (await runOnce(endless, body: []), ContinuousClock.now)
+            (await runOnce(endless, body: [], timeout: 60), ContinuousClock.now)
         }()
         try await Task.sleep(for: .milliseconds(200))
         #expect(await runOnce(quick, body: []).output == "done\n")
-        // The reaper still reaps and reads the others: the quick run ends before the flooded one, which
-        // lasts at least a second after its hook exits (a wall-clock bound here flaked on a busy machine).
+        // The reaper still reaps and reads the others: the quick run ends while the flood goes on, at
+        // least 6 s (a tighter wall-clock bound, and a flood of one second, flaked: the whole suite stalls
+        // for seconds at its start on this machine).
         let quickEnded = ContinuousClock.now
         let (result, floodEnded) = await flood
         #expect(quickEnded < floodEnded)
         // Ended a second after the hook exited (the reader closes the pipe; `yes` then dies of SIGPIPE):
-        // about 1 s alone, 4.1 s once in the whole suite on a busy machine; a run kept going would last
-        // until its 10 s timeout.
-        #expect(ContinuousClock.now - started < .seconds(8))
+        // about 7 s; a run kept going would last until its 60 s timeout.
+        #expect(ContinuousClock.now - started < .seconds(30))
         #expect(result.outcome == .delivered)
         #expect(result.output.contains("more bytes not kept]"))
     }
