@@ -2,8 +2,9 @@
 # Payop replaying a backlog: TOTAL distinct checkout IPNs posted as fast as 64 clients can, then the
 # time until every one has been verified against the simulator (as Payop, on loopback) and its hook
 # (/bin/true) has run and been recorded. The same TOTAL requests sent to Debian's `webhook` running
-# /bin/true each, in the same run, for comparison. Also payop-ipnd's CPU per event over the burst (from
-# /proc), split between its writer thread, its hook reaper, its event loops and the rest (Swift tasks).
+# /bin/true each, in the same run, for comparison. Also payop-ipnd's CPU and context switches per event
+# over the burst (from /proc), split between its writer thread, its hook reapers, its event loops and the
+# rest (Swift tasks).
 #
 #   bench/burst.sh [TOTAL] [CONNECTIONS]
 set -euo pipefail
@@ -73,8 +74,9 @@ while True:
 print(f"{answered} {done} {posted - start:.2f} {last / 1000 - start:.2f}")
 PY
 read -r ANSWERED DONE POST_S ALL_S <"$WORK/daemon.txt"
-# The daemon's CPU over the whole burst per event, and its threads' shares (from /proc, now that all is
-# hooked: the writer thread, the hook reaper, the event loops, and the rest, mostly Swift tasks).
+# The daemon's CPU and context switches over the whole burst per event, and its threads' shares (from
+# /proc, now that all is hooked: the writer thread, the hook reapers, the event loops, and the rest,
+# mostly Swift tasks).
 CPU_LINE=$(python3 - "$DAEMON" "$DONE" <<'PY'
 import glob, os, sys
 pid, events = sys.argv[1], max(1, int(sys.argv[2]))
@@ -87,19 +89,31 @@ try:
 except OSError:
     print("  payop-ipnd's CPU over the burst: not read (the daemon is gone)")
     sys.exit(0)
-groups = {"writer thread": 0.0, "hook reaper": 0.0, "event loops": 0.0}
+def switches(status_path):
+    counts = [int(line.split()[1]) for line in open(status_path) if "ctxt_switches" in line]
+    return sum(counts)
+names = ["writer thread", "hook reaper", "event loops", "Swift tasks and the rest"]
+groups = dict.fromkeys(names, 0.0)
+woken = dict.fromkeys(names, 0)
 for task in glob.glob(f"/proc/{pid}/task/*"):
     try:
         name = open(f"{task}/comm").read().strip()
         used = cpu(f"{task}/stat")
+        switched = switches(f"{task}/status")
     except OSError:
         continue
-    if name == "ipnd-log-writer": groups["writer thread"] += used
-    elif name.startswith("ipnd-hook"): groups["hook reaper"] += used
-    elif name.startswith("NIO-"): groups["event loops"] += used
-groups["Swift tasks and the rest"] = total - sum(groups.values())
+    if name == "ipnd-log-writer": group = "writer thread"
+    elif name.startswith("ipnd-hook"): group = "hook reaper"
+    elif name.startswith("NIO-"): group = "event loops"
+    else: group = "Swift tasks and the rest"
+    groups[group] += used
+    woken[group] += switched
+groups["Swift tasks and the rest"] = total - sum(groups[n] for n in names[:3])
 parts = ", ".join(f"{k} {v * 1e6 / events:.0f}" for k, v in groups.items())
 print(f"  payop-ipnd's CPU over the burst: {total * 1e6 / events:.0f} us per event ({parts})")
+# Context switches of its threads (voluntary and not, from /proc; a thread that ended is not counted).
+parts = ", ".join(f"{k} {v / events:.2f}" for k, v in woken.items())
+print(f"  payop-ipnd's context switches over the burst: {sum(woken.values()) / events:.2f} per event ({parts})")
 PY
 )
 # webhook: the same count of requests, 64 at a time (ApacheBench has a request count).
