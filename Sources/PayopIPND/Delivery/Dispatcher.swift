@@ -44,9 +44,20 @@ public final class Dispatcher: Sendable {
     private let pause: @Sendable (Duration) async -> Void
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
-    /// Where each run's task executes: a thread that learns of hooks' exits (`ProcessReaper`), so the
-    /// task waiting for its hook goes on at once, on that thread, and no pool thread is woken per delivery.
-    var runs: any TaskExecutor { ProcessReaper.forNextRun() }
+    /// Runs `claim` (and the runs its outcome hands its slot to) in a task of `group` that executes on
+    /// a thread that learns of hooks' exits (`ProcessReaper`): the task waiting for its hook goes on at
+    /// once, on that thread, and no pool thread is woken per delivery.
+    /// `chained` gets how many runs it started after the first.
+    func addRun(
+        _ claim: DeliveryClaim, _ hook: HookConfig, to group: inout DiscardingTaskGroup,
+        chained: @escaping @Sendable (Int) -> Void = { _ in }
+    ) {
+        let reaper = ProcessReaper.forNextRun()
+        group.addTask(executorPreference: reaper) {
+            defer { reaper.runEnded() }
+            chained(await self.run(claim, hook: hook))
+        }
+    }
     /// Runs of this dispatcher, from their claim until their outcome is written: delivery id -> the
     /// run. A run whose hook has exited keeps its entry until the outcome is written, so that it is never
     /// claimed again meanwhile (a shared log's lease may lapse while the log is unreachable).
@@ -453,14 +464,14 @@ public final class Dispatcher: Sendable {
                 pass = .failure(error)
             }
             // What was claimed runs, even when a later claim of the pass failed: it is recorded running.
-            let chained = await withTaskGroup(of: Int.self) { group in
+            let chained = Mutex(0)
+            await withDiscardingTaskGroup { group in
                 for (claim, hook) in spawned {
-                    group.addTask(executorPreference: runs) { await self.run(claim, hook: hook) }
+                    addRun(claim, hook, to: &group) { count in chained.withLock { $0 += count } }
                 }
-                return await group.reduce(0, +)
             }
             let started = try pass.get()
-            total += started + chained
+            total += started + chained.withLock { $0 }
             if started == 0 { return total }
         }
     }
@@ -590,7 +601,7 @@ struct DispatcherService: Service {
             await withGracefulShutdownHandler {
                 await loop.run(while: { !Task.isCancelled && !Task.isShuttingDownGracefully }) {
                     let started = try await dispatcher.startDue { claim, hook in
-                        group.addTask(executorPreference: dispatcher.runs) { await dispatcher.run(claim, hook: hook) }
+                        dispatcher.addRun(claim, hook, to: &group)
                     }
                     return (started, try await dispatcher.nextDue())
                 }

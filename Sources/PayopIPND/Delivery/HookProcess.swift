@@ -217,18 +217,28 @@ final class HookProcess: Sendable {
 final class ProcessReaper: TaskExecutor, @unchecked Sendable {
     /// Two reaper threads: a hook's start blocks the thread starting it until the child has exec'd
     /// (`CLONE_VFORK`), and meanwhile the other goes on with its own runs, exits and outputs.
-    static let all = [ProcessReaper(), ProcessReaper()]
+    static let all = [ProcessReaper(name: "ipnd-hook-reap0"), ProcessReaper(name: "ipnd-hook-reap1")]
     static var shared: ProcessReaper { all[0] }
-    private static let turn = Atomic<Int>(0)
-    /// Where the next run's task goes: to each reaper in turn. The task stays there, and so do the runs
-    /// it starts after it (`Dispatcher.run`).
-    static func forNextRun() -> ProcessReaper { all[turn.add(1, ordering: .relaxed).oldValue % all.count] }
+    /// Where the next run's task goes: to the reaper with fewer runs' tasks, counted until each ends
+    /// (`runEnded`). The task stays there, and so do the runs it starts after it (`Dispatcher.run`),
+    /// so a chain of runs never moves: new tasks even the load out.
+    static func forNextRun() -> ProcessReaper {
+        let reaper = all.min { $0.runs.load(ordering: .relaxed) < $1.runs.load(ordering: .relaxed) }!
+        reaper.runs.add(1, ordering: .relaxed)
+        return reaper
+    }
+    /// A run's task given by `forNextRun` has ended.
+    func runEnded() { runs.subtract(1, ordering: .relaxed) }
+    /// Runs' tasks given to this reaper that have not ended.
+    private let runs = Atomic<Int>(0)
     /// The reaper whose thread this is, if any: a hook a run's task starts is watched by the thread the
     /// task runs on, so that its exit wakes no other thread.
     static var current: ProcessReaper? {
         let me = pthread_self()
         return all.first { $0.thread.load(ordering: .relaxed) == me }
     }
+    /// What a reaper thread does not block: SIGCHLD, and what a fault in the thread itself raises.
+    static let unblocked = [SIGCHLD, SIGSEGV, SIGBUS, SIGILL, SIGTRAP, SIGFPE, SIGSYS, SIGABRT]
     /// The reaper thread's pthread id, once it runs.
     private let thread = Atomic<UInt>(0)
     /// How long a pipe is read after its hook exited, when something else still holds it open.
@@ -264,12 +274,12 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
     private let wakeRead: Int32
     private let wakeWrite: Int32
 
-    private init() {
+    private init(name: String) {
         var fds: [Int32] = [-1, -1]
         _ = systemPipe2(&fds, O_CLOEXEC | O_NONBLOCK)
         (wakeRead, wakeWrite) = (fds[0], fds[1])
         let thread = Thread { [self] in
-            nameCurrentThread("ipnd-hook-reap")
+            nameCurrentThread(name)
             self.thread.store(pthread_self(), ordering: .relaxed)
             // Hooks are started from this thread (their runs' tasks run here), so a hook's exit signals
             // it: SIGCHLD, left at its default (ignored), is then dropped by the kernel at once, when the
@@ -277,13 +287,14 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
             // mask from do), it was queued for the one thread that does not block it, the main thread,
             // and woke it and libdispatch's manager (its signalfd) at every hook's exit, for nothing.
             // Every other signal blocked, whatever the mask of the thread that created this one: process
-            // signals are the main thread's (libdispatch's sources). Should anything install a SIGCHLD
-            // handler one day (a DispatchSource for it), SIGCHLD would be delivered here, and `poll`
-            // retries after EINTR.
-            var allButChildSignal = sigset_t()
-            sigfillset(&allButChildSignal)
-            sigdelset(&allButChildSignal, SIGCHLD)
-            pthread_sigmask(SIG_SETMASK, &allButChildSignal, nil)
+            // signals are the main thread's (libdispatch's sources). But not those a fault raises in this
+            // thread: blocked, the kernel would kill the process without running a handler (Swift's
+            // backtracer). Should anything install a SIGCHLD handler one day (a DispatchSource for it),
+            // SIGCHLD would be delivered here, and `poll` retries after EINTR.
+            var mask = sigset_t()
+            sigfillset(&mask)
+            for signal in Self.unblocked { sigdelset(&mask, signal) }
+            pthread_sigmask(SIG_SETMASK, &mask, nil)
             run()
         }
         thread.start()

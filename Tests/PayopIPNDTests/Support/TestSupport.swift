@@ -160,8 +160,8 @@ struct ProcessStat {
     var parent: Int32? { fields.count > 1 ? Int32(fields[1]) : nil }
 }
 
-/// The calling OS thread's name, as `/proc/thread-self/comm` has it.
-func currentThreadName() -> String {
-    ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "")
-        .trimmingCharacters(in: .newlines)
+/// The calling OS thread's name (or that of thread `task` of this process), as `/proc` has it.
+func threadName(task: String? = nil) -> String {
+    let path = task.map { "/proc/self/task/\($0)/comm" } ?? "/proc/thread-self/comm"
+    return ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").trimmingCharacters(in: .newlines)
 }
