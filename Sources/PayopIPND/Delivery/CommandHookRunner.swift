@@ -87,9 +87,7 @@ public struct CommandHookRunner: HookRunner {
                 return try HookProcess.spawn(
                     argv: argv, environment: environment, input: input, output: output.writeEnd,
                     watch: { process in
-                        (ProcessReaper.current ?? ProcessReaper.shared).watch(process, output: output, timeout: timeout) {
-                            expired(process)
-                        }
+                        ProcessReaper.watching.watch(process, output: output, timeout: timeout) { expired(process) }
                     })
             } catch where error.code == ETXTBSY && attempt < 5 {
                 attempt += 1

@@ -44,20 +44,6 @@ public final class Dispatcher: Sendable {
     private let pause: @Sendable (Duration) async -> Void
     /// Wakes the dispatcher: new work in the log, or a run ended.
     public let signal: WorkSignal
-    /// Runs `claim` (and the runs its outcome hands its slot to) in a task of `group` that executes on
-    /// a thread that learns of hooks' exits (`ProcessReaper`): the task waiting for its hook goes on at
-    /// once, on that thread, and no pool thread is woken per delivery.
-    /// `chained` gets how many runs it started after the first.
-    func addRun(
-        _ claim: DeliveryClaim, _ hook: HookConfig, to group: inout DiscardingTaskGroup,
-        chained: @escaping @Sendable (Int) -> Void = { _ in }
-    ) {
-        let reaper = ProcessReaper.forNextRun()
-        group.addTask(executorPreference: reaper) {
-            defer { reaper.runEnded() }
-            chained(await self.run(claim, hook: hook))
-        }
-    }
     /// Runs of this dispatcher, from their claim until their outcome is written: delivery id -> the
     /// run. A run whose hook has exited keeps its entry until the outcome is written, so that it is never
     /// claimed again meanwhile (a shared log's lease may lapse while the log is unreachable).
@@ -289,6 +275,21 @@ public final class Dispatcher: Sendable {
             }
         }
         signal.signal()
+    }
+
+    /// Runs `claim` (and the runs its outcome hands its slot to) in a task of `group` that executes on
+    /// a thread that learns of hooks' exits (`ProcessReaper`): the task waiting for its hook goes on at
+    /// once, on that thread, and no pool thread is woken per delivery.
+    /// `chained` gets how many runs it started after the first.
+    func addRun(
+        _ claim: DeliveryClaim, _ hook: HookConfig, to group: inout DiscardingTaskGroup,
+        chained: @escaping @Sendable (Int) -> Void = { _ in }
+    ) {
+        let reaper = ProcessReaper.forNextRun()
+        group.addTask(executorPreference: reaper) {
+            defer { reaper.runEnded() }
+            chained(await self.run(claim, hook: hook))
+        }
     }
 
     /// Runs a claimed attempt, then each run the outcome's commit handed its slot to (`handOver`), in

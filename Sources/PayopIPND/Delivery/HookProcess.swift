@@ -122,7 +122,7 @@ final class HookProcess: Sendable {
     /// as its stdin and `output` as its stdout and stderr.
     static func spawn(
         argv: [String], environment: [String], input: [UInt8], output: Int32,
-        watch: (HookProcess) -> Void = { (ProcessReaper.current ?? ProcessReaper.shared).watch($0, output: nil) }
+        watch: (HookProcess) -> Void = { ProcessReaper.watching.watch($0, output: nil) }
     ) throws(SystemError) -> HookProcess {
         var fds: [Int32] = [0, 0]
         guard systemPipe2(&fds, O_CLOEXEC) == 0 else { throw SystemError(errno) }
@@ -237,6 +237,8 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
         let me = pthread_self()
         return all.first { $0.thread.load(ordering: .relaxed) == me }
     }
+    /// The reaper that watches a hook started now: the calling thread's, else the first.
+    static var watching: ProcessReaper { current ?? shared }
     /// What a reaper thread does not block: SIGCHLD, and what a fault in the thread itself raises.
     static let unblocked = [SIGCHLD, SIGSEGV, SIGBUS, SIGILL, SIGTRAP, SIGFPE, SIGSYS, SIGABRT]
     /// The reaper thread's pthread id, once it runs.
