@@ -158,13 +158,6 @@ import Glibc
         #expect(used < 0.3, "the daemon used \(used) s of CPU in 3 s while waiting")
     }
 
-    /// Context switches of thread `tid` of process `pid` so far (voluntary and not), from /proc.
-    static func switches(thread tid: Int32, of pid: Int32) throws -> Int {
-        let status = try String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8)
-        return status.split(separator: "\n").filter { $0.contains("ctxt_switches:") }
-            .compactMap { Int($0.split(separator: "\t").last ?? "") }.reduce(0, +)
-    }
-
     @Test func hooksEndingDoNotWakeTheDaemonsMainThread() async throws {
         // Each hook's exit sends SIGCHLD. Blocked by the thread that started the hook, it was queued for
         // the main thread (libdispatch's, in sigsuspend) and woke it, and libdispatch's manager, per hook.
@@ -176,7 +169,7 @@ import Glibc
             daemon.process.waitUntilExit()
         }
         let pid = daemon.process.processIdentifier
-        let before = try Self.switches(thread: pid, of: pid)
+        let before = try #require(ProcessStatus("\(pid)/task/\(pid)")?.switches)
         // Posted by 8 clients at once, so that hooks start while others exit (inside a start, the starting
         // thread blocks signals for a while).
         let hooks = 160
@@ -199,7 +192,7 @@ import Glibc
         }
         for _ in 0..<400 where runs() < hooks { try await Task.sleep(for: .milliseconds(50)) }
         try #require(runs() == hooks)
-        let woken = try Self.switches(thread: pid, of: pid) - before
+        let woken = try #require(ProcessStatus("\(pid)/task/\(pid)")?.switches) - before
         #expect(woken < 4, "the main thread was woken \(woken) times while \(hooks) hooks ran")
     }
 

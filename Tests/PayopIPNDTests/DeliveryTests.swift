@@ -153,10 +153,7 @@ final class ThreadRecordingMetrics: DeliveryMetrics {
             masks = [:]
             for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {
                 let name = threadName(task: task)
-                guard name.hasPrefix("ipnd-hook-reap"),
-                    let status = try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8),
-                    let line = status.split(separator: "\n").first(where: { $0.hasPrefix("SigBlk:") }),
-                    let mask = UInt64(line.split(separator: "\t").last ?? "", radix: 16)
+                guard name.hasPrefix("ipnd-hook-reap"), let mask = ProcessStatus("self/task/\(task)")?.mask("SigBlk")
                 else { continue }
                 masks[name] = mask
             }
@@ -558,21 +555,16 @@ struct DeliveryHarnessView {
         // exec, and a hook ignoring SIGTERM could not be stopped gently. This process ignores SIGPIPE too
         // (the runner sets it), so the hook must have had it reset.
         _ = CommandHookRunner()
-        let own = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
-        let ownIgnored = own.split(separator: "\n").first { $0.hasPrefix("SigIgn:") }?.split(separator: "\t").last
-        #expect(ownIgnored.flatMap { UInt64($0, radix: 16) }.map { $0 & (1 << (UInt64(SIGPIPE) - 1)) != 0 } == true)
+        let ownIgnored = try #require(ProcessStatus("self")?.mask("SigIgn"))
+        #expect(ownIgnored & (1 << (UInt64(SIGPIPE) - 1)) != 0)
         let dir = try TemporaryDirectory()
         let hook = try script(dir, "signals", "exec grep -E '^Sig(Ign|Blk)' /proc/self/status")
         let result = await runOnce(hook)
         #expect(result.outcome == .delivered)
         // glibc's own 32 and 33 (its thread machinery) too: the start resets every signal.
-        let masks = Dictionary(
-            uniqueKeysWithValues: result.output.split(separator: "\n").map { line in
-                let parts = line.split(separator: "\t")
-                return (String(parts[0]), UInt64(parts.last ?? "", radix: 16) ?? .max)
-            })
-        #expect(masks["SigBlk:"] == 0)
-        #expect(masks["SigIgn:"] == 0, "\(result.output)")
+        let masks = ProcessStatus(text: result.output)
+        #expect(masks.mask("SigBlk") == 0)
+        #expect(masks.mask("SigIgn") == 0, "\(result.output)")
     }
 
     @Test func hookInheritsNoDescriptorOfTheDaemonButItsStandardThree() async throws {

@@ -160,6 +160,35 @@ struct ProcessStat {
     var parent: Int32? { fields.count > 1 ? Int32(fields[1]) : nil }
 }
 
+/// A `/proc/.../status` file's fields ("Name:<tab>value" lines): a process's or a thread's.
+struct ProcessStatus {
+    let fields: [Substring: Substring]
+
+    init(text: String) {
+        fields = Dictionary(
+            text.split(separator: "\n").compactMap { line in
+                guard let colon = line.firstIndex(of: ":") else { return nil }
+                return (line[..<colon], line[line.index(after: colon)...].drop { $0 == "\t" || $0 == " " })
+            }, uniquingKeysWith: { first, _ in first })
+    }
+
+    /// `/proc/<path>/status`, e.g. `self`, `123` or `123/task/124`; nil when it cannot be read.
+    init?(_ path: some CustomStringConvertible) {
+        guard let text = try? String(contentsOfFile: "/proc/\(path)/status", encoding: .utf8) else { return nil }
+        self.init(text: text)
+    }
+
+    /// A signal mask field (`SigBlk`, `SigIgn`, ...).
+    func mask(_ field: Substring) -> UInt64? { fields[field].flatMap { UInt64($0, radix: 16) } }
+    /// Context switches so far, voluntary and not.
+    var switches: Int? {
+        guard let voluntary = fields["voluntary_ctxt_switches"].flatMap({ Int($0) }),
+            let preempted = fields["nonvoluntary_ctxt_switches"].flatMap({ Int($0) })
+        else { return nil }
+        return voluntary + preempted
+    }
+}
+
 /// The calling OS thread's name (or that of thread `task` of this process), as `/proc` has it.
 func threadName(task: String? = nil) -> String {
     let path = task.map { "/proc/self/task/\($0)/comm" } ?? "/proc/thread-self/comm"
