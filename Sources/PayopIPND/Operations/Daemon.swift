@@ -114,17 +114,18 @@ public struct Daemon: Sendable {
         let verifySignal = wake.verify
         let verifier = Verifier(
             store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
-            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in dispatcher.signal.signal() })
+            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in dispatcher.signal.signal() },
+            onDue: { verifySignal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
             onAccepting: { ipn in
                 if !ipn.verifiedBySignature { verifier.askEarly(ipn.notification.kind, entityID: ipn.notification.entityID) }
             },
-            onStored: { _, ipn in
+            onStored: { outcome, ipn in
                 if ipn.verifiedBySignature {
                     dispatcher.signal.signal()
-                } else if verifier.wantsFreshIPNs {
+                } else if verifier.wantsPass(after: outcome, ipn) {
                     verifySignal.signal()
                 }
             })
