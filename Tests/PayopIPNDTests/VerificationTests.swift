@@ -540,6 +540,8 @@ final class StalledPayop: PayopAPI {
         let payop = HeldPayop()
         let s = try Setup(asksEarly: true, payop: payop, wired: true, notFoundRetryMilliseconds: 600_000)
         defer { s.log.close() }
+        // The loop has read that nothing is due, and sleeps until a signal.
+        #expect(try await s.verifier.nextDue() == nil)
         payop.answer(1, state: nil)
         #expect(await s.post("tx-lagging") == .accepted)
         var dues = s.dues.makeAsyncIterator()
@@ -554,6 +556,8 @@ final class StalledPayop: PayopAPI {
         payop.answer(2, state: 2)
         #expect(try await s.verifier.verifyDue() == 1)
         #expect(try await s.log.event(id: event.id)?.event.state == "verified")
+        // The record woke it once; the pass that verified the event needed no wake.
+        #expect(s.duesCount.value == 1)
     }
 
     @Test func anEarlyAnswerToAQuestionNoLongerDueWritesNothing() async throws {

@@ -75,6 +75,9 @@ public final class Verifier: Sendable {
     /// Told when an event left to its early answer needs a pass after all (its answer could not be
     /// recorded on its own, or was dropped): the daemon wakes the verifier.
     private let onDue: @Sendable () -> Void
+    /// What the verifier's loop last read of `nextDue` (`Int64.max`: nothing, or a read under way): the
+    /// time it sleeps until at most. `Int64.min` until its first read, which no schedule need wake.
+    private let armed = Mutex<Int64>(.min)
     /// An early answer is used for a question due within this long of asking it, else asked again.
     static let earlyFreshnessMilliseconds: Int64 = 2_000
     /// Early questions waiting to be used at most (IPN copies of decided events never use theirs).
@@ -307,7 +310,7 @@ public final class Verifier: Sendable {
                 if applied.outcome != "not_due" { report(applied, check) }
                 if !applied.verified.isEmpty { onVerified(applied.verified) }
                 // No pass read the schedule this answer left (a retry, a re-check): the verifier is told.
-                if applied.nextCheckAt != nil { onDue() }
+                if let next = applied.nextCheckAt { scheduled(next) }
             case .failure(let error) where error.code == .closed || !recordable:
                 logger.debug("early answer left to the verifier", metadata: ["event.id": "\(check.eventID)"])
             case .failure(let error):
@@ -419,7 +422,22 @@ public final class Verifier: Sendable {
 
     public func nextDue() async throws(EventLogError) -> Int64? {
         if payop.unusableReason != nil { return nil }
-        return try await store.nextCheckDue()
+        // Until the read is done, any schedule an early answer leaves wakes the loop: the read may predate it.
+        armed.withLock { $0 = .max }
+        let next = try await store.nextCheckDue()
+        armed.withLock { $0 = min($0, next ?? .max) }
+        return next
+    }
+
+    /// An early answer recorded on its own left a question due at `at`: the loop is woken when it sleeps
+    /// past that (it last read `nextDue` before this schedule existed), not for every record.
+    private func scheduled(_ at: Int64) {
+        let sooner = armed.withLock { armed in
+            guard at < armed else { return false }
+            armed = at
+            return true
+        }
+        if sooner { onDue() }
     }
 
     private func noteAccess(_ error: PayopError?) {
