@@ -353,59 +353,6 @@ import Testing
     }
 }
 
-/// A count shared with callbacks.
-final class Tally: Sendable {
-    private let count = Mutex(0)
-    var value: Int { count.withLock { $0 } }
-    func add() { count.withLock { $0 += 1 } }
-}
-
-/// Payop answering each question only when the test says so, in any order: question n (counted from 1
-/// as asked) waits for `answer(n, state:)`, which may also come first.
-final class HeldPayop: PayopAPI {
-    private struct State {
-        var asked = 0
-        var waiting: [Int: CheckedContinuation<Int?, Never>] = [:]
-        var given: [Int: Int?] = [:]
-    }
-    private let state = Mutex(State())
-    var asked: Int { state.withLock { $0.asked } }
-
-    func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
-        let question = state.withLock { state in
-            state.asked += 1
-            return state.asked
-        }
-        let payopState = await withCheckedContinuation { continuation in
-            let given = state.withLock { state -> Int?? in
-                if let given = state.given.removeValue(forKey: question) { return given }
-                state.waiting[question] = continuation
-                return nil
-            }
-            if let given { continuation.resume(returning: given) }
-        }
-        return payopState.map { PayopRecord(kind: kind, id: id, status: .status(kind: kind, state: $0, errorMessage: nil)) }
-    }
-
-    func lookupTransactions(ids: [String]) async throws(PayopError) -> [PayopRecord] { [] }
-
-    /// `state` nil: Payop does not know the entity.
-    func answer(_ question: Int, state payopState: Int?) {
-        let waiting = state.withLock { state in
-            guard let waiting = state.waiting.removeValue(forKey: question) else {
-                state.given[question] = payopState
-                return nil as CheckedContinuation<Int?, Never>?
-            }
-            return waiting
-        }
-        waiting?.resume(returning: payopState)
-    }
-
-    func waitForQuestions(_ count: Int) async {
-        while asked < count { await Task.yield() }
-    }
-}
-
 /// Payop taking its time: every question waits until cancelled.
 final class StalledPayop: PayopAPI {
     func lookup(_ kind: IPNKind, id: String) async throws(PayopError) -> PayopRecord? {
@@ -423,182 +370,29 @@ final class StalledPayop: PayopAPI {
         let payop = FakePayop()
         let verifier: Verifier
         let ingress: IPNIngress
-        /// Wired as the daemon wires them: what the verifier reported, and the passes asked for.
-        let verified: AsyncStream<[VerifiedEvent]>
-        let passesWanted = Tally()
-        let dues: AsyncStream<Void>
-        let duesCount = Tally()
 
-        /// `wired`: the ingress tells the verifier of each stored IPN as the daemon's does, so early answers
-        /// are recorded on their own; otherwise only its passes take them.
-        init(
-            asksEarly: Bool, payop other: (any PayopAPI)? = nil, wired: Bool = false,
-            notFoundRetryMilliseconds: Int64 = 0
-        ) throws {
+        init(asksEarly: Bool, payop other: (any PayopAPI)? = nil) throws {
             dir = try TemporaryDirectory()
             log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
-            let (verified, verifiedTo) = AsyncStream.makeStream(of: [VerifiedEvent].self)
-            let (dues, duesTo) = AsyncStream.makeStream(of: Void.self)
-            self.verified = verified
-            self.dues = dues
-            let duesCount = duesCount
             let verifier = Verifier(
                 store: log, payop: other ?? payop,
                 policy: VerificationPolicy(
                     backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter),
-                    notFoundRetryMilliseconds: notFoundRetryMilliseconds, reconcileIntervalMilliseconds: 60_000),
-                clock: clock, logger: quietLogger, asksEarly: asksEarly, onVerified: { verifiedTo.yield($0) },
-                onDue: {
-                    duesCount.add()
-                    duesTo.yield()
-                })
+                    notFoundRetryMilliseconds: 0, reconcileIntervalMilliseconds: 60_000),
+                clock: clock, logger: quietLogger, asksEarly: asksEarly)
             self.verifier = verifier
-            let passesWanted = passesWanted
             ingress = IPNIngress(
                 settings: ingressSettings(), store: log, clock: clock, logger: quietLogger,
-                onAccepting: { verifier.askEarly($0.notification.kind, entityID: $0.notification.entityID) },
-                onStored: { outcome, ipn in
-                    if wired, verifier.wantsPass(after: outcome, ipn) { passesWanted.add() }
-                })
+                onAccepting: { verifier.askEarly($0.notification.kind, entityID: $0.notification.entityID) })
         }
 
-        func post(_ transaction: String, state: Int = 2) async -> IngressAnswer {
-            let body = checkoutBody(transaction: transaction, state: state)
+        func post(_ transaction: String) async -> IngressAnswer {
+            let body = checkoutBody(transaction: transaction, state: 2)
             guard case .readBody(let admitted) = ingress.preflight(
                 method: "POST", path: "/payop/ipn", peer: IPAddress("127.0.0.1"), forwardedFor: [], contentLength: body.count)
             else { return IngressAnswer(0, "not admitted") }
             return await ingress.accept(body: body, from: admitted)
         }
-    }
-
-    // Bounded: a regression that loses the answer or the wake-up fails instead of hanging.
-    @Test(.timeLimit(.minutes(1))) func anEarlyAnswerIsRecordedToItsNewEventWithNoPassOfTheVerifier() async throws {
-        let s = try Setup(asksEarly: true, wired: true)
-        defer { s.log.close() }
-        #expect(await s.post("tx-direct") == .accepted)
-        var reported = s.verified.makeAsyncIterator()
-        let verified = try #require(await reported.next())
-        #expect(verified.map(\.type) == ["checkout.accepted"])
-        #expect(try await s.log.event(id: verified[0].eventID)?.event.state == "verified")
-        // Nobody woke the verifier, and it finds nothing left to ask.
-        #expect(s.passesWanted.value == 0 && s.duesCount.value == 0)
-        #expect(try await s.verifier.verifyDue() == 0)
-        #expect(s.payop.asked.withLock { $0 } == 1 && s.verifier.earlyQuestions == 0)
-    }
-
-    // Bounded: a regression that loses the answer or the wake-up fails instead of hanging.
-    @Test(.timeLimit(.minutes(1))) func anEarlyAnswerThatComesAfterTheReceiptIsRecordedWhenItComes() async throws {
-        let payop = HeldPayop()
-        let s = try Setup(asksEarly: true, payop: payop, wired: true)
-        defer { s.log.close() }
-        #expect(await s.post("tx-slow") == .accepted)
-        #expect(s.passesWanted.value == 0)
-        let event = try #require(try await s.log.events(.init(limit: 10)).first)
-        #expect(event.state == "received")
-        payop.answer(1, state: 2)
-        var reported = s.verified.makeAsyncIterator()
-        #expect(try #require(await reported.next()).map(\.eventID) == [event.id])
-        #expect(try await s.log.event(id: event.id)?.event.state == "verified")
-        #expect(payop.asked == 1 && s.duesCount.value == 0)
-    }
-
-    // Bounded: a regression that loses the answer or the wake-up fails instead of hanging.
-    @Test(.timeLimit(.minutes(1))) func anEarlyAnswerWaitsWhileAPassAsksAboutItsEntityAndTheNextPassRecordsIt() async throws {
-        let payop = HeldPayop()
-        let s = try Setup(asksEarly: true, payop: payop, wired: true)
-        defer { s.log.close() }
-        // An older status of the entity is due; a pass asks about it (question 1) and waits for Payop.
-        let older = IncomingIPN(
-            receivedAt: s.clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn",
-            body: checkoutBody(transaction: "tx-both", state: 1),
-            notification: try NotificationParser.parse(checkoutBody(transaction: "tx-both", state: 1)).get(),
-            verifiedBySignature: false)
-        let olderID = try await s.log.ingest(older).eventID
-        let pass = Task { try await s.verifier.verifyDue() }
-        await payop.waitForQuestions(1)
-        // Meanwhile the newer status comes (question 2, early), and Payop answers it first.
-        #expect(await s.post("tx-both", state: 2) == .accepted)
-        await payop.waitForQuestions(2)
-        payop.answer(2, state: 2)
-        while s.verifier.earlyQuestionsInFlight > 0 { await Task.yield() }
-        let newer = try #require(try await s.log.events(.init(status: "accepted", limit: 10)).first)
-        #expect(newer.state == "received")  // not recorded past the pass's question about its entity
-        // Payop's answer to the pass's older question applies first; the early answer it held back is
-        // recorded as the pass ends, and Payop is asked nothing more.
-        payop.answer(1, state: 1)
-        #expect(try await pass.value == 1)
-        #expect(try await s.log.event(id: olderID)?.event.state == "verified")
-        for await verified in s.verified where verified.contains(where: { $0.eventID == newer.id }) { break }
-        #expect(try await s.log.event(id: newer.id)?.event.state == "verified")
-        #expect(payop.asked == 2)
-    }
-
-    // Bounded: a regression that loses the answer or the wake-up fails instead of hanging.
-    @Test(.timeLimit(.minutes(1))) func anEarlyAnswerThatLeavesTheEventDueLaterWakesTheVerifierForIt() async throws {
-        // Payop's API lags its own IPN: "not found" is asked again for a while. No pass recorded that, so
-        // none read when to ask again: the verifier must be woken to learn it, or the event waits for ever.
-        let payop = HeldPayop()
-        let s = try Setup(asksEarly: true, payop: payop, wired: true, notFoundRetryMilliseconds: 600_000)
-        defer { s.log.close() }
-        // The loop has read that nothing is due, and sleeps until a signal.
-        #expect(try await s.verifier.nextDue() == nil)
-        payop.answer(1, state: nil)
-        #expect(await s.post("tx-lagging") == .accepted)
-        var dues = s.dues.makeAsyncIterator()
-        await dues.next()
-        let event = try #require(try await s.log.events(.init(limit: 10)).first)
-        #expect(event.state == "received" && s.passesWanted.value == 0)
-        #expect(try await s.log.event(id: event.id)?.verificationAttempts.map(\.outcome) == ["not_found"])
-        let due = try #require(try await s.verifier.nextDue())
-        #expect(due > s.clock.nowMilliseconds())
-        // Asked again when due, by a pass: Payop knows it now.
-        s.clock.advance(milliseconds: due - s.clock.nowMilliseconds())
-        payop.answer(2, state: 2)
-        #expect(try await s.verifier.verifyDue() == 1)
-        #expect(try await s.log.event(id: event.id)?.event.state == "verified")
-        // The record woke it once; the pass that verified the event needed no wake.
-        #expect(s.duesCount.value == 1)
-    }
-
-    @Test func anEarlyAnswerToAQuestionNoLongerDueWritesNothing() async throws {
-        let s = try Setup(asksEarly: false)
-        defer { s.log.close() }
-        #expect(await s.post("tx-decided") == .accepted)
-        #expect(try await s.verifier.verifyDue() == 1)
-        let event = try #require(try await s.log.events(.init(state: "verified", limit: 10)).first)
-        let check = DueCheck(
-            eventID: event.id, kind: .checkout, entityID: "tx-decided", status: PaymentStatus(name: "accepted", payopState: 2))
-        let late = PayopAnswer.record(
-            PayopRecord(kind: .checkout, id: "tx-decided", status: .status(kind: .checkout, state: 3, errorMessage: nil)))
-        let applied = await withCheckedContinuation { done in
-            s.log.applyAnswerIfDue(
-                late, to: check, now: s.clock.nowMilliseconds(),
-                policy: VerificationPolicy(
-                    backoff: Backoff(initialSeconds: 1, maxSeconds: 10, jitter: Backoff.noJitter),
-                    notFoundRetryMilliseconds: 0, reconcileIntervalMilliseconds: 60_000)
-            ) { done.resume(returning: $0) }
-        }
-        #expect(try applied.get().outcome == "not_due")
-        let detail = try #require(try await s.log.event(id: event.id))
-        #expect(detail.event.state == "verified" && detail.verificationAttempts.count == 1)
-        #expect(try await s.log.events(.init(limit: 10)).count == 1)
-    }
-
-    // Bounded: a regression that loses the answer or the wake-up fails instead of hanging.
-    @Test(.timeLimit(.minutes(1))) func anEarlyAnswerTheLogCannotRecordIsLeftToAPass() async throws {
-        let payop = HeldPayop()
-        let s = try Setup(asksEarly: true, payop: payop, wired: true)
-        #expect(await s.post("tx-unrecorded") == .accepted)
-        let event = try #require(try await s.log.events(.init(limit: 10)).first)
-        s.log.close()
-        payop.answer(1, state: 2)
-        var dues = s.dues.makeAsyncIterator()
-        await dues.next()
-        #expect(s.duesCount.value == 1)
-        let reopened = try SQLiteEventLog.open(path: s.dir.file("events.sqlite3"), mode: .daemon, clock: s.clock)
-        defer { reopened.close() }
-        #expect(try await reopened.event(id: event.id)?.event.state == "received")
-        #expect(try await reopened.dueChecks(now: s.clock.nowMilliseconds(), limit: 10).map(\.eventID) == [event.id])
     }
 
     @Test func ipnsQuestionIsAskedWhileItsReceiptCommitsAndOnlyOnce() async throws {

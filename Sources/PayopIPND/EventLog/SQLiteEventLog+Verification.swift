@@ -39,32 +39,14 @@ extension SQLiteEventLog {
         }
     }
 
-    public func applyAnswerIfDue(
-        _ answer: PayopAnswer, to check: DueCheck, now: Int64, policy: VerificationPolicy,
-        completion: @escaping @Sendable (Result<AppliedAnswer, EventLogError>) -> Void
-    ) {
-        let hooks = self.hooks
-        let early = earlyClaims()
-        submit(
-            claiming: early,
-            { db in
-                try Self.apply(answer, to: check, now: now, policy: policy, hooks: hooks, early: early, ifDue: true, in: db)
-            }, completion: completion)
-    }
-
     /// Payop's answer about `check`'s event in the log: the machine's transition, the attempt, and the
     /// deliveries of whatever became verified (claimed at once when `early` admits them).
     static func apply(
         _ answer: PayopAnswer, to check: DueCheck, now: Int64, policy: VerificationPolicy, hooks: [HookConfig],
-        early: EarlyClaims?, ifDue: Bool = false, in db: Database
+        early: EarlyClaims?, in db: Database
     ) throws -> AppliedAnswer {
         guard var machine = try verification(db, check.eventID) else {
             return AppliedAnswer(state: nil, outcome: "gone", detail: nil, verified: [])
-        }
-        // An early answer recorded without a pass: only to a question still due (a pass's answer about
-        // the entity may have decided it meanwhile).
-        if ifDue, machine.nextCheckAt.map({ $0 > now }) ?? true {
-            return AppliedAnswer(state: machine.state, outcome: "not_due", detail: nil, verified: [])
         }
         let outcome = machine.payopAnswered(answer, claims: try Self.claims(db, check.eventID), now: now, policy: policy)
         var payopState: Int?
@@ -79,19 +61,8 @@ extension SQLiteEventLog {
             verified += try recordReported(
                 reported, by: check.eventID, now: now, policy: policy, hooks: hooks, early: early, in: db)
         }
-        // No pass follows an early answer's record to read the schedule it left: it is told.
-        var nextCheckAt: Int64?
-        if ifDue {
-            nextCheckAt =
-                try db.cachedStatement(sql: "SELECT min(next_check_at) FROM events WHERE kind = ? AND entity_id = ?")
-                .firstRow {
-                    $0.add(check.kind.rawValue)
-                    $0.add(check.entityID)
-                } read: { $0.integer(0) } ?? nil
-        }
         return AppliedAnswer(
-            state: machine.state, outcome: outcome.attemptOutcome, detail: outcome.attemptDetail, verified: verified,
-            nextCheckAt: nextCheckAt)
+            state: machine.state, outcome: outcome.attemptOutcome, detail: outcome.attemptDetail, verified: verified)
     }
 
     // MARK: - The machine's state in rows

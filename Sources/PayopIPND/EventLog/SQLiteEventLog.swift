@@ -152,14 +152,6 @@ public final class SQLiteEventLog: EventLog {
         try await writer.write(operation, settled: { early?.settle(committed: $0) })
     }
 
-    /// The same without a task: `completion` runs on the writer thread once the commit is over.
-    func submit<T: Sendable>(
-        claiming early: EarlyClaims?, _ operation: @escaping @Sendable (Database) throws -> T,
-        completion: @escaping @Sendable (Result<T, EventLogError>) -> Void
-    ) {
-        writer.submit(operation, settled: { early?.settle(committed: $0) }, completion: completion)
-    }
-
     /// A read on one of GRDB's reader queues: for operations' queries, which may scan.
     public func read<T: Sendable>(_ operation: @escaping @Sendable (Database) throws -> T) async throws(EventLogError)
         -> T
@@ -295,7 +287,9 @@ public final class SQLiteEventLog: EventLog {
         let hooks = ipn.verifiedBySignature ? self.hooks : []
         let policy = verificationPolicy.withLock { $0 }
         let early = ipn.verifiedBySignature ? earlyClaims() : nil
-        submit(claiming: early, { db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy, early: early) }, completion: completion)
+        writer.submit(
+            { db in try Self.ingest(ipn, in: db, hooks: hooks, policy: policy, early: early) },
+            settled: { early?.settle(committed: $0) }, completion: completion)
     }
 
     public func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void) {

@@ -114,18 +114,17 @@ public struct Daemon: Sendable {
         let verifySignal = wake.verify
         let verifier = Verifier(
             store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
-            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in dispatcher.signal.signal() },
-            onDue: { verifySignal.signal() })
+            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in dispatcher.signal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
             onAccepting: { ipn in
                 if !ipn.verifiedBySignature { verifier.askEarly(ipn.notification.kind, entityID: ipn.notification.entityID) }
             },
-            onStored: { outcome, ipn in
+            onStored: { _, ipn in
                 if ipn.verifiedBySignature {
                     dispatcher.signal.signal()
-                } else if verifier.wantsPass(after: outcome, ipn) {
+                } else if verifier.wantsFreshIPNs {
                     verifySignal.signal()
                 }
             })

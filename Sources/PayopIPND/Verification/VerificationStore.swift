@@ -18,13 +18,6 @@ public struct DueCheck: Sendable, Equatable, Hashable {
 
     static func entityKey(_ kind: IPNKind, _ entityID: String) -> String { "\(kind.rawValue)/\(entityID)" }
 
-    /// The question about the new event an IPN was just logged as (due at once, as the pass would find it).
-    init(_ stored: IngestOutcome, _ notification: Notification) {
-        self.init(
-            eventID: stored.eventID, kind: notification.kind, entityID: notification.entityID,
-            status: PaymentStatus(name: notification.status.name, payopState: notification.status.payopState))
-    }
-
     /// A question about an entity, not yet about one of its events (an early question).
     static func about(_ kind: IPNKind, _ entityID: String) -> DueCheck {
         DueCheck(eventID: "", kind: kind, entityID: entityID, status: PaymentStatus(name: "", payopState: nil))
@@ -56,18 +49,12 @@ public struct AppliedAnswer: Sendable {
     public var detail: String?
     /// Events that became verified: the asked one, or Payop's own status of its entity.
     public var verified: [VerifiedEvent]
-    /// When a question about the entity is next due, if one is: told by an answer recorded without a
-    /// pass (a pass reads it itself), so the verifier wakes for it.
-    public var nextCheckAt: Int64?
 
-    public init(
-        state: VerificationState?, outcome: String, detail: String?, verified: [VerifiedEvent], nextCheckAt: Int64? = nil
-    ) {
+    public init(state: VerificationState?, outcome: String, detail: String?, verified: [VerifiedEvent]) {
         self.state = state
         self.outcome = outcome
         self.detail = detail
         self.verified = verified
-        self.nextCheckAt = nextCheckAt
     }
 }
 
@@ -82,21 +69,4 @@ public protocol VerificationStore: Sendable {
     /// statuses) in one transaction; returns the events that became verified, deliveries created.
     func applyAnswer(_ answer: PayopAnswer, to check: DueCheck, now: Int64, policy: VerificationPolicy)
         async throws(EventLogError) -> AppliedAnswer
-    /// An early answer, recorded as it comes by a caller without a task: applied only while the event's
-    /// question is still due now (else outcome `not_due`, nothing written), and `nextCheckAt` told.
-    /// `completion` runs once the transaction is on disk or has failed (SQLite: on its writer thread).
-    func applyAnswerIfDue(
-        _ answer: PayopAnswer, to check: DueCheck, now: Int64, policy: VerificationPolicy,
-        completion: @escaping @Sendable (Result<AppliedAnswer, EventLogError>) -> Void)
-}
-
-extension VerificationStore {
-    /// A log that records no early answers itself (a shared one asks only after claiming): they are
-    /// left to the verifier's pass.
-    public func applyAnswerIfDue(
-        _ answer: PayopAnswer, to check: DueCheck, now: Int64, policy: VerificationPolicy,
-        completion: @escaping @Sendable (Result<AppliedAnswer, EventLogError>) -> Void
-    ) {
-        completion(.failure(EventLogError(.unavailable, "this event log records early answers in a pass only")))
-    }
 }

@@ -41,43 +41,14 @@ public final class Verifier: Sendable {
     static let concurrency = 8
     /// Checkout ids per `/v1/transactions/filter` question when several are due together.
     static let filterBatch = 20
-    /// Questions asked as soon as an IPN is parsed, while its receipt commits, so that the question is
-    /// not asked only after the commit; and the entities whose answer is being recorded without a pass.
-    private let early = Mutex(EarlyQuestions())
+    /// Questions asked as soon as an IPN is parsed, while its receipt commits (entity key -> the answer
+    /// to come), so that the question is not asked only after the commit.
+    private let early = Mutex<[String: EarlyAnswer]>([:])
     private let asksEarly: Bool
-    private struct EarlyQuestions {
-        /// Entity key -> the question about it.
-        var pending: [String: EarlyAnswer] = [:]
-        var lastToken: UInt64 = 0
-        /// Entities whose early answer is being recorded straight to their stored event.
-        var recording: Set<String> = []
-        /// While a pass runs: the entities it asks about (an early answer about one waits for the next
-        /// pass), and those whose early answer was recorded since it read what is due (it skips them).
-        var passRunning = false
-        var asking: Set<String> = []
-        var recorded: Set<String> = []
-
-        /// An early answer may be recorded on its own only when no pass asks about its entity (Payop's
-        /// answers about one entity apply one at a time, in the order asked) and none is being recorded.
-        func mayRecord(_ key: String) -> Bool { !asking.contains(key) && !recording.contains(key) }
-    }
     private struct EarlyAnswer {
         let askedAt: Int64
-        /// Which question this is: a newer IPN about the entity replaces it with its own.
-        let token: UInt64
         let answer: Task<PayopAnswer, Never>
-        /// Payop's answer, once in.
-        var answered: PayopAnswer?
-        /// The new event the IPN was logged as, once its receipt is durable: the answer is recorded to it
-        /// as soon as both are there, with no pass of the verifier in between.
-        var stored: DueCheck?
     }
-    /// Told when an event left to its early answer needs a pass after all (its answer could not be
-    /// recorded on its own, or was dropped): the daemon wakes the verifier.
-    private let onDue: @Sendable () -> Void
-    /// What the verifier's loop last read of `nextDue` (`Int64.max`: nothing, or a read under way): the
-    /// time it sleeps until at most. `Int64.min` until its first read, which no schedule need wake.
-    private let armed = Mutex<Int64>(.min)
     /// An early answer is used for a question due within this long of asking it, else asked again.
     static let earlyFreshnessMilliseconds: Int64 = 2_000
     /// Early questions waiting to be used at most (IPN copies of decided events never use theirs).
@@ -93,11 +64,9 @@ public final class Verifier: Sendable {
         store: any VerificationStore, payop: any PayopAPI, policy: VerificationPolicy,
         clock: any WallClock = SystemWallClock(), access: PayopAccess = PayopAccess(), logger: Logger,
         metrics: (any VerificationMetrics)? = nil, asksEarly: Bool = false,
-        onVerified: @escaping @Sendable ([VerifiedEvent]) -> Void = { _ in },
-        onDue: @escaping @Sendable () -> Void = {}
+        onVerified: @escaping @Sendable ([VerifiedEvent]) -> Void = { _ in }
     ) {
         self.asksEarly = asksEarly
-        self.onDue = onDue
         self.store = store
         self.payop = payop
         self.policy = Mutex(policy)
@@ -123,19 +92,9 @@ public final class Verifier: Sendable {
         }
         let now = clock.nowMilliseconds()
         var entities = Set<String>()
-        early.withLock { $0.passRunning = true }
-        defer { endPass() }
         let found = try await store.dueChecks(now: now, limit: batch)
         behind.store(found.count >= batch, ordering: .relaxed)
-        // An entity whose early answer is being (or was just) recorded on its own waits for the next pass.
-        let due = early.withLock { early in
-            let due = found.filter {
-                entities.insert($0.entityKey).inserted && !early.recording.contains($0.entityKey)
-                    && !early.recorded.contains($0.entityKey)
-            }
-            early.asking = Set(due.map(\.entityKey))
-            return due
-        }
+        let due = found.filter { entities.insert($0.entityKey).inserted }
         let policy = policy.withLock { $0 }
         let checkouts = due.filter { $0.kind == .checkout }
         var questions: [[DueCheck]] =
@@ -208,166 +167,36 @@ public final class Verifier: Sendable {
         guard asksEarly, payop.unusableReason == nil, !behind.load(ordering: .relaxed) else { return }
         let key = DueCheck.entityKey(kind, entityID)
         let now = clock.nowMilliseconds()
-        let dropped = early.withLock { early -> Bool in
-            var dropped = false
-            if early.pending.count >= Self.earlyLimit {
-                early.pending = early.pending.filter { entry in
+        early.withLock { pending in
+            if pending.count >= Self.earlyLimit {
+                pending = pending.filter { entry in
                     let fresh = now - entry.value.askedAt < Self.earlyFreshnessMilliseconds
-                    if !fresh {
-                        entry.value.answer.cancel()
-                        dropped = dropped || entry.value.stored != nil
-                    }
+                    if !fresh { entry.value.answer.cancel() }
                     return fresh
                 }
             }
             // Checked under the lock every increment takes: the bound is exact across event loops.
             guard earlyInFlight.load(ordering: .relaxed) < Self.earlyConcurrency,
-                early.pending[key] != nil || early.pending.count < Self.earlyLimit
-            else { return dropped }
-            if let replaced = early.pending[key] {
-                replaced.answer.cancel()
-                dropped = dropped || replaced.stored != nil
-            }
+                pending[key] != nil || pending.count < Self.earlyLimit
+            else { return }
+            pending[key]?.answer.cancel()
             earlyInFlight.add(1, ordering: .relaxed)
-            early.lastToken &+= 1
-            let token = early.lastToken
-            early.pending[key] = EarlyAnswer(
-                askedAt: now, token: token,
+            pending[key] = EarlyAnswer(
+                askedAt: now,
                 answer: Task {
                     defer { earlyInFlight.subtract(1, ordering: .relaxed) }
-                    let answer = await self.askPayop([DueCheck.about(kind, entityID)])[0]
-                    self.answered(answer, key: key, token: token)
-                    return answer
+                    return await self.askPayop([DueCheck.about(kind, entityID)])[0]
                 })
-            return dropped
         }
-        // An event whose question was dropped before its answer was recorded is left to a pass.
-        if dropped { onDue() }
-    }
-
-    /// An IPN that needs Payop's word is durable: true when a pass must ask about it. Not when it is a
-    /// new event whose early answer is recorded to it as it comes, nor when no question can be asked
-    /// (`wantsFreshIPNs`).
-    public func wantsPass(after outcome: IngestOutcome, _ ipn: IncomingIPN) -> Bool {
-        if !outcome.duplicate, stored(DueCheck(outcome, ipn.notification), receivedAt: ipn.receivedAt) { return false }
-        return wantsFreshIPNs
-    }
-
-    /// A freshly logged IPN, received at `receivedAt`, became `check`'s new event: true when its early
-    /// answer (a question asked since it came) will be recorded to it, now if Payop has answered
-    /// already, so the verifier need not be woken for it.
-    func stored(_ check: DueCheck, receivedAt: Int64) -> Bool {
-        guard asksEarly else { return false }
-        let now = clock.nowMilliseconds()
-        let key = check.entityKey
-        let (taken, answer) = early.withLock { early -> (Bool, PayopAnswer?) in
-            guard var entry = early.pending[key], entry.stored == nil, entry.askedAt >= receivedAt,
-                now - entry.askedAt < Self.earlyFreshnessMilliseconds
-            else { return (false, nil) }
-            if let answered = entry.answered, early.mayRecord(key) {
-                early.pending[key] = nil
-                early.recording.insert(key)
-                return (true, answered)
-            }
-            entry.stored = check
-            early.pending[key] = entry
-            return (true, nil)
-        }
-        if let answer { recordEarly(answer, to: check) }
-        return taken
-    }
-
-    /// Payop answered early question `token`: recorded at once when its IPN's event is stored, else kept
-    /// for `stored` or a pass.
-    private func answered(_ answer: PayopAnswer, key: String, token: UInt64) {
-        let check = early.withLock { early -> DueCheck? in
-            guard var entry = early.pending[key], entry.token == token else { return nil }
-            if let check = entry.stored, early.mayRecord(key) {
-                early.pending[key] = nil
-                early.recording.insert(key)
-                return check
-            }
-            entry.answered = answer
-            early.pending[key] = entry
-            return nil
-        }
-        if let check { recordEarly(answer, to: check) }
-    }
-
-    /// Records an early answer to its stored event in the log's next commit, with no task and no pass:
-    /// on SQLite the completion runs on the writer thread, which also starts the runs it claims.
-    private func recordEarly(_ answer: PayopAnswer, to check: DueCheck) {
-        let policy = policy.withLock { $0 }
-        // A JWT removed by a reload meanwhile: events wait untouched for one, as the pass leaves them.
-        let recordable = payop.unusableReason == nil
-        let record: (@escaping @Sendable (Result<AppliedAnswer, EventLogError>) -> Void) -> Void = { [store, clock] in
-            guard recordable else { return $0(.failure(EventLogError(.unavailable, "no JWT to ask Payop with"))) }
-            store.applyAnswerIfDue(answer, to: check, now: clock.nowMilliseconds(), policy: policy, completion: $0)
-        }
-        record { [self] result in
-            switch result {
-            case .success(let applied):
-                if applied.outcome != "not_due" { report(applied, check) }
-                if !applied.verified.isEmpty { onVerified(applied.verified) }
-                // No pass read the schedule this answer left (a retry, a re-check): the verifier is told.
-                if let next = applied.nextCheckAt { scheduled(next) }
-            case .failure(let error) where error.code == .closed || !recordable:
-                logger.debug("early answer left to the verifier", metadata: ["event.id": "\(check.eventID)"])
-            case .failure(let error):
-                logger.error(
-                    "verification not recorded; asking again once the event log works",
-                    metadata: ["event.id": "\(check.eventID)", "error": "\(error)"])
-            }
-            let key = check.entityKey
-            let failed: Bool
-            if case .failure = result { failed = true } else { failed = false }
-            // A newer event of the entity may have its answer waiting for this one to be recorded.
-            let next = early.withLock { early -> (PayopAnswer, DueCheck)? in
-                early.recording.remove(key)
-                if early.passRunning { early.recorded.insert(key) }
-                guard !failed, let entry = early.pending[key], let check = entry.stored, let answer = entry.answered,
-                    early.mayRecord(key)
-                else { return nil }
-                early.pending[key] = nil
-                early.recording.insert(key)
-                return (answer, check)
-            }
-            if let next { recordEarly(next.0, to: next.1) }
-            // Still due: a pass asks again (and backs off while the log fails).
-            if failed { onDue() }
-        }
-    }
-
-    /// A pass is over: an early answer it made wait (its entity was being asked about) is recorded now,
-    /// if its question is still due; one still on its way is recorded when it comes.
-    private func endPass() {
-        let waiting = early.withLock { early -> [(PayopAnswer, DueCheck)] in
-            early.passRunning = false
-            early.recorded.removeAll()
-            defer { early.asking.removeAll() }
-            var waiting: [(PayopAnswer, DueCheck)] = []
-            for key in early.asking {
-                guard let entry = early.pending[key], let check = entry.stored, let answer = entry.answered,
-                    !early.recording.contains(key)
-                else { continue }
-                early.pending[key] = nil
-                early.recording.insert(key)
-                waiting.append((answer, check))
-            }
-            return waiting
-        }
-        for (answer, check) in waiting { recordEarly(answer, to: check) }
     }
 
     /// Early questions not yet taken by a due check, and those of them still on their way to Payop.
-    var earlyQuestions: Int { early.withLock { $0.pending.count } }
+    var earlyQuestions: Int { early.withLock { $0.count } }
     var earlyQuestionsInFlight: Int { earlyInFlight.load(ordering: .relaxed) }
-    /// Early answers being recorded on their own.
-    var earlyRecordsInFlight: Int { early.withLock { $0.recording.count } }
 
     /// The early answer for `check`, if one was asked recently enough.
     private func earlyAnswer(for check: DueCheck) -> Task<PayopAnswer, Never>? {
-        guard asksEarly, let taken = early.withLock({ $0.pending.removeValue(forKey: check.entityKey) }) else { return nil }
+        guard asksEarly, let taken = early.withLock({ $0.removeValue(forKey: check.entityKey) }) else { return nil }
         return clock.nowMilliseconds() - taken.askedAt < Self.earlyFreshnessMilliseconds ? taken.answer : nil
     }
 
@@ -422,22 +251,7 @@ public final class Verifier: Sendable {
 
     public func nextDue() async throws(EventLogError) -> Int64? {
         if payop.unusableReason != nil { return nil }
-        // Until the read is done, any schedule an early answer leaves wakes the loop: the read may predate it.
-        armed.withLock { $0 = .max }
-        let next = try await store.nextCheckDue()
-        armed.withLock { $0 = min($0, next ?? .max) }
-        return next
-    }
-
-    /// An early answer recorded on its own left a question due at `at`: the loop is woken when it sleeps
-    /// past that (it last read `nextDue` before this schedule existed), not for every record.
-    private func scheduled(_ at: Int64) {
-        let sooner = armed.withLock { armed in
-            guard at < armed else { return false }
-            armed = at
-            return true
-        }
-        if sooner { onDue() }
+        return try await store.nextCheckDue()
     }
 
     private func noteAccess(_ error: PayopError?) {
