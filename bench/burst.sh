@@ -108,6 +108,8 @@ for task in glob.glob(f"/proc/{pid}/task/*"):
     else: group = "Swift tasks and the rest"
     groups[group] += used
     woken[group] += switched
+# The rest's CPU is the process's total less the named threads', so that threads which ended count too
+# (their switches cannot be read any more).
 groups["Swift tasks and the rest"] = total - sum(groups[n] for n in names[:3])
 parts = ", ".join(f"{k} {v * 1e6 / events:.0f}" for k, v in groups.items())
 print(f"  payop-ipnd's CPU over the burst: {total * 1e6 / events:.0f} us per event ({parts})")
