@@ -85,6 +85,21 @@ elapsed = last / 1000 - start
 print(f"{events} {done} {elapsed:.3f} {done / elapsed:.0f} {accepted}")
 PY
 read -r EVENTS DELIVERED ELAPSED E2E_RATE ACCEPTED <"$WORK/daemon-result.txt"
+# Requests to Payop per event, split by how they were asked (the daemon's own counter).
+REQUESTS=$(python3 -c '
+import re, sys, urllib.request
+counts = {}
+for line in urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/metrics").read().decode().splitlines():
+    m = re.match(r"payop_ipnd_payop_requests_total\{(.*)\} ([0-9.e+]+)$", line.strip())
+    if m:
+        labels = dict(re.findall(r"(\w+)=\"([^\"]*)\"", m.group(1)))
+        key = labels["endpoint"] + " " + labels["asked"].replace("_", " ")
+        counts[key] = counts.get(key, 0) + float(m.group(2))
+events = max(1, int(sys.argv[1]))
+total = sum(counts.values())
+parts = ", ".join(f"{k} {v / events:.3f}" for k, v in sorted(counts.items()))
+print(f"{total / events:.3f} ({parts})")
+' "$EVENTS" $((BASE + 2)))
 kill $DAEMON; wait $DAEMON 2>/dev/null || true
 
 cat >"$WORK/hooks.json" <<JSON
@@ -98,5 +113,6 @@ WEBHOOK_RATE=$(echo "$WEBHOOK" | sed 's/.*rps=\([0-9]*\).*/\1/')
 
 echo "end to end over ${DURATION}s of wrk -t2 -c16 (unique IPNs, simulator as Payop, hook /bin/true):"
 echo "  payop-ipnd: $ACCEPTED IPNs answered 200, $EVENTS events, $DELIVERED hooks run and recorded in ${ELAPSED}s: $E2E_RATE events/s"
+echo "  requests to Payop per event: $REQUESTS"
 echo "  webhook:    $WEBHOOK_RATE requests/s (each a /bin/true run; nothing logged, verified or retried)"
 python3 -c "print(f'  ratio payop-ipnd / webhook: {$E2E_RATE / $WEBHOOK_RATE:.2f}x  (target >= 1x)')"

@@ -70,6 +70,10 @@ public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryM
         count("payop_ipnd_payop_api_errors_total", [("code", code)])
     }
 
+    public func payopRequest(endpoint: String, early: Bool) {
+        count("payop_ipnd_payop_requests_total", [("endpoint", endpoint), ("asked", early ? "on_arrival" : "when_due")])
+    }
+
     public func delivery(hook: String, outcome: String, milliseconds: Int64) {
         count("payop_ipnd_deliveries_total", [("hook", hook), ("outcome", outcome)])
         timer("payop_ipnd_delivery_latency_seconds", [("hook", hook)]).recordMilliseconds(milliseconds)

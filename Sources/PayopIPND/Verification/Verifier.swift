@@ -20,6 +20,9 @@ public final class PayopAccess: Sendable {
 public protocol VerificationMetrics: Sendable {
     func verification(outcome: String, latencyMilliseconds: Int64?)
     func payopError(code: String)
+    /// One request to Payop's API: about one entity (`lookup`) or a batch of checkouts (`filter`),
+    /// asked as the IPN arrived (`early`) or when its check was due.
+    func payopRequest(endpoint: String, early: Bool)
 }
 
 /// Asks Payop about every event whose question is due: fresh IPNs, copies of rejected ones,
@@ -185,7 +188,7 @@ public final class Verifier: Sendable {
                 askedAt: now,
                 answer: Task {
                     defer { earlyInFlight.subtract(1, ordering: .relaxed) }
-                    return await self.askPayop([DueCheck.about(kind, entityID)])[0]
+                    return await self.askPayop([DueCheck.about(kind, entityID)], early: true)[0]
                 })
         }
     }
@@ -213,8 +216,9 @@ public final class Verifier: Sendable {
 
     /// Payop's answers about `checks` (one entity, or a batch of checkouts), in their order; a failure
     /// to get any is an answer too (`unanswered`).
-    private func askPayop(_ checks: [DueCheck]) async -> [PayopAnswer] {
+    private func askPayop(_ checks: [DueCheck], early: Bool = false) async -> [PayopAnswer] {
         guard !checks.isEmpty else { return [] }
+        metrics?.payopRequest(endpoint: checks.count == 1 ? "lookup" : "filter", early: early)
         do {
             if checks.count == 1, let check = checks.first {
                 let record = try await payop.lookup(check.kind, id: check.entityID)
