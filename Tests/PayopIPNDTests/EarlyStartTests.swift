@@ -15,6 +15,15 @@ final class ClaimCountingStore: ForwardingDeliveryStore, @unchecked Sendable {
     var count: Int { claims.withLock { $0 } }
 }
 
+/// A checkout IPN (state 2) logged as Payop would post it, unsigned: its event waits for verification.
+func ingestCheckout(_ log: SQLiteEventLog, clock: TestClock, _ transaction: String) async throws {
+    let body = checkoutBody(transaction: transaction, state: 2)
+    _ = try await log.ingest(
+        IncomingIPN(
+            receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
+            notification: try NotificationParser.parse(body).get(), verifiedBySignature: false))
+}
+
 /// A log whose runs are claimed in the commit that makes them due (`EarlyStarts`), with the dispatcher
 /// that admits them, as the daemon wires them on one machine.
 struct EarlyStartHarness {
@@ -54,7 +63,9 @@ struct EarlyStartHarness {
             clock: clock, logger: quietLogger, pause: pause)
     }
 
-    func verifier() -> Verifier {
+    func verifier() -> Verifier { Self.verifier(log, clock: clock) }
+
+    static func verifier(_ log: SQLiteEventLog, clock: TestClock) -> Verifier {
         Verifier(
             store: log, payop: FakePayop(),
             policy: VerificationPolicy(
@@ -64,11 +75,7 @@ struct EarlyStartHarness {
     }
 
     func ingestCheckout(_ transaction: String) async throws {
-        let body = checkoutBody(transaction: transaction, state: 2)
-        _ = try await log.ingest(
-            IncomingIPN(
-                receivedAt: clock.nowMilliseconds(), sourceIP: "127.0.0.1", path: "/payop/ipn", body: body,
-                notification: try NotificationParser.parse(body).get(), verifiedBySignature: false))
+        try await PayopIPNDTests.ingestCheckout(log, clock: clock, transaction)
     }
 
     func deliveries() async throws -> [Delivery] {

@@ -134,11 +134,42 @@ final class Scenario {
                 }
             })
         // Half the scenarios (independently of the above) let the log claim runs in the commit that makes
-        // them due, as the daemon does on one machine; the dispatcher then starts them at its next pass.
+        // them due, as the daemon does on one machine. Half of those start them as the daemon does, on the
+        // hook reapers' launchers as soon as the claims are on disk (each step then waits for those runs to
+        // end: `settleLaunches`); the others at the dispatcher's next pass.
         if (seed / 2) % 2 == 0 {
-            _ = dispatcher.acceptEarlyStarts(true)
+            if launches {
+                let launchers = ProcessReaper.all.map(RunLauncher.init)
+                _ = dispatcher.acceptEarlyStarts(true, launchers: launchers)
+                let dispatcher = dispatcher!
+                launcherTasks = launchers.map { launcher in
+                    Task(executorPreference: launcher.reaper) { await dispatcher.launchRuns(from: launcher) }
+                }
+            } else {
+                _ = dispatcher.acceptEarlyStarts(true)
+            }
             log.startDeliveriesEarly(with: dispatcher)
         }
+    }
+
+    /// Runs claimed early start on launchers, as in the daemon (half the scenarios that claim early).
+    var launches: Bool { (seed / 2) % 2 == 0 && (seed / 16) % 2 == 0 }
+    var launcherTasks: [Task<Void, Never>] = []
+
+    /// Waits until the runs launchers started have ended and their outcomes are written: a step's
+    /// effects are then all in the log, as after a dispatcher's pass.
+    func settleLaunches() async {
+        guard launches else { return }
+        for _ in 0..<10_000 where dispatcher.running > 0 { try? await Task.sleep(for: .milliseconds(1)) }
+        if dispatcher.running > 0 { Issue.record("seed \(seed): runs started by launchers did not end") }
+    }
+
+    /// The dispatcher stops starting runs (a crash, or the scenario's end): its launchers' tasks end.
+    func stopLaunches() async {
+        guard launches else { return }
+        #expect(dispatcher.acceptEarlyStarts(false).isEmpty, "seed \(seed): claims left in a launcher")
+        for task in launcherTasks { await task.value }
+        launcherTasks = []
     }
 
     // MARK: - Payop's side
@@ -245,6 +276,7 @@ final class Scenario {
         // too (their attempt counts, as for any run the daemon did not see end).
         let running = try await log.deliveries(state: "running", hook: nil, limit: 100_000)
         for delivery in running { crashed.insert(delivery.eventID) }
+        await stopLaunches()
         log.close()
         log = try Self.openLog(dir)
         try await log.recoverInterruptedDeliveries(now: clock.nowMilliseconds())
@@ -267,6 +299,7 @@ final class Scenario {
         case 17: if random.chance(0.3) { try await crashAndRestart() }
         default: clock.advance(milliseconds: Int64.random(in: 0...3_600_000, using: &random))
         }
+        await settleLaunches()
     }
 
     /// Payop finishes every timeline and delivers every IPN; faults end; the daemon works until nothing
@@ -276,9 +309,11 @@ final class Scenario {
         for index in entities.indices { while entities[index].at + 1 < entities[index].path.count { advance(index) } }
         simulator.setFaults(SimulatedPayop.Faults())
         while !outbox.isEmpty { await deliverIPN() }
+        await settleLaunches()
         let end = clock.nowMilliseconds() + 26 * 3_600_000
         for _ in 0..<500 {
             try await verifier.verifyDue()
+            await settleLaunches()
             try await dispatcher.dispatchDue()
             let next = [try await verifier.nextDue(), try await dispatcher.nextDue()].compactMap { $0 }.min()
             guard let next, next <= end else { return }
@@ -411,6 +446,7 @@ final class Scenario {
         for _ in 0..<steps { try await step() }
         try await settle()
         try await check()
+        await stopLaunches()
         log.close()
     }
 }

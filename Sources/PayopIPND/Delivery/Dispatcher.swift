@@ -58,8 +58,9 @@ public final class Dispatcher: Sendable {
     }
     private let orphans = Mutex<[String: Int]>([:])
     /// Runs the log claims itself (`EarlyStarts`): admitted only while the dispatcher runs, and started
-    /// once their claims are on disk, by its next pass or, when a run that ended handed them its slot,
-    /// by that run's task.
+    /// once their claims are on disk: on a hook reaper by its launcher (`RunLauncher`, while the service
+    /// runs), else by the dispatcher's next pass; or, when a run that ended handed them its slot, by that
+    /// run's task.
     private let early = Mutex(EarlyRuns())
     private struct EarlyRuns {
         var open = false
@@ -71,8 +72,10 @@ public final class Dispatcher: Sendable {
         var refusals: [String: Int] = [:]
         /// Admitted, claim not yet committed: delivery id -> its hook.
         var admitted: [Int64: String] = [:]
-        /// Committed, waiting for the dispatcher to start them.
+        /// Committed, waiting for the dispatcher's pass to start them (no launchers: tests' passes).
         var claimed: [DeliveryClaim] = []
+        /// One per hook reaper while the service runs: they start what is committed.
+        var launchers: [RunLauncher] = []
         /// Handed a slot by a run that ended (`handOver`), claim not yet committed: its id -> that run's.
         var successors: [Int64: Int64] = [:]
         /// Committed, waiting for the task of the run that handed them its slot: that run's id -> claim.
@@ -227,27 +230,62 @@ public final class Dispatcher: Sendable {
             return runs.claimed
         }
         guard !claimed.isEmpty else { return 0 }
-        let configured = Dictionary(hooks().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
-        var removed: [DeliveryClaim] = []
-        for claim in claimed {
-            if let hook = configured[claim.delivery.hook] { spawn(claim, hook) } else { removed.append(claim) }
-        }
+        let (startable, removed) = withTheirHooks(claimed)
+        for (claim, hook) in startable { spawn(claim, hook) }
         await interruptUnstarted(removed)
-        return claimed.count - removed.count
+        return startable.count
     }
 
-    /// Lets the log claim runs itself from now on (`EarlyStarts`), or no longer. Closing returns what
-    /// was claimed but not started yet: the caller records it as interrupted.
-    func acceptEarlyStarts(_ accept: Bool) -> [DeliveryClaim] {
-        early.withLock { runs in
+    /// `claims` with their hooks as configured now, and those whose hook a reload removed meanwhile.
+    private func withTheirHooks(_ claims: [DeliveryClaim]) -> ([(DeliveryClaim, HookConfig)], removed: [DeliveryClaim]) {
+        let configured = Dictionary(hooks().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var startable: [(DeliveryClaim, HookConfig)] = []
+        var removed: [DeliveryClaim] = []
+        for claim in claims {
+            if let hook = configured[claim.delivery.hook] { startable.append((claim, hook)) } else { removed.append(claim) }
+        }
+        return (startable, removed)
+    }
+
+    /// Starts, on `launcher`'s reaper, the runs committed claims hand it, until it is closed (the
+    /// dispatcher stops starting runs) or this task is cancelled; returns once those runs have ended.
+    func launchRuns(from launcher: RunLauncher) async {
+        await withDiscardingTaskGroup { group in
+            while let claims = await launcher.next() {
+                let (startable, removed) = withTheirHooks(claims)
+                for (claim, hook) in startable { addRun(claim, hook, on: launcher.reaper, to: &group) }
+                for _ in removed { launcher.reaper.runEnded() }
+                if !removed.isEmpty { group.addTask { await self.interruptUnstarted(removed) } }
+            }
+        }
+    }
+
+    /// Lets the log claim runs itself from now on (`EarlyStarts`), started by `launchers` (one per hook
+    /// reaper, each with a task in `launchRuns`) or else by the dispatcher's passes; or no longer.
+    /// Closing closes the launchers, and returns what was claimed but not started yet: the caller records
+    /// it as interrupted.
+    func acceptEarlyStarts(_ accept: Bool, launchers: [RunLauncher] = []) -> [DeliveryClaim] {
+        let (unstarted, closing) = early.withLock { runs in
             runs.open = accept
-            guard !accept else { return [] }
+            guard !accept else {
+                runs.launchers = launchers
+                return ([DeliveryClaim](), [RunLauncher]())
+            }
             defer {
                 runs.claimed.removeAll()
                 runs.handedOn.removeAll()
+                runs.launchers.removeAll()
             }
-            return runs.claimed + runs.handedOn.sorted { $0.key < $1.key }.map(\.value)
+            return (runs.claimed + runs.handedOn.sorted { $0.key < $1.key }.map(\.value), runs.launchers)
         }
+        // Outside `early`'s lock: a claim's hand-over to a launcher (`start`) takes the launcher's after it.
+        var queued: [DeliveryClaim] = []
+        for launcher in closing {
+            let left = launcher.close()
+            for _ in left { launcher.reaper.runEnded() }
+            queued += left
+        }
+        return unstarted + queued
     }
 
     /// Claims that were never started (the daemon's own shutdown, a hook removed meanwhile): pending
@@ -282,10 +320,9 @@ public final class Dispatcher: Sendable {
     /// once, on that thread, and no pool thread is woken per delivery.
     /// `chained` gets how many runs it started after the first.
     func addRun(
-        _ claim: DeliveryClaim, _ hook: HookConfig, to group: inout DiscardingTaskGroup,
-        chained: @escaping @Sendable (Int) -> Void = { _ in }
+        _ claim: DeliveryClaim, _ hook: HookConfig, on reaper: ProcessReaper = .forNextRun(),
+        to group: inout DiscardingTaskGroup, chained: @escaping @Sendable (Int) -> Void = { _ in }
     ) {
-        let reaper = ProcessReaper.forNextRun()
         group.addTask(executorPreference: reaper) {
             defer { reaper.runEnded() }
             chained(await self.run(claim, hook: hook))
@@ -551,9 +588,9 @@ extension Dispatcher: EarlyStarts {
     }
 
     public func start(_ claims: [DeliveryClaim]) {
-        let (late, forThePass) = early.withLock { runs -> ([DeliveryClaim], Bool) in
+        let (refused, committed, launchers) = early.withLock { runs -> ([DeliveryClaim], [DeliveryClaim], [RunLauncher]) in
             var late: [DeliveryClaim] = []
-            var forThePass = false
+            var committed: [DeliveryClaim] = []
             for claim in claims {
                 let id = claim.delivery.id
                 let admitted = runs.admitted.removeValue(forKey: id) != nil
@@ -567,17 +604,34 @@ extension Dispatcher: EarlyStarts {
                 } else if !runs.open || !admitted {
                     late.append(claim)
                 } else {
-                    runs.claimed.append(claim)
-                    forThePass = true
+                    committed.append(claim)
                 }
             }
-            return (late, forThePass)
+            if runs.launchers.isEmpty { runs.claimed += committed }
+            return (late, committed, runs.launchers)
+        }
+        var late = refused
+        if launchers.isEmpty {
+            if !committed.isEmpty { signal.signal() }
+        } else {
+            // Each run to the launcher whose reaper has fewer runs' tasks, all of a launcher's at once (one
+            // wake-up). A launcher closed meanwhile (the dispatcher stopping) takes none: they are recorded
+            // interrupted.
+            var queued = [[DeliveryClaim]](repeating: [], count: launchers.count)
+            let reapers = launchers.map(\.reaper)
+            for claim in committed {
+                let reaper = ProcessReaper.forNextRun(among: reapers)
+                queued[reapers.firstIndex { $0 === reaper }!].append(claim)
+            }
+            for (launcher, claims) in zip(launchers, queued) where !claims.isEmpty && !launcher.push(claims) {
+                for _ in claims { launcher.reaper.runEnded() }
+                late += claims
+            }
         }
         if !late.isEmpty {
             // Committed after the dispatcher stopped starting runs: recorded as interrupted, as at shutdown.
             Task { await interruptUnstarted(late) }
         }
-        if forThePass { signal.signal() }
     }
 }
 
@@ -595,8 +649,13 @@ struct DispatcherService: Service {
 
     func run() async throws {
         await dispatcher.checkOrphans()
-        _ = dispatcher.acceptEarlyStarts(true)
         await withDiscardingTaskGroup { group in
+            // Runs the log claims early start on a hook reaper as soon as their claims are on disk.
+            let launchers = ProcessReaper.all.map(RunLauncher.init)
+            for launcher in launchers {
+                group.addTask(executorPreference: launcher.reaper) { await dispatcher.launchRuns(from: launcher) }
+            }
+            _ = dispatcher.acceptEarlyStarts(true, launchers: launchers)
             let loop = DueWorkLoop(
                 name: "dispatcher", signal: dispatcher.signal, clock: clock, logger: logger, recheck: recheck)
             await withGracefulShutdownHandler {

@@ -222,8 +222,8 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
     /// Where the next run's task goes: to the reaper with fewer runs' tasks, counted until each ends
     /// (`runEnded`). The task stays there, and so do the runs it starts after it (`Dispatcher.run`),
     /// so a chain of runs never moves: new tasks even the load out.
-    static func forNextRun() -> ProcessReaper {
-        let reaper = all.min { $0.runs.load(ordering: .relaxed) < $1.runs.load(ordering: .relaxed) }!
+    static func forNextRun(among reapers: [ProcessReaper] = all) -> ProcessReaper {
+        let reaper = reapers.min { $0.runs.load(ordering: .relaxed) < $1.runs.load(ordering: .relaxed) }!
         reaper.runs.add(1, ordering: .relaxed)
         return reaper
     }

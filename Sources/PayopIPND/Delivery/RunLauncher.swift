@@ -1,0 +1,70 @@
+import Synchronization
+
+/// Hands the runs the log claimed early (`EarlyStarts`) to a task that waits on one hook reaper's
+/// thread (`Dispatcher.launchRuns`), which starts them there. The commit that claimed them wakes that
+/// thread alone: not a pass of the dispatcher on a pool thread, which would then hand each run to a
+/// reaper (a thread woken less between Payop's answer and the hook).
+final class RunLauncher: Sendable {
+    let reaper: ProcessReaper
+    private let state = Mutex(State())
+    private struct State {
+        var claims: [DeliveryClaim] = []
+        var waiting: CheckedContinuation<Void, Never>?
+        /// Closed (the dispatcher stops starting runs) or its task cancelled: it takes no more claims.
+        var closed = false
+    }
+
+    init(reaper: ProcessReaper) { self.reaper = reaper }
+
+    /// Queues `claims` for the waiting task; false, queuing nothing, once closed.
+    func push(_ claims: [DeliveryClaim]) -> Bool {
+        let waiting = state.withLock { state -> CheckedContinuation<Void, Never>?? in
+            guard !state.closed else { return .none }
+            state.claims += claims
+            defer { state.waiting = nil }
+            return .some(state.waiting)
+        }
+        guard let waiting else { return false }
+        waiting?.resume()
+        return true
+    }
+
+    /// Takes no more claims; returns those queued and not yet taken by the task, which then ends.
+    func close() -> [DeliveryClaim] {
+        let (unstarted, waiting) = state.withLock { state in
+            state.closed = true
+            defer {
+                state.claims.removeAll()
+                state.waiting = nil
+            }
+            return (state.claims, state.waiting)
+        }
+        waiting?.resume()
+        return unstarted
+    }
+
+    /// The claims queued since the last call, waiting for some; nil once closed (or the task is
+    /// cancelled) and nothing is queued.
+    func next() async -> [DeliveryClaim]? {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let ready = state.withLock { state in
+                    guard state.claims.isEmpty, !state.closed else { return true }
+                    state.waiting = continuation
+                    return false
+                }
+                if ready { continuation.resume() }
+            }
+        } onCancel: {
+            _ = state.withLock { state in
+                state.closed = true
+                defer { state.waiting = nil }
+                return state.waiting
+            }?.resume()
+        }
+        return state.withLock { state in
+            defer { state.claims.removeAll() }
+            return state.claims.isEmpty ? nil : state.claims
+        }
+    }
+}

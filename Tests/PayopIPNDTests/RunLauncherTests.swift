@@ -1,0 +1,150 @@
+import Foundation
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+@testable import PayopIPND
+
+/// The SQLite log's deliveries, whose dispatcher passes wait at their read of what is due, from the
+/// second pass on, until `release`: a pass the dispatcher cannot finish.
+final class PassHoldingStore: ForwardingDeliveryStore, @unchecked Sendable {
+    private let state = Mutex<(passes: Int, held: Bool, waiters: [CheckedContinuation<Void, Never>])>((0, true, []))
+    var passes: Int { state.withLock { $0.passes } }
+
+    override func runnableDeliveries(now: Int64, hooks: [String], limit: Int) async throws(EventLogError) -> [Delivery] {
+        await withCheckedContinuation { continuation in
+            let wait = state.withLock { state in
+                state.passes += 1
+                guard state.passes > 1, state.held else { return false }
+                state.waiters.append(continuation)
+                return true
+            }
+            if !wait { continuation.resume() }
+        }
+        return try await base.runnableDeliveries(now: now, hooks: hooks, limit: limit)
+    }
+
+    func release() {
+        let waiters = state.withLock { state in
+            state.held = false
+            defer { state.waiters.removeAll() }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+}
+
+@Suite struct RunLauncherTests {
+    /// Real claims (signed IPNs' runs, recorded running in a log of their own), by delivery id.
+    private func claims(_ count: Int) async throws -> [Int64: DeliveryClaim] {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        log.setHooks([commandHook("fulfil", "/bin/true")])
+        for order in 0..<count { try await ingestSigned(log, clock: clock, order: "\(order)") }
+        var claims: [Int64: DeliveryClaim] = [:]
+        for delivery in try await log.deliveries(state: nil, hook: nil, limit: count) {
+            claims[delivery.id] = try #require(try await log.claimDelivery(id: delivery.id, now: clock.nowMilliseconds()))
+        }
+        return claims
+    }
+
+    @Test(.timeLimit(.minutes(1))) func claimsPushedReachTheWaitingTaskInOrder() async throws {
+        let claim = try await claims(4)
+        let ids = claim.keys.sorted()
+        let launcher = RunLauncher(reaper: ProcessReaper.shared)
+        let taken = Task { await launcher.next()?.map(\.delivery.id) }
+        #expect(launcher.push([claim[ids[1]]!, claim[ids[0]]!]))
+        #expect(await taken.value == [ids[1], ids[0]])
+        #expect(launcher.push([claim[ids[2]]!]))
+        #expect(launcher.push([claim[ids[3]]!]))
+        #expect(await launcher.next()?.map(\.delivery.id) == [ids[2], ids[3]])
+    }
+
+    @Test(.timeLimit(.minutes(1))) func closingHandsBackWhatWasNotTakenAndEndsTheTask() async throws {
+        let claim = try await claims(2)
+        let ids = claim.keys.sorted()
+        let launcher = RunLauncher(reaper: ProcessReaper.shared)
+        #expect(launcher.push([claim[ids[0]]!]))
+        #expect(launcher.close().map(\.delivery.id) == [ids[0]])
+        #expect(await launcher.next() == nil)
+        // Closed, it takes nothing more: the caller records such a claim interrupted.
+        #expect(!launcher.push([claim[ids[1]]!]))
+        #expect(launcher.close().isEmpty)
+        // A task waiting when it closes ends too.
+        let other = RunLauncher(reaper: ProcessReaper.shared)
+        let waiting = Task { await other.next() }
+        try? await Task.sleep(for: .milliseconds(20))
+        #expect(other.close().isEmpty)
+        #expect(await waiting.value == nil)
+    }
+
+    @Test(.timeLimit(.minutes(1))) func aCancelledTaskStopsWaitingAndTakesNoMore() async throws {
+        let claim = try #require(try await claims(1).values.first)
+        let launcher = RunLauncher(reaper: ProcessReaper.shared)
+        let waiting = Task { await launcher.next() }
+        try? await Task.sleep(for: .milliseconds(20))
+        waiting.cancel()
+        #expect(await waiting.value == nil)
+        #expect(!launcher.push([claim]))
+    }
+
+    @Test(.timeLimit(.minutes(1))) func aRunClaimedEarlyStartsOnAHookReaperWhileTheDispatchersPassIsBusy() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        log.setHooks([commandHook("fulfil", "/bin/true")])
+        let store = PassHoldingStore(log)
+        let startedOn = Mutex<[String]>([])
+        let runner = RecordingHookRunner { _ in
+            startedOn.withLock { $0.append(threadName()) }
+            return HookResult(outcome: .delivered)
+        }
+        let dispatcher = EarlyStartHarness.dispatcher(log, store: store, runner: runner, clock: clock, perHook: 16)
+        log.startDeliveriesEarly(with: dispatcher)
+        let service = DispatcherService(
+            dispatcher: dispatcher, clock: clock, logger: quietLogger, shutdownGrace: .milliseconds(200),
+            recheck: .seconds(3600))
+        let group = ServiceGroup(services: [service], logger: quietLogger)
+        defer { store.release() }
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            // The first pass finds nothing due (the hook is caught up); the second waits at its read.
+            while store.passes < 1 { try await Task.sleep(for: .milliseconds(5)) }
+            dispatcher.signal.signal()
+            while store.passes < 2 { try await Task.sleep(for: .milliseconds(5)) }
+            try await ingestCheckout(log, clock: clock, "tx-1")
+            #expect(try await EarlyStartHarness.verifier(log, clock: clock).verifyDue() == 1)
+            // Claimed in the verification's commit, it runs without the pass, which is still waiting.
+            for _ in 0..<1000 where runner.all.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(runner.all.map(\.attempt) == [1])
+            #expect(startedOn.withLock { $0 }.allSatisfy { $0.hasPrefix("ipnd-hook-reap") })
+            #expect(store.passes == 2)
+            store.release()
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        #expect(try await log.deliveries(state: nil, hook: nil, limit: 10).map(\.state) == [.delivered])
+        #expect(dispatcher.running == 0)
+    }
+
+    @Test func claimsQueuedForALauncherWhenTheDispatcherStopsRunAgainUnspent() async throws {
+        let h = try await EarlyStartHarness()
+        defer { h.log.close() }
+        // Launchers whose tasks never take anything: the commit's claims wait in them.
+        let launchers = ProcessReaper.all.map(RunLauncher.init)
+        _ = h.dispatcher.acceptEarlyStarts(true, launchers: launchers)
+        try await ingestSigned(h.log, clock: h.clock, order: "1")
+        try await ingestSigned(h.log, clock: h.clock, order: "2")
+        #expect(try await h.deliveries().map(\.state) == [.running, .running])
+        let unstarted = h.dispatcher.acceptEarlyStarts(false)
+        #expect(unstarted.count == 2)
+        await h.dispatcher.interruptUnstarted(unstarted)
+        #expect(try await h.deliveries().map { "\($0.state) \($0.attempts)" } == ["pending 0", "pending 0"])
+        #expect(h.dispatcher.running == 0)
+        #expect(h.runner.all.isEmpty)
+        for launcher in launchers { #expect(await launcher.next() == nil) }
+    }
+}
