@@ -34,6 +34,25 @@ final class PassHoldingStore: ForwardingDeliveryStore, @unchecked Sendable {
     }
 }
 
+/// The dispatcher as the log's `EarlyStarts`, counting the writes that left deliveries for its pass.
+final class CountingStarts: EarlyStarts {
+    let dispatcher: Dispatcher
+    private let left = Mutex(0)
+    var leftPendingCount: Int { left.withLock { $0 } }
+    init(_ dispatcher: Dispatcher) { self.dispatcher = dispatcher }
+    func admit(id: Int64, hook: String) -> Bool { dispatcher.admit(id: id, hook: hook) }
+    func withdraw(_ ids: [Int64]) { dispatcher.withdraw(ids) }
+    func start(_ claims: [DeliveryClaim]) { dispatcher.start(claims) }
+    func leftPending() {
+        left.withLock { $0 += 1 }
+        dispatcher.leftPending()
+    }
+    func handOver(from finished: Int64, to next: Int64?, hook: String) -> Bool {
+        dispatcher.handOver(from: finished, to: next, hook: hook)
+    }
+    func holdsSlot(of finished: Int64) -> Bool { dispatcher.holdsSlot(of: finished) }
+}
+
 @Suite struct RunLauncherTests {
     /// Real claims (signed IPNs' runs, recorded running in a log of their own), by delivery id.
     private func claims(_ count: Int) async throws -> [Int64: DeliveryClaim] {
@@ -146,5 +165,101 @@ final class PassHoldingStore: ForwardingDeliveryStore, @unchecked Sendable {
         #expect(h.dispatcher.running == 0)
         #expect(h.runner.all.isEmpty)
         for launcher in launchers { #expect(await launcher.next() == nil) }
+    }
+
+    @Test func aWriteWhoseRunsAreAllClaimedWakesNoPassAndOneThatLeavesARunPendingDoes() async throws {
+        let h = try await EarlyStartHarness(perHook: 1)
+        defer { h.log.close() }
+        let starts = CountingStarts(h.dispatcher)
+        h.log.startDeliveriesEarly(with: starts)
+        try await h.ingestCheckout("tx-1")
+        #expect(try await h.verifier().verifyDue() == 1)
+        #expect(try await h.deliveries().map(\.state) == [.running])
+        #expect(starts.leftPendingCount == 0)
+        // The hook's one slot is taken: the next verified event's run is left pending, for the pass.
+        try await h.ingestCheckout("tx-2")
+        #expect(try await h.verifier().verifyDue() == 1)
+        #expect(try await h.deliveries().map(\.state) == [.running, .pending])
+        #expect(starts.leftPendingCount == 1)
+        // The pass starts the first, then the second once the first's slot is free.
+        #expect(try await h.dispatcher.dispatchDue() == 2)
+        #expect(try await h.deliveries().map(\.state) == [.delivered, .delivered])
+    }
+
+    @Test(.timeLimit(.minutes(1))) func aClaimRefusedByALauncherWhoseTaskWasCancelledRunsAgainUnspent() async throws {
+        let h = try await EarlyStartHarness()
+        defer { h.log.close() }
+        let launchers = ProcessReaper.all.map(RunLauncher.init)
+        _ = h.dispatcher.acceptEarlyStarts(true, launchers: launchers)
+        let tasks = launchers.map { launcher in
+            Task(executorPreference: launcher.reaper) { await h.dispatcher.launchRuns(from: launcher) }
+        }
+        for task in tasks { task.cancel() }
+        for task in tasks { await task.value }
+        try await ingestSigned(h.log, clock: h.clock)
+        var delivery = try await h.deliveries().first
+        for _ in 0..<100 where delivery?.state != .pending {
+            await h.dispatcher.signal.wait(timeout: .milliseconds(100))
+            delivery = try await h.deliveries().first
+        }
+        #expect(delivery?.state == .pending && delivery?.attempts == 0)
+        #expect(h.dispatcher.running == 0)
+        #expect(h.runner.all.isEmpty)
+        #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
+    }
+
+    @Test(.timeLimit(.minutes(1))) func aClaimALauncherTakesAfterItsHookWasRemovedRunsAgainUnspent() async throws {
+        let h = try await EarlyStartHarness()
+        defer { h.log.close() }
+        let launchers = ProcessReaper.all.map(RunLauncher.init)
+        _ = h.dispatcher.acceptEarlyStarts(true, launchers: launchers)
+        try await ingestSigned(h.log, clock: h.clock)
+        #expect(try await h.deliveries().map(\.state) == [.running])
+        h.log.setHooks([commandHook("other", "/bin/true")])
+        // The launchers' tasks start only now, and find the claim's hook gone.
+        let tasks = launchers.map { launcher in
+            Task(executorPreference: launcher.reaper) { await h.dispatcher.launchRuns(from: launcher) }
+        }
+        var delivery = try await h.deliveries().first
+        for _ in 0..<100 where delivery?.state != .pending {
+            await h.dispatcher.signal.wait(timeout: .milliseconds(100))
+            delivery = try await h.deliveries().first
+        }
+        #expect(delivery?.state == .pending && delivery?.attempts == 0)
+        #expect(h.runner.all.isEmpty)
+        #expect(h.dispatcher.acceptEarlyStarts(false).isEmpty)
+        for task in tasks { await task.value }
+        #expect(h.dispatcher.running == 0)
+    }
+
+    @Test(.timeLimit(.minutes(1))) func aLaunchedHookOutlivingTheShutdownGraceIsStoppedAndRunsAgainUnspent() async throws {
+        let dir = try TemporaryDirectory()
+        let clock = TestClock()
+        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+        defer { log.close() }
+        let hook = try script(dir, "slow", "sleep 30")
+        log.setHooks([commandHook("slow", hook, attempts: 1)])
+        let store = PassHoldingStore(log)
+        store.release()
+        let dispatcher = testDispatcher(log, store: store, runner: CommandHookRunner(), clock: clock)
+        log.startDeliveriesEarly(with: dispatcher)
+        let service = DispatcherService(
+            dispatcher: dispatcher, clock: clock, logger: quietLogger, shutdownGrace: .milliseconds(200))
+        let group = ServiceGroup(services: [service], logger: quietLogger)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            // Caught up once its first pass found nothing: the signed IPN's run is claimed in its commit.
+            while store.passes < 1 { try await Task.sleep(for: .milliseconds(5)) }
+            try await Task.sleep(for: .milliseconds(50))
+            try await ingestSigned(log, clock: clock)
+            #expect(try await log.deliveries(state: nil, hook: nil, limit: 1).map(\.state) == [.running])
+            while dispatcher.runningHooks == 0 { try await Task.sleep(for: .milliseconds(5)) }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        let delivery = try #require(try await log.deliveries(state: nil, hook: nil, limit: 1).first)
+        // max_attempts 1: had the stopped run counted, its delivery would now be dead.
+        #expect(delivery.state == .pending && delivery.attempts == 0)
+        #expect(dispatcher.running == 0)
     }
 }

@@ -252,7 +252,8 @@ public final class Dispatcher: Sendable {
     func launchRuns(from launcher: RunLauncher) async {
         await withDiscardingTaskGroup { group in
             while let claims = await launcher.next() {
-                let (startable, removed) = withTheirHooks(claims)
+                // Taken just before the dispatcher stopped starting runs: none starts now (as `successor`).
+                let (startable, removed) = early.withLock { $0.open } ? withTheirHooks(claims) : ([], claims)
                 for (claim, hook) in startable { addRun(claim, hook, on: launcher.reaper, to: &group) }
                 for _ in removed { launcher.reaper.runEnded() }
                 if !removed.isEmpty { group.addTask { await self.interruptUnstarted(removed) } }
@@ -265,27 +266,28 @@ public final class Dispatcher: Sendable {
     /// Closing closes the launchers, and returns what was claimed but not started yet: the caller records
     /// it as interrupted.
     func acceptEarlyStarts(_ accept: Bool, launchers: [RunLauncher] = []) -> [DeliveryClaim] {
-        let (unstarted, closing) = early.withLock { runs in
+        // Launchers are closed under `early`'s lock, which `start` holds while it hands them claims: a claim
+        // committed while runs are being started is either handed back here or taken by a launcher's task.
+        early.withLock { runs in
+            precondition(!accept || runs.launchers.isEmpty, "launchers replaced without being closed")
             runs.open = accept
             guard !accept else {
                 runs.launchers = launchers
-                return ([DeliveryClaim](), [RunLauncher]())
+                return []
             }
             defer {
                 runs.claimed.removeAll()
                 runs.handedOn.removeAll()
                 runs.launchers.removeAll()
             }
-            return (runs.claimed + runs.handedOn.sorted { $0.key < $1.key }.map(\.value), runs.launchers)
+            var unstarted = runs.claimed + runs.handedOn.sorted { $0.key < $1.key }.map(\.value)
+            for launcher in runs.launchers {
+                let left = launcher.close()
+                for _ in left { launcher.reaper.runEnded() }
+                unstarted += left
+            }
+            return unstarted
         }
-        // Outside `early`'s lock: a claim's hand-over to a launcher (`start`) takes the launcher's after it.
-        var queued: [DeliveryClaim] = []
-        for launcher in closing {
-            let left = launcher.close()
-            for _ in left { launcher.reaper.runEnded() }
-            queued += left
-        }
-        return unstarted + queued
     }
 
     /// Claims that were never started (the daemon's own shutdown, a hook removed meanwhile): pending
@@ -588,7 +590,7 @@ extension Dispatcher: EarlyStarts {
     }
 
     public func start(_ claims: [DeliveryClaim]) {
-        let (refused, committed, launchers) = early.withLock { runs -> ([DeliveryClaim], [DeliveryClaim], [RunLauncher]) in
+        let (late, forThePass) = early.withLock { runs -> ([DeliveryClaim], Bool) in
             var late: [DeliveryClaim] = []
             var committed: [DeliveryClaim] = []
             for claim in claims {
@@ -607,32 +609,33 @@ extension Dispatcher: EarlyStarts {
                     committed.append(claim)
                 }
             }
-            if runs.launchers.isEmpty { runs.claimed += committed }
-            return (late, committed, runs.launchers)
-        }
-        var late = refused
-        if launchers.isEmpty {
-            if !committed.isEmpty { signal.signal() }
-        } else {
+            guard !runs.launchers.isEmpty else {
+                runs.claimed += committed
+                return (late, !committed.isEmpty)
+            }
             // Each run to the launcher whose reaper has fewer runs' tasks, all of a launcher's at once (one
-            // wake-up). A launcher closed meanwhile (the dispatcher stopping) takes none: they are recorded
-            // interrupted.
-            var queued = [[DeliveryClaim]](repeating: [], count: launchers.count)
-            let reapers = launchers.map(\.reaper)
+            // wake-up), under this lock: closing (`acceptEarlyStarts`) takes it too. Only a launcher whose
+            // task was cancelled refuses them: they are recorded interrupted.
+            var queued = [[DeliveryClaim]](repeating: [], count: runs.launchers.count)
+            let reapers = runs.launchers.map(\.reaper)
             for claim in committed {
                 let reaper = ProcessReaper.forNextRun(among: reapers)
                 queued[reapers.firstIndex { $0 === reaper }!].append(claim)
             }
-            for (launcher, claims) in zip(launchers, queued) where !claims.isEmpty && !launcher.push(claims) {
+            for (launcher, claims) in zip(runs.launchers, queued) where !claims.isEmpty && !launcher.push(claims) {
                 for _ in claims { launcher.reaper.runEnded() }
                 late += claims
             }
+            return (late, false)
         }
         if !late.isEmpty {
             // Committed after the dispatcher stopped starting runs: recorded as interrupted, as at shutdown.
             Task { await interruptUnstarted(late) }
         }
+        if forThePass { signal.signal() }
     }
+
+    public func leftPending() { signal.signal() }
 }
 
 /// The dispatcher as a long-running service: hook runs are child tasks of this service; on shutdown no

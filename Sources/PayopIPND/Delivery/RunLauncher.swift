@@ -18,6 +18,7 @@ final class RunLauncher: Sendable {
 
     /// Queues `claims` for the waiting task; false, queuing nothing, once closed.
     func push(_ claims: [DeliveryClaim]) -> Bool {
+        guard !claims.isEmpty else { return !state.withLock { $0.closed } }
         let waiting = state.withLock { state -> CheckedContinuation<Void, Never>?? in
             guard !state.closed else { return .none }
             state.claims += claims
@@ -44,27 +45,34 @@ final class RunLauncher: Sendable {
     }
 
     /// The claims queued since the last call, waiting for some; nil once closed (or the task is
-    /// cancelled) and nothing is queued.
+    /// cancelled) with nothing queued. One task calls it.
     func next() async -> [DeliveryClaim]? {
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { continuation in
-                let ready = state.withLock { state in
-                    guard state.claims.isEmpty, !state.closed else { return true }
-                    state.waiting = continuation
-                    return false
+        while true {
+            let taken = state.withLock { state -> [DeliveryClaim]?? in
+                if !state.claims.isEmpty {
+                    defer { state.claims.removeAll() }
+                    return .some(state.claims)
                 }
-                if ready { continuation.resume() }
+                return state.closed ? .some(nil) : .none
             }
-        } onCancel: {
-            _ = state.withLock { state in
-                state.closed = true
-                defer { state.waiting = nil }
-                return state.waiting
-            }?.resume()
-        }
-        return state.withLock { state in
-            defer { state.claims.removeAll() }
-            return state.claims.isEmpty ? nil : state.claims
+            if let taken { return taken }
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { continuation in
+                    let ready = state.withLock { state in
+                        precondition(state.waiting == nil, "one task waits on a launcher")
+                        guard state.claims.isEmpty, !state.closed else { return true }
+                        state.waiting = continuation
+                        return false
+                    }
+                    if ready { continuation.resume() }
+                }
+            } onCancel: {
+                _ = state.withLock { state in
+                    state.closed = true
+                    defer { state.waiting = nil }
+                    return state.waiting
+                }?.resume()
+            }
         }
     }
 }
