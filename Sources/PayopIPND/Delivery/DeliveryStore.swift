@@ -113,9 +113,6 @@ public protocol EarlyStarts: AnyObject, Sendable {
     func withdraw(_ ids: [Int64])
     /// Claims now on disk, in the log's order: their hooks run.
     func start(_ claims: [DeliveryClaim])
-    /// A write now on disk made deliveries it did not claim (not admitted): the dispatcher's pass takes
-    /// them. What a write claims wakes no pass.
-    func leftPending()
     /// Run `finished` of `hook` has ended, and the transaction recording how is open: its slot goes to
     /// `next`, that hook's first due run, which the same transaction then claims (no pass, no read and
     /// no commit of the dispatcher's own in between). False when there is no `next`, the slot is no

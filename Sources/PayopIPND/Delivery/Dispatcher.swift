@@ -268,12 +268,12 @@ public final class Dispatcher: Sendable {
     func acceptEarlyStarts(_ accept: Bool, launchers: [RunLauncher] = []) -> [DeliveryClaim] {
         // Launchers are closed under `early`'s lock, which `start` holds while it hands them claims: a claim
         // committed while runs are being started is either handed back here or taken by a launcher's task.
-        early.withLock { runs in
+        let (unstarted, wakes) = early.withLock { runs -> ([DeliveryClaim], [RunLauncher.Wake]) in
             precondition(!accept || runs.launchers.isEmpty, "launchers replaced without being closed")
             runs.open = accept
             guard !accept else {
                 runs.launchers = launchers
-                return []
+                return ([], [])
             }
             defer {
                 runs.claimed.removeAll()
@@ -281,13 +281,17 @@ public final class Dispatcher: Sendable {
                 runs.launchers.removeAll()
             }
             var unstarted = runs.claimed + runs.handedOn.sorted { $0.key < $1.key }.map(\.value)
+            var wakes: [RunLauncher.Wake] = []
             for launcher in runs.launchers {
-                let left = launcher.close()
+                let (left, wake) = launcher.close()
                 for _ in left { launcher.reaper.runEnded() }
                 unstarted += left
+                wakes.append(wake)
             }
-            return unstarted
+            return (unstarted, wakes)
         }
+        for wake in wakes { wake.resume() }
+        return unstarted
     }
 
     /// Claims that were never started (the daemon's own shutdown, a hook removed meanwhile): pending
@@ -590,7 +594,7 @@ extension Dispatcher: EarlyStarts {
     }
 
     public func start(_ claims: [DeliveryClaim]) {
-        let (late, forThePass) = early.withLock { runs -> ([DeliveryClaim], Bool) in
+        let (late, forThePass, wakes) = early.withLock { runs -> ([DeliveryClaim], Bool, [RunLauncher.Wake]) in
             var late: [DeliveryClaim] = []
             var committed: [DeliveryClaim] = []
             for claim in claims {
@@ -611,31 +615,35 @@ extension Dispatcher: EarlyStarts {
             }
             guard !runs.launchers.isEmpty else {
                 runs.claimed += committed
-                return (late, !committed.isEmpty)
+                return (late, !committed.isEmpty, [])
             }
             // Each run to the launcher whose reaper has fewer runs' tasks, all of a launcher's at once (one
-            // wake-up), under this lock: closing (`acceptEarlyStarts`) takes it too. Only a launcher whose
-            // task was cancelled refuses them: they are recorded interrupted.
+            // wake-up, after this lock), queued under this lock: closing (`acceptEarlyStarts`) takes it too.
+            // Only a launcher whose task was cancelled refuses them: they are recorded interrupted.
             var queued = [[DeliveryClaim]](repeating: [], count: runs.launchers.count)
             let reapers = runs.launchers.map(\.reaper)
             for claim in committed {
                 let reaper = ProcessReaper.forNextRun(among: reapers)
                 queued[reapers.firstIndex { $0 === reaper }!].append(claim)
             }
-            for (launcher, claims) in zip(runs.launchers, queued) where !claims.isEmpty && !launcher.push(claims) {
-                for _ in claims { launcher.reaper.runEnded() }
-                late += claims
+            var wakes: [RunLauncher.Wake] = []
+            for (launcher, claims) in zip(runs.launchers, queued) where !claims.isEmpty {
+                if let wake = launcher.push(claims) {
+                    wakes.append(wake)
+                } else {
+                    for _ in claims { launcher.reaper.runEnded() }
+                    late += claims
+                }
             }
-            return (late, false)
+            return (late, false, wakes)
         }
+        for wake in wakes { wake.resume() }
         if !late.isEmpty {
             // Committed after the dispatcher stopped starting runs: recorded as interrupted, as at shutdown.
             Task { await interruptUnstarted(late) }
         }
         if forThePass { signal.signal() }
     }
-
-    public func leftPending() { signal.signal() }
 }
 
 /// The dispatcher as a long-running service: hook runs are child tasks of this service; on shutdown no

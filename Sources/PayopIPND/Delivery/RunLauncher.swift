@@ -16,32 +16,35 @@ final class RunLauncher: Sendable {
 
     init(reaper: ProcessReaper) { self.reaper = reaper }
 
-    /// Queues `claims` for the waiting task; false, queuing nothing, once closed.
-    func push(_ claims: [DeliveryClaim]) -> Bool {
-        guard !claims.isEmpty else { return !state.withLock { $0.closed } }
-        let waiting = state.withLock { state -> CheckedContinuation<Void, Never>?? in
-            guard !state.closed else { return .none }
-            state.claims += claims
-            defer { state.waiting = nil }
-            return .some(state.waiting)
-        }
-        guard let waiting else { return false }
-        waiting?.resume()
-        return true
+    /// The waiting task, to resume once the caller has let go of its own locks (`resume`): a wake-up
+    /// enqueues the task on its reaper and writes to that thread's wake pipe.
+    struct Wake {
+        fileprivate let waiting: CheckedContinuation<Void, Never>?
+        func resume() { waiting?.resume() }
     }
 
-    /// Takes no more claims; returns those queued and not yet taken by the task, which then ends.
-    func close() -> [DeliveryClaim] {
-        let (unstarted, waiting) = state.withLock { state in
+    /// Queues `claims` for the waiting task, and returns it to wake; nil, queuing nothing, once closed.
+    func push(_ claims: [DeliveryClaim]) -> Wake? {
+        state.withLock { state in
+            guard !state.closed else { return nil }
+            guard !claims.isEmpty else { return Wake(waiting: nil) }
+            state.claims += claims
+            defer { state.waiting = nil }
+            return Wake(waiting: state.waiting)
+        }
+    }
+
+    /// Takes no more claims; returns those queued and not yet taken by the task, and the task to wake
+    /// (it then ends).
+    func close() -> ([DeliveryClaim], Wake) {
+        state.withLock { state in
             state.closed = true
             defer {
                 state.claims.removeAll()
                 state.waiting = nil
             }
-            return (state.claims, state.waiting)
+            return (state.claims, Wake(waiting: state.waiting))
         }
-        waiting?.resume()
-        return unstarted
     }
 
     /// The claims queued since the last call, waiting for some; nil once closed (or the task is

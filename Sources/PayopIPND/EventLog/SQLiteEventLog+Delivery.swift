@@ -448,8 +448,6 @@ extension RawParameters {
 final class EarlyClaims: Sendable {
     private let starts: any EarlyStarts
     private let claimed = Mutex<[DeliveryClaim]>([])
-    /// The write made deliveries the dispatcher did not admit: its pass must look for them.
-    private let unclaimed = Atomic<Bool>(false)
 
     init(_ starts: any EarlyStarts) { self.starts = starts }
 
@@ -457,11 +455,7 @@ final class EarlyClaims: Sendable {
     /// (`enqueueDeliveries`). One it admitted but that may not run now (something earlier of its entity
     /// is pending or running) gets its slot back and stays pending for the dispatcher.
     func claim(_ deliveries: [Delivery], now: Int64, in db: Database) throws {
-        for delivery in deliveries {
-            guard starts.admit(id: delivery.id, hook: delivery.hook) else {
-                unclaimed.store(true, ordering: .relaxed)
-                continue
-            }
+        for delivery in deliveries where starts.admit(id: delivery.id, hook: delivery.hook) {
             let claim: DeliveryClaim?
             do {
                 claim = try SQLiteEventLog.claim(db, current: delivery, now: now)
@@ -524,7 +518,6 @@ final class EarlyClaims: Sendable {
             defer { claimed.removeAll() }
             return claimed
         }
-        if unclaimed.exchange(false, ordering: .relaxed), committed { starts.leftPending() }
         guard !claims.isEmpty else { return }
         if committed {
             starts.start(claims)

@@ -109,14 +109,12 @@ public struct Daemon: Sendable {
             store: log, runner: runner, hooks: { log.hooks }, policy: DeliveryPolicy(config), clock: clock,
             logger: logger, metrics: metrics, signal: wake.deliver)
         // One daemon owns a SQLite log: a verification (or a signed IPN) claims its deliveries' runs in
-        // its own commit, and the dispatcher starts them; it wakes the dispatcher's pass only for those it
-        // leaves pending (`EarlyStarts.leftPending`). A shared log's dispatcher looks after every commit.
-        let claimsEarly = log is SQLiteEventLog
+        // its own commit, and the dispatcher starts them.
         (log as? SQLiteEventLog)?.startDeliveriesEarly(with: dispatcher)
         let verifySignal = wake.verify
         let verifier = Verifier(
             store: log, payop: payop, policy: VerificationPolicy(config), clock: clock, logger: logger, metrics: metrics,
-            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in if !claimsEarly { dispatcher.signal.signal() } })
+            asksEarly: config.storage.backend == .sqlite, onVerified: { _ in dispatcher.signal.signal() })
         let ingress = IPNIngress(
             settings: Self.ingressSettings(config, legacySecretKey: secrets.legacyKey), store: log, clock: clock,
             logger: logger, metrics: metrics,
@@ -125,7 +123,7 @@ public struct Daemon: Sendable {
             },
             onStored: { _, ipn in
                 if ipn.verifiedBySignature {
-                    if !claimsEarly { dispatcher.signal.signal() }
+                    dispatcher.signal.signal()
                 } else if verifier.wantsFreshIPNs {
                     verifySignal.signal()
                 }
