@@ -252,8 +252,10 @@ public final class Dispatcher: Sendable {
     func launchRuns(from launcher: RunLauncher) async {
         await withDiscardingTaskGroup { group in
             while let claims = await launcher.next() {
-                // Taken just before the dispatcher stopped starting runs: none starts now (as `successor`).
-                let (startable, removed) = early.withLock { $0.open } ? withTheirHooks(claims) : ([], claims)
+                // Taken once the dispatcher stopped starting runs, or its task cancelled: none starts (as in
+                // `successor`). A stop right after this check is as for a pass's runs: they get the grace.
+                let go = !Task.isCancelled && early.withLock { $0.open }
+                let (startable, removed) = go ? withTheirHooks(claims) : ([], claims)
                 for (claim, hook) in startable { addRun(claim, hook, on: launcher.reaper, to: &group) }
                 for _ in removed { launcher.reaper.runEnded() }
                 if !removed.isEmpty { group.addTask { await self.interruptUnstarted(removed) } }
@@ -619,7 +621,8 @@ extension Dispatcher: EarlyStarts {
             }
             // Each run to the launcher whose reaper has fewer runs' tasks, all of a launcher's at once (one
             // wake-up, after this lock), queued under this lock: closing (`acceptEarlyStarts`) takes it too.
-            // Only a launcher whose task was cancelled refuses them: they are recorded interrupted.
+            // Only a launcher whose task was cancelled refuses them: they wait for the pass instead, and
+            // closing hands them back.
             var queued = [[DeliveryClaim]](repeating: [], count: runs.launchers.count)
             let reapers = runs.launchers.map(\.reaper)
             for claim in committed {
@@ -627,15 +630,17 @@ extension Dispatcher: EarlyStarts {
                 queued[reapers.firstIndex { $0 === reaper }!].append(claim)
             }
             var wakes: [RunLauncher.Wake] = []
+            var refused = false
             for (launcher, claims) in zip(runs.launchers, queued) where !claims.isEmpty {
                 if let wake = launcher.push(claims) {
                     wakes.append(wake)
                 } else {
                     for _ in claims { launcher.reaper.runEnded() }
-                    late += claims
+                    runs.claimed += claims
+                    refused = true
                 }
             }
-            return (late, false, wakes)
+            return (late, refused, wakes)
         }
         for wake in wakes { wake.resume() }
         if !late.isEmpty {
