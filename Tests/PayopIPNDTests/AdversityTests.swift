@@ -267,12 +267,11 @@ extension PayopHarness {
     }
 
     @Test func hookStoppedByShutdownDoesNotSpendAnAttempt() async throws {
-        let dir = try TemporaryDirectory()
-        let clock = TestClock()
-        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
-        defer { log.close() }
-        let hook = try script(dir, "slow", "sleep 30")
-        log.setHooks([commandHook("slow", hook, attempts: 1)])
+        let (dir, clock, log) = try logWithASlowHook()
+        defer {
+            log.close()
+            withExtendedLifetime(dir) {}
+        }
         try await ingestSigned(log, clock: clock)
         let dispatcher = testDispatcher(log, runner: CommandHookRunner(), clock: clock)
         let service = DispatcherService(
@@ -460,6 +459,16 @@ func lockingConnection(_ path: String) throws -> DatabaseQueue {
 }
 
 /// A dispatcher on `log` with a 2 s initial backoff and no jitter, as most delivery tests want it.
+/// A log whose one hook (`slow`, one attempt) sleeps 30 s: what shutdown's grace must stop. The
+/// directory holds the log and the hook's script.
+func logWithASlowHook() throws -> (TemporaryDirectory, TestClock, SQLiteEventLog) {
+    let dir = try TemporaryDirectory()
+    let clock = TestClock()
+    let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
+    log.setHooks([commandHook("slow", try script(dir, "slow", "sleep 30"), attempts: 1)])
+    return (dir, clock, log)
+}
+
 func testDispatcher(
     _ log: SQLiteEventLog, store: (any DeliveryStore)? = nil, runner: any HookRunner, clock: TestClock,
     pause: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }

@@ -211,12 +211,11 @@ final class PassHoldingStore: ForwardingDeliveryStore, @unchecked Sendable {
     }
 
     @Test(.timeLimit(.minutes(1))) func aLaunchedHookOutlivingTheShutdownGraceIsStoppedAndRunsAgainUnspent() async throws {
-        let dir = try TemporaryDirectory()
-        let clock = TestClock()
-        let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon, clock: clock)
-        defer { log.close() }
-        let hook = try script(dir, "slow", "sleep 30")
-        log.setHooks([commandHook("slow", hook, attempts: 1)])
+        let (dir, clock, log) = try logWithASlowHook()
+        defer {
+            log.close()
+            withExtendedLifetime(dir) {}
+        }
         let store = PassHoldingStore(log)
         store.release()
         let dispatcher = testDispatcher(log, store: store, runner: CommandHookRunner(), clock: clock)
