@@ -257,7 +257,7 @@ public final class Dispatcher: Sendable {
                 let go = !Task.isCancelled && early.withLock { $0.open }
                 let (startable, removed) = go ? withTheirHooks(claims) : ([], claims)
                 for (claim, hook) in startable { addRun(claim, hook, on: launcher.reaper, to: &group) }
-                for _ in removed { launcher.reaper.runEnded() }
+                launcher.reaper.runEnded(removed.count)
                 if !removed.isEmpty { group.addTask { await self.interruptUnstarted(removed) } }
             }
         }
@@ -286,7 +286,7 @@ public final class Dispatcher: Sendable {
             var wakes: [RunLauncher.Wake] = []
             for launcher in runs.launchers {
                 let (left, wake) = launcher.close()
-                for _ in left { launcher.reaper.runEnded() }
+                launcher.reaper.runEnded(left.count)
                 unstarted += left
                 wakes.append(wake)
             }
@@ -635,7 +635,7 @@ extension Dispatcher: EarlyStarts {
                 if let wake = launcher.push(claims) {
                     wakes.append(wake)
                 } else {
-                    for _ in claims { launcher.reaper.runEnded() }
+                    launcher.reaper.runEnded(claims.count)
                     runs.claimed += claims
                     refused = true
                 }

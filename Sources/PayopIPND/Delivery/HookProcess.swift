@@ -227,8 +227,9 @@ final class ProcessReaper: TaskExecutor, @unchecked Sendable {
         reaper.runs.add(1, ordering: .relaxed)
         return reaper
     }
-    /// A run's task given by `forNextRun` has ended.
-    func runEnded() { runs.subtract(1, ordering: .relaxed) }
+    /// A run's task given by `forNextRun` has ended (or `count` of them, or claims given this reaper that
+    /// will not start on it).
+    func runEnded(_ count: Int = 1) { runs.subtract(count, ordering: .relaxed) }
     /// Runs' tasks given to this reaper that have not ended.
     private let runs = Atomic<Int>(0)
     /// The reaper whose thread this is, if any: a hook a run's task starts is watched by the thread the
