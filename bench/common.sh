@@ -91,3 +91,40 @@ stop_postgres() {
     [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
     [ -d "$dir/data" ] && "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
 }
+
+# Debian's `webhook` answers a request as soon as its hook is triggered and runs the command afterwards
+# (unless `include-command-output-in-response` is set): its request rate is not its rate of /bin/true
+# runs, which end seconds later under load. start_webhook LOG PORT starts it with `-verbose`, which logs
+# "finished handling" as each command ends; webhook_runs_ended LOG START MIN then waits until at least
+# MIN commands have ended and no more end for a second, and prints "COUNT SECONDS": how many ended, and
+# when the last one did, in seconds after START (a `date +%s.%N`). The daemon's end-to-end figures
+# count to its hooks' last recorded run; these count webhook's work the same way.
+start_webhook() { # LOG PORT
+    cat >"$1.hooks.json" <<JSON
+[{"id": "payop", "execute-command": "/bin/true", "http-methods": ["POST"]}]
+JSON
+    webhook -verbose -hooks "$1.hooks.json" -ip 127.0.0.1 -port "$2" >"$1" 2>&1 &
+    PIDS+=($!)
+}
+webhook_runs_ended() { # LOG START MIN
+    python3 - "$@" <<'PY'
+import sys, time
+log, start, minimum = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+count, last, offset, carry = 0, time.time(), 0, b""
+deadline = time.time() + 600
+with open(log, "rb") as f:
+    while time.time() < deadline:
+        chunk = f.read()
+        if chunk:
+            lines = (carry + chunk).split(b"\n")
+            carry = lines.pop()
+            ended = sum(1 for line in lines if b"] finished handling " in line)
+            if ended:
+                count += ended
+                last = time.time()
+        elif count >= minimum and time.time() - last > 1.0:
+            break
+        time.sleep(0.02)
+print(count, f"{last - start:.3f}")
+PY
+}
