@@ -116,6 +116,65 @@ import Foundation
         }
     }
 
+    /// An IPN request written out in full, for a raw socket.
+    static func ipnRequest(_ body: String, close: Bool = false) -> String {
+        "POST /payop/ipn HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
+            + (close ? "Connection: close\r\n" : "") + "\r\n" + body
+    }
+
+    /// The status codes of the answers in `text`, in order.
+    static func statuses(_ text: String) -> [Int] {
+        text.components(separatedBy: "HTTP/1.1 ").dropFirst().compactMap { Int($0.prefix(3)) }
+    }
+
+    @Test func pipelinedRequestsAreAnsweredInOrderAndEachIPNIsStored() async throws {
+        try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, log, port in
+            let first = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
+            let second = try String(decoding: Samples.data("refund-accepted"), as: UTF8.self)
+            // Sent in one write: the second request arrives while the first waits for the log.
+            let answer = try await rawExchange(
+                port: port,
+                send: Self.ipnRequest(first) + "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n"
+                    + Self.ipnRequest(second, close: true))
+            #expect(Self.statuses(answer) == [200, 405, 200])
+            #expect(try await log.counts() == (events: 2, receipts: 2))
+        }
+    }
+
+    @Test func malformedHTTPPipelinedBehindAnIPNIsAnswered400AfterIts200() async throws {
+        try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, log, port in
+            let body = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
+            let answer = try await rawExchange(port: port, send: Self.ipnRequest(body) + "NOT HTTP AT ALL\r\n\r\n")
+            #expect(Self.statuses(answer) == [200, 400])
+            #expect(answer.lowercased().contains("connection: close"))
+            #expect(try await log.counts() == (events: 1, receipts: 1))
+        }
+    }
+
+    @Test func malformedHTTPIsAnswered400AndTheConnectionCloses() async throws {
+        try await withListener(readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, _, port in
+            let answer = try await rawExchange(port: port, send: "\u{1}\u{2}garbage\r\n\r\n")
+            #expect(Self.statuses(answer) == [400])
+            #expect(answer.hasSuffix("malformed HTTP request\n"))
+        }
+    }
+
+    @Test(.timeLimit(.minutes(1))) func stoppingAnswersTheIPNInProgressThenClosesItsConnection() async throws {
+        let store = GatedEventStore()
+        let ingress = IPNIngress(settings: ingressSettings(), store: store, logger: quietLogger)
+        try await runIPNListener(ingress: ingress, readTimeoutSeconds: 5) { port, group in
+            let body = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
+            let started = ContinuousClock.now
+            async let answer = rawExchange(port: port, send: Self.ipnRequest(body))
+            await store.firstArrival()
+            await group.triggerGracefulShutdown()
+            store.release()
+            // Answered, then closed by the server: not left open until the client's 5 s receive timeout.
+            #expect(Self.statuses(try await answer) == [200])
+            #expect(ContinuousClock.now - started < .seconds(4))
+        }
+    }
+
     @Test func metricsAreNotServedOnTheIPNPort() async throws {
         try await withListener { client, _, _ in
             let response = try await client.get("/metrics")
@@ -179,6 +238,16 @@ func withIPNListener(
     let log = try SQLiteEventLog.open(path: dir.file("events.sqlite3"), mode: .daemon)
     defer { log.close() }
     let ingress = IPNIngress(settings: settings, store: log, logger: quietLogger)
+    try await runIPNListener(ingress: ingress, readTimeoutSeconds: readTimeoutSeconds) { port, _ in
+        try await body(port, log)
+    }
+}
+
+/// The real IPN listener for `ingress` on an ephemeral loopback port, for `body`, which gets its port
+/// and its service group (to stop it early); stopped gracefully when `body` returns.
+func runIPNListener(
+    ingress: IPNIngress, readTimeoutSeconds: Double, _ body: @Sendable (Int, ServiceGroup) async throws -> Void
+) async throws {
     let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
     let server = IPNListener.makeServer(
         host: "127.0.0.1", port: 0, ingress: ingress, readTimeoutSeconds: readTimeoutSeconds, logger: quietLogger,
@@ -189,12 +258,43 @@ func withIPNListener(
         var iterator = ports.makeAsyncIterator()
         let port = try #require(await iterator.next())
         do {
-            try await body(port, log)
+            try await body(port, group)
         } catch {
             await group.triggerGracefulShutdown()
             throw error
         }
         await group.triggerGracefulShutdown()
         try await tasks.waitForAll()
+    }
+}
+
+/// An event log slow to commit: every receipt's answer is held until `release()`.
+final class GatedEventStore: EventStore {
+    private let inner = FakeEventStore()
+    private let held = Mutex<[@Sendable () -> Void]>([])
+    private let arrivals: AsyncStream<Void>
+    private let arrived: AsyncStream<Void>.Continuation
+
+    init() { (arrivals, arrived) = AsyncStream.makeStream() }
+
+    func ingest(_ ipn: IncomingIPN, completion: @escaping @Sendable (Result<IngestOutcome, EventLogError>) -> Void) {
+        inner.ingest(ipn) { result in
+            self.held.withLock { $0.append { completion(result) } }
+            self.arrived.yield()
+        }
+    }
+
+    func recordRefused(_ refused: RefusedIPN, completion: @escaping @Sendable (EventLogError?) -> Void) {
+        inner.recordRefused(refused, completion: completion)
+    }
+
+    /// Returns once a receipt is being held.
+    func firstArrival() async {
+        var iterator = arrivals.makeAsyncIterator()
+        _ = await iterator.next()
+    }
+
+    func release() {
+        for answer in held.withLock({ held in defer { held.removeAll() }; return held }) { answer() }
     }
 }

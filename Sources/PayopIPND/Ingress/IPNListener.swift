@@ -55,8 +55,13 @@ public struct IPNServer: Service {
                         try channel.pipeline.syncOperations.addHandler(RefusingHandler(answer: ticket.decision == .forbid))
                         return
                     }
+                    // No pipelining assistance: it stops reading the socket after every request until
+                    // the answer is written (two `epoll_ctl` calls per IPN); the handler queues what a
+                    // pipelining client sends instead, and answers malformed HTTP itself, in order. No
+                    // header validation: every header the handler writes is a constant or a number.
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-                        withPipeliningAssistance: true, withErrorHandling: true)
+                        withPipeliningAssistance: false, withErrorHandling: false, withOutboundHeaderValidation: false,
+                        withEncoderConfiguration: .init())
                     try channel.pipeline.syncOperations.addHandler(
                         IPNRequestHandler(ingress: ingress, peer: peer, readTimeout: readTimeout))
                 }
@@ -85,12 +90,17 @@ public struct IPNServer: Service {
     }
 }
 
-/// One connection's requests, one at a time (the pipeline handler before it holds back pipelined
-/// ones). Headers must arrive within the read timeout of the connection's start or of the previous
-/// answer, and a started body within the read timeout of its head: a trickling client is answered 408
-/// or simply closed.
-final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
+/// One connection's requests, one at a time, in order. Headers must arrive within the read timeout of
+/// the connection's start or of the previous answer, and a started body within the read timeout of its
+/// head: a trickling client is answered 408 or simply closed.
+///
+/// A client may send its next request before this one is answered (HTTP pipelining): what arrives while
+/// a receipt is with the event log is queued, and the socket is not read further until the queue has
+/// been handled, so it holds at most one read's worth. Nothing is held back from a client that waits
+/// for its answers, as Payop does.
+final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
     private enum State {
@@ -105,14 +115,28 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         case closing
     }
 
+    /// What a pipelining client sent while a receipt was with the event log.
+    private enum Pipelined {
+        case part(HTTPServerRequestPart)
+        /// The decoder found malformed HTTP: answered 400 in its turn.
+        case malformed
+    }
+
     private let ingress: IPNIngress
     private let peer: IPAddress?
     private let readTimeout: TimeAmount
     private var state = State.idle
+    private var pipelined = CircularBuffer<Pipelined>()
+    /// A read the channel asked for while `pipelined` was not empty: issued once it is.
+    private var readHeld = false
+    /// The server is stopping: the request in progress is answered with `Connection: close`.
+    private var quiescing = false
     private var keepAlive = true
     private var version = HTTPVersion.http1_1
     private var isHead = false
     private var deadline: Scheduled<Void>?
+
+    static let malformed = IngressAnswer(400, "malformed HTTP request", close: true)
 
     init(ingress: IPNIngress, peer: IPAddress?, readTimeout: TimeAmount) {
         self.ingress = ingress
@@ -133,8 +157,57 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
+    func read(context: ChannelHandlerContext) {
+        if pipelined.isEmpty {
+            context.read()
+        } else {
+            readHeld = true
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is ChannelShouldQuiesceEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        quiescing = true
+        if case .idle = state {
+            state = .closing
+            disarmDeadline()
+            context.close(promise: nil)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard error is HTTPParserError else {
+            context.fireErrorCaught(error)
+            return
+        }
+        // The decoder reads nothing after this: the connection ends with a 400, after any answer owed first.
+        switch state {
+        case .waiting:
+            pipelined.append(.malformed)
+        case .closing:
+            break
+        case .idle, .discarding, .reading:
+            respondMalformed(context)
+        }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch (unwrapInboundIn(data), state) {
+        let part = unwrapInboundIn(data)
+        switch state {
+        case .waiting:
+            pipelined.append(.part(part))
+        case .closing:
+            break
+        case .idle, .discarding, .reading:
+            handle(part, context)
+        }
+    }
+
+    private func handle(_ part: HTTPServerRequestPart, _ context: ChannelHandlerContext) {
+        switch (part, state) {
         case (.head(let head), .idle):
             disarmDeadline()
             keepAlive = head.isKeepAlive
@@ -183,6 +256,7 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 loop.execute {
                     let (handler, context) = bound.value
                     handler.respond(context, answer)
+                    handler.handlePipelined(context)
                 }
             }
         case (.end, .discarding(let answer)):
@@ -190,14 +264,47 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.body, .discarding), (_, .closing), (_, .waiting):
             break
         default:
-            // A part out of order: the decoder's own errors answer 400 before we see it.
+            // A part out of order: the decoder's own errors come through `errorCaught`.
             context.close(promise: nil)
         }
     }
 
+    /// Once a receipt's answer is written: what the client pipelined behind it, in order, until a
+    /// request waits for the event log again; then the read held meanwhile.
+    private func handlePipelined(_ context: ChannelHandlerContext) {
+        while let next = pipelined.first {
+            switch state {
+            case .waiting:
+                return
+            case .closing:
+                pipelined.removeAll()
+                readHeld = false
+                return
+            case .idle, .discarding, .reading:
+                pipelined.removeFirst()
+                switch next {
+                case .part(let part): handle(part, context)
+                case .malformed: respondMalformed(context)
+                }
+            }
+        }
+        if readHeld {
+            readHeld = false
+            context.read()
+        }
+    }
+
+
+    /// The 400 that ends a connection whose bytes are not HTTP: in HTTP/1.1, whatever the request before.
+    private func respondMalformed(_ context: ChannelHandlerContext) {
+        version = .http1_1
+        isHead = false
+        respond(context, ingress.answerWithoutBody(Self.malformed))
+    }
+
     private func respond(_ context: ChannelHandlerContext, _ answer: IngressAnswer) {
         guard context.channel.isActive else { return }
-        let close = answer.close || !keepAlive
+        let close = answer.close || !keepAlive || quiescing
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
         headers.add(name: "Content-Length", value: String(answer.body.utf8.count))
@@ -219,8 +326,6 @@ final class IPNRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
             disarmDeadline()
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
         } else {
-            // Before the end is written: the pipeline handler may hand over a pipelined request while we
-            // write it, and that request's own deadline must not be replaced by this one.
             state = .idle
             armDeadline(context) { context in context.close(promise: nil) }
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
