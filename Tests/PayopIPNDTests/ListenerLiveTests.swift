@@ -93,6 +93,17 @@ import Foundation
         }
     }
 
+    @Test func keepAliveConnectionLeftIdleAfterAnAnswerIsClosedAfterTheReadTimeout() async throws {
+        try await withListener(readTimeoutSeconds: 0.3) { _, _, port in
+            let started = ContinuousClock.now
+            // Answered and kept open; then nothing more comes: the wait for the next head ends it.
+            let answer = try await rawExchange(port: port, send: "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(Self.statuses(answer) == [405])
+            #expect(!answer.lowercased().contains("connection: close"))
+            #expect(ContinuousClock.now - started < .milliseconds(2000))
+        }
+    }
+
     @Test func unwantedBodyTricklingToAnotherPathIsCutOffAfterTheReadTimeout() async throws {
         try await withListener(readTimeoutSeconds: 0.3) { _, _, port in
             let started = ContinuousClock.now

@@ -134,7 +134,12 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var keepAlive = true
     private var version = HTTPVersion.http1_1
     private var isHead = false
-    private var deadline: Scheduled<Void>?
+    /// When the current wait (for a head, for the rest of a body) ends, and what then happens.
+    private var deadline: (at: NIODeadline, expire: (ChannelHandlerContext) -> Void)?
+    /// The one timer that serves every wait, and when it fires. Waits only move later, so a timer that
+    /// fires before the current deadline is set again for the rest: arming and cancelling one per
+    /// request (two each) showed in ingest's profile.
+    private var timer: (task: Scheduled<Void>, at: NIODeadline)?
 
     static let malformed = IngressAnswer(400, "malformed HTTP request", close: true)
 
@@ -149,11 +154,11 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        disarmDeadline()
+        stopTimer()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        disarmDeadline()
+        stopTimer()
         context.fireChannelInactive()
     }
 
@@ -333,16 +338,41 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func armDeadline(_ context: ChannelHandlerContext, _ expire: @escaping (ChannelHandlerContext) -> Void) {
-        disarmDeadline()
-        let bound = NIOLoopBound((context, expire), eventLoop: context.eventLoop)
-        deadline = context.eventLoop.scheduleTask(in: readTimeout) {
-            let (context, expire) = bound.value
-            expire(context)
+        let at = NIODeadline.now() + readTimeout
+        deadline = (at, expire)
+        if let timer, timer.at <= at { return }
+        startTimer(context, at: at)
+    }
+
+    private func startTimer(_ context: ChannelHandlerContext, at: NIODeadline) {
+        timer?.task.cancel()
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let task = context.eventLoop.scheduleTask(deadline: at) {
+            let (handler, context) = bound.value
+            handler.timerFired(context)
         }
+        timer = (task, at)
+    }
+
+    private func timerFired(_ context: ChannelHandlerContext) {
+        timer = nil
+        guard let deadline else { return }
+        if deadline.at > .now() {
+            startTimer(context, at: deadline.at)
+            return
+        }
+        self.deadline = nil
+        deadline.expire(context)
+    }
+
+    /// The connection is gone: no wait is left, and nothing keeps this handler alive.
+    private func stopTimer() {
+        deadline = nil
+        timer?.task.cancel()
+        timer = nil
     }
 
     private func disarmDeadline() {
-        deadline?.cancel()
         deadline = nil
     }
 }

@@ -20,6 +20,9 @@ public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryM
     private let orphaned: CoreMetrics.Gauge
     private let verificationLatency: CoreMetrics.Timer
     private let startTime: CoreMetrics.Gauge
+    /// IPNs answered 200, by kind: made up front, since one is counted per IPN on the log's writer
+    /// thread, where the cache's lookup (its key built, hashed and found under a lock) showed at ingest.
+    private let acceptedIPNs: [IPNKind: CoreMetrics.Counter]
 
     public init() {
         var factory = PrometheusMetricsFactory(registry: registry)
@@ -36,7 +39,16 @@ public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryM
         verificationLatency = Timer(label: "payop_ipnd_verification_latency_seconds", factory: factory)
         startTime = Gauge(label: "payop_ipnd_start_time_seconds", factory: factory)
         startTime.record(Date().timeIntervalSince1970)
+        let counters = counters
+        acceptedIPNs = Dictionary(uniqueKeysWithValues: IPNKind.allCases.map { kind in
+            let dimensions = [("kind", kind.rawValue), ("answer", "200")]
+            return (kind, counters.metric(Self.ipnRequests, dimensions) {
+                Counter(label: Self.ipnRequests, dimensions: dimensions, factory: factory)
+            })
+        })
     }
+
+    private static let ipnRequests = "payop_ipnd_ipn_requests_total"
 
     private func count(_ label: String, _ dimensions: [(String, String)], by amount: Int = 1) {
         counters.metric(label, dimensions) { Counter(label: label, dimensions: dimensions, factory: factory) }
@@ -53,7 +65,11 @@ public final class DaemonMetrics: IngressMetrics, VerificationMetrics, DeliveryM
 
     /// One IPN request answered; `kind` is nil when the body was not understood.
     public func ipn(kind: String?, answer: Int) {
-        count("payop_ipnd_ipn_requests_total", [("kind", kind ?? "unknown"), ("answer", String(answer))])
+        if answer == 200, let kind = kind.flatMap(IPNKind.init(rawValue:)), let accepted = acceptedIPNs[kind] {
+            accepted.increment()
+        } else {
+            count(Self.ipnRequests, [("kind", kind ?? "unknown"), ("answer", String(answer))])
+        }
         if answer == 200 { lastIPN.record(Date().timeIntervalSince1970) }
     }
 
