@@ -94,10 +94,13 @@ stop_postgres() {
 
 # Debian's `webhook` answers a request as soon as its hook is triggered and runs the command afterwards
 # (unless `include-command-output-in-response` is set): its request rate is not its rate of /bin/true
-# runs, which end seconds later under load. start_webhook LOG PORT starts it with `-verbose`, which logs
-# "finished handling" as each command ends; webhook_runs_ended LOG START MIN then waits until at least
-# MIN commands have ended and no more end for a second, and prints "COUNT SECONDS": how many ended, and
-# when the last one did, in seconds after START (a `date +%s.%N`). The daemon's end-to-end figures
+# runs, which end seconds later under load, and under the benches' load many never start at all (it
+# starts every command at once, and runs out of file descriptors: "fork/exec /bin/true: too many open
+# files", still answered 200). start_webhook LOG PORT starts it with `-verbose`, which logs "finished
+# handling" as each command ends and "error occurred" for each that could not run;
+# webhook_runs_ended LOG START MIN then waits until at least MIN commands have ended and no more end
+# for a second, and prints "ENDED FAILED SECONDS": how many ended, how many of those never ran, and
+# when the last one ended, in seconds after START (a `date +%s.%N`). The daemon's end-to-end figures
 # count to its hooks' last recorded run; these count webhook's work the same way.
 start_webhook() { # LOG PORT
     cat >"$1.hooks.json" <<JSON
@@ -107,10 +110,10 @@ JSON
     PIDS+=($!)
 }
 webhook_runs_ended() { # LOG START MIN
-    python3 - "$@" <<'PY'
+    python3 - "$@" <<'PY2'
 import sys, time
 log, start, minimum = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-count, last, offset, carry = 0, time.time(), 0, b""
+count, failed, last, carry = 0, 0, time.time(), b""
 deadline = time.time() + 600
 with open(log, "rb") as f:
     while time.time() < deadline:
@@ -119,12 +122,13 @@ with open(log, "rb") as f:
             lines = (carry + chunk).split(b"\n")
             carry = lines.pop()
             ended = sum(1 for line in lines if b"] finished handling " in line)
+            failed += sum(1 for line in lines if b"] error occurred: " in line)
             if ended:
                 count += ended
                 last = time.time()
         elif count >= minimum and time.time() - last > 1.0:
             break
         time.sleep(0.02)
-print(count, f"{last - start:.3f}")
-PY
+print(count, failed, f"{last - start:.3f}")
+PY2
 }

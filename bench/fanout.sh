@@ -4,8 +4,8 @@
 #  2. throughput: events/s fully handled (IPN in, durably logged, verified against the simulator,
 #     /bin/true hook run and recorded) against Debian's `webhook` running /bin/true per request,
 #     both driven by wrk -t2 -c16 for the same time in the same run, and both counted until their
-#     last /bin/true has ended (webhook answers before it runs the command: its request rate is also
-#     printed).
+#     last /bin/true has ended (webhook answers before it runs the command, and under this load fails
+#     to start many: its request rate and its failures are printed too; see bench/common.sh).
 #
 #   bench/fanout.sh [SECONDS] [LATENCY_SAMPLES]
 set -euo pipefail
@@ -110,11 +110,12 @@ START=$(date +%s.%N)
 WEBHOOK=$(BENCH_PATH=/hooks/payop wrk -t2 -c16 -d"${DURATION}s" -s bench/unique-ipn.lua "http://127.0.0.1:$((BASE + 3))" | grep '^RESULT')
 WEBHOOK_RATE=$(echo "$WEBHOOK" | sed 's/.*rps=\([0-9]*\).*/\1/')
 WEBHOOK_ANSWERED=$(echo "$WEBHOOK" | sed 's/.*requests=\([0-9]*\).*/\1/')
-read -r WEBHOOK_RUNS WEBHOOK_ELAPSED < <(webhook_runs_ended "$WORK/webhook.log" "$START" "$WEBHOOK_ANSWERED")
+read -r WEBHOOK_ENDED WEBHOOK_FAILED WEBHOOK_ELAPSED < <(webhook_runs_ended "$WORK/webhook.log" "$START" "$WEBHOOK_ANSWERED")
+WEBHOOK_RUNS=$((WEBHOOK_ENDED - WEBHOOK_FAILED))
 WEBHOOK_E2E=$(python3 -c "print(round($WEBHOOK_RUNS / $WEBHOOK_ELAPSED))")
 
 echo "end to end over ${DURATION}s of wrk -t2 -c16 (unique IPNs, simulator as Payop, hook /bin/true):"
 echo "  payop-ipnd: $ACCEPTED IPNs answered 200, $EVENTS events, $DELIVERED hooks run and recorded in ${ELAPSED}s: $E2E_RATE events/s"
 echo "  requests to Payop per event: $REQUESTS"
-echo "  webhook:    $WEBHOOK_ANSWERED requests answered ($WEBHOOK_RATE/s), their $WEBHOOK_RUNS /bin/true runs ended in ${WEBHOOK_ELAPSED}s: $WEBHOOK_E2E runs/s (nothing logged, verified or retried)"
-python3 -c "print(f'  ratio payop-ipnd / webhook, runs ended per second: {$E2E_RATE / $WEBHOOK_E2E:.2f}x  (target >= 1x; against its answers per second: {$E2E_RATE / $WEBHOOK_RATE:.2f}x)')"
+echo "  webhook:    $WEBHOOK_ANSWERED requests answered 200 ($WEBHOOK_RATE/s); of their commands $WEBHOOK_FAILED never ran (webhook's own errors), $WEBHOOK_RUNS /bin/true runs ended within ${WEBHOOK_ELAPSED}s: $WEBHOOK_E2E runs/s (nothing logged, verified or retried)"
+python3 -c "print(f'  ratio payop-ipnd / webhook, runs per second: {$E2E_RATE / max(1, $WEBHOOK_E2E):.2f}x  (target >= 1x; against its answers per second: {$E2E_RATE / $WEBHOOK_RATE:.2f}x)')"
