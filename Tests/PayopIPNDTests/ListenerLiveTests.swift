@@ -2,6 +2,7 @@ import HTTPTypes
 import HummingbirdCore
 import HummingbirdTesting
 import NIOCore
+import NIOPosix
 import ServiceLifecycle
 import Synchronization
 import Testing
@@ -100,7 +101,28 @@ import Foundation
             let answer = try await rawExchange(port: port, send: "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n")
             #expect(Self.statuses(answer) == [405])
             #expect(!answer.lowercased().contains("connection: close"))
-            #expect(ContinuousClock.now - started < .milliseconds(2000))
+            let elapsed = ContinuousClock.now - started
+            #expect(elapsed >= .milliseconds(300) && elapsed < .milliseconds(2000))
+        }
+    }
+
+    /// Each wait is measured from its own start (the previous answer, the head), however long the
+    /// connection has been open: a request every 0.5 s with a 1 s timeout is served past twice the
+    /// timeout, and a body that starts 0.5 s after an answer and ends 0.5 s later is read whole.
+    @Test func readTimeoutCountsFromEachWaitsStartOnALongConnection() async throws {
+        try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: 1) { _, log, port in
+            let body = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
+            let request = Self.ipnRequest(body)
+            let split = request.index(request.endIndex, offsetBy: -body.utf8.count / 2)
+            let get = "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n"
+            let started = ContinuousClock.now
+            let answer = try await rawConversation(
+                port: port, sends: [get, get, get, String(request[..<split]), String(request[split...])],
+                pause: .milliseconds(500))
+            #expect(Self.statuses(answer) == [405, 405, 405, 200])
+            #expect(try await log.counts() == (events: 1, receipts: 1))
+            // Then idle: closed one read timeout after the last answer (about 2 s + 1 s).
+            #expect(ContinuousClock.now - started >= .milliseconds(2500))
         }
     }
 
@@ -142,11 +164,16 @@ import Foundation
         try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, log, port in
             let first = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
             let second = try String(decoding: Samples.data("refund-accepted"), as: UTF8.self)
-            // Sent in one write: the second request arrives while the first waits for the log.
-            let answer = try await rawExchange(
+            // The first two in one write: the second arrives while the first waits for the log, and the
+            // socket is not read meanwhile. The third comes once both are answered: it is read only if
+            // that hold was released.
+            let answer = try await rawConversation(
                 port: port,
-                send: Self.ipnRequest(first) + "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n"
-                    + Self.ipnRequest(second, close: true))
+                sends: [
+                    Self.ipnRequest(first) + "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n",
+                    Self.ipnRequest(second, close: true),
+                ],
+                pause: .milliseconds(300))
             #expect(Self.statuses(answer) == [200, 405, 200])
             #expect(try await log.counts() == (events: 2, receipts: 2))
         }
@@ -164,9 +191,12 @@ import Foundation
 
     @Test func malformedHTTPIsAnswered400AndTheConnectionCloses() async throws {
         try await withListener(readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, _, port in
+            let started = ContinuousClock.now
             let answer = try await rawExchange(port: port, send: "\u{1}\u{2}garbage\r\n\r\n")
             #expect(Self.statuses(answer) == [400])
             #expect(answer.hasSuffix("malformed HTTP request\n"))
+            // Closed by the server, not by the client's 5 s receive timeout nor the read timeout.
+            #expect(ContinuousClock.now - started < .milliseconds(1000))
         }
     }
 
@@ -179,9 +209,16 @@ import Foundation
             async let answer = rawExchange(port: port, send: Self.ipnRequest(body))
             await store.firstArrival()
             await group.triggerGracefulShutdown()
+            // The stop has reached the connection before its receipt is answered: the listener stopped
+            // accepting, and every event loop has run what was queued with that (the connection's
+            // notice to stop among it), so the answer's turn comes after it.
+            while connects(port: port) { try await Task.sleep(for: .milliseconds(10)) }
+            for loop in MultiThreadedEventLoopGroup.singleton.makeIterator() { try await loop.submit {}.get() }
             store.release()
-            // Answered, then closed by the server: not left open until the client's 5 s receive timeout.
-            #expect(Self.statuses(try await answer) == [200])
+            let text = try await answer
+            // Answered, saying so, then closed by the server: not left open until the client's 5 s timeout.
+            #expect(Self.statuses(text) == [200])
+            #expect(text.lowercased().contains("connection: close"))
             #expect(ContinuousClock.now - started < .seconds(4))
         }
     }
@@ -194,10 +231,30 @@ import Foundation
     }
 }
 
-/// Sends `text` on a plain TCP socket and returns what comes back before the server closes (or 5 s).
 /// Sends `text` on a fresh connection (from `source`, a loopback address) and reads until the server
 /// closes or 5 s pass.
 func rawExchange(port: Int, send text: String, from source: String? = nil) async throws -> String {
+    try await rawConversation(port: port, sends: [text], from: source)
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+func connects(port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = in_port_t(UInt16(port).bigEndian)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    } == 0
+}
+
+/// Sends each of `sends` on one fresh connection, `pause` apart, then reads until the server closes or
+/// 5 s pass (a send after the server closed is lost, not a crash).
+func rawConversation(
+    port: Int, sends: [String], pause: Duration = .zero, from source: String? = nil
+) async throws -> String {
     try await withCheckedThrowingContinuation { continuation in
         let thread = Thread {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -227,7 +284,12 @@ func rawExchange(port: Int, send text: String, from source: String? = nil) async
                 continuation.resume(throwing: POSIXError(.ECONNREFUSED))
                 return
             }
-            _ = text.withCString { send(fd, $0, strlen($0), 0) }
+            for (index, text) in sends.enumerated() {
+                if index > 0 {
+                    Thread.sleep(forTimeInterval: Double(pause.components.seconds) + Double(pause.components.attoseconds) / 1e18)
+                }
+                _ = text.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+            }
             var received = [UInt8]()
             var buffer = [UInt8](repeating: 0, count: 4096)
             while true {

@@ -166,7 +166,9 @@ final class GroupCommitWriter: @unchecked Sendable {
                     // Each job's savepoint runs through SQLite's C API (`RawStatement`), looked up once per
                     // batch: GRDB's own execution tracks savepoints for transaction observers, which this
                     // connection has none of, and was a few percent of the writer's samples at ingest.
-                    // BEGIN and COMMIT stay GRDB's: its commit hook expects to see them.
+                    // BEGIN and COMMIT stay GRDB's: its commit hook expects to see them. The write
+                    // connection must stay free of observers (`ValueObservation`, `afterNextTransaction`):
+                    // one would be told of a job's changes that `ROLLBACK TO job` then undid.
                     let savepoint = try db.cachedStatement(sql: "SAVEPOINT job")
                     let release = try db.cachedStatement(sql: "RELEASE job")
                     for job in jobs {

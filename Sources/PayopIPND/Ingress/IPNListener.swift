@@ -96,8 +96,9 @@ public struct IPNServer: Service {
 ///
 /// A client may send its next request before this one is answered (HTTP pipelining): what arrives while
 /// a receipt is with the event log is queued, and the socket is not read further until the queue has
-/// been handled, so it holds at most one read's worth. Nothing is held back from a client that waits
-/// for its answers, as Payop does.
+/// been handled, so it holds what one readable event brought (NIO reads up to four times per event),
+/// and at most `maxPipelined` parts: a client that sends more is answered, then disconnected. Nothing is
+/// held back from a client that waits for its answers, as Payop does.
 final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
@@ -142,6 +143,9 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var timer: (task: Scheduled<Void>, at: NIODeadline)?
 
     static let malformed = IngressAnswer(400, "malformed HTTP request", close: true)
+    /// Request parts queued behind a receipt before the client is cut off (a head, a body and an end
+    /// make one request).
+    static let maxPipelined = 96
 
     init(ingress: IPNIngress, peer: IPAddress?, readTimeout: TimeAmount) {
         self.ingress = ingress
@@ -163,6 +167,7 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func read(context: ChannelHandlerContext) {
+        if case .closing = state { return }
         if pipelined.isEmpty {
             context.read()
         } else {
@@ -191,7 +196,7 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // The decoder reads nothing after this: the connection ends with a 400, after any answer owed first.
         switch state {
         case .waiting:
-            pipelined.append(.malformed)
+            queue(.malformed)
         case .closing:
             break
         case .idle, .discarding, .reading:
@@ -203,7 +208,7 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let part = unwrapInboundIn(data)
         switch state {
         case .waiting:
-            pipelined.append(.part(part))
+            queue(.part(part))
         case .closing:
             break
         case .idle, .discarding, .reading:
@@ -274,10 +279,29 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    /// Behind a receipt with the event log. Past `maxPipelined` parts the client is not served further:
+    /// what it queued is dropped (none of it was answered, so none of it was accepted) and the answer
+    /// owed closes the connection.
+    private func queue(_ next: Pipelined) {
+        guard keepAlive else { return }
+        guard pipelined.count < Self.maxPipelined else {
+            pipelined.removeAll()
+            keepAlive = false
+            return
+        }
+        pipelined.append(next)
+    }
+
     /// Once a receipt's answer is written: what the client pipelined behind it, in order, until a
     /// request waits for the event log again; then the read held meanwhile.
     private func handlePipelined(_ context: ChannelHandlerContext) {
         while let next = pipelined.first {
+            guard context.channel.isActive else {
+                // Gone while answering: nothing queued is answered, so nothing of it is accepted.
+                pipelined.removeAll()
+                readHeld = false
+                return
+            }
             switch state {
             case .waiting:
                 return
@@ -308,7 +332,10 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func respond(_ context: ChannelHandlerContext, _ answer: IngressAnswer) {
-        guard context.channel.isActive else { return }
+        guard context.channel.isActive else {
+            state = .closing
+            return
+        }
         let close = answer.close || !keepAlive || quiescing
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
@@ -328,7 +355,8 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         if close {
             state = .closing
-            disarmDeadline()
+            // A client that stops reading cannot hold the connection (and shutdown) past the read timeout.
+            armDeadline(context) { context in context.close(promise: nil) }
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
         } else {
             state = .idle
