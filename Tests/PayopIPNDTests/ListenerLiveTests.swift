@@ -179,6 +179,20 @@ import Foundation
         }
     }
 
+    @Test func clientPipeliningMoreThanTheQueueHoldsGetsItsIPNAnsweredThenIsDisconnected() async throws {
+        try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, log, port in
+            let body = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
+            // 60 requests (120 parts: a head and an end each) behind the IPN, in one write: decoded before its commit can answer.
+            let flood = String(repeating: "GET /payop/ipn HTTP/1.1\r\nHost: x\r\n\r\n", count: 60)
+            let started = ContinuousClock.now
+            let answer = try await rawExchange(port: port, send: Self.ipnRequest(body) + flood)
+            #expect(Self.statuses(answer) == [200])
+            #expect(answer.lowercased().contains("connection: close"))
+            #expect(ContinuousClock.now - started < .milliseconds(1000))
+            #expect(try await log.counts() == (events: 1, receipts: 1))
+        }
+    }
+
     @Test func malformedHTTPPipelinedBehindAnIPNIsAnswered400AfterIts200() async throws {
         try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: Self.unmeasuredReadTimeout) { _, log, port in
             let body = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
