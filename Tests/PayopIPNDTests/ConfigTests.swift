@@ -57,6 +57,18 @@ import Testing
         #expect(Set(found.map(\.key)) == ["server.listen", "server.allowed_sources[1]", "storage.retention_days", "colour"])
     }
 
+    @Test func aReadTimeoutTooShortForAnyRequestToArriveIsRefused() throws {
+        let found = problems(
+            """
+            server:
+              read_timeout_seconds: 0.0005
+            """
+        ).filter { $0.severity == .error }
+        #expect(found.map(\.key) == ["server.read_timeout_seconds"])
+        #expect(found.first?.message == "must be at least 0.1")
+        #expect(try ConfigLoader.parse("server:\n  read_timeout_seconds: 0.1\n", environment: [:]).config.server.readTimeoutSeconds == 0.1)
+    }
+
     @Test func intervalsThatWouldKeepTheDaemonBusyAreRefusedWithTheirFloor() throws {
         let found = problems(
             """

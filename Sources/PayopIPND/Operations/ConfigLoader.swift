@@ -408,7 +408,7 @@ private final class Reader {
             }
         }
         if let proxies = cidrs(map["trusted_proxies"], "server.trusted_proxies") { server.trustedProxies = proxies }
-        if let seconds = number(map["read_timeout_seconds"], "server.read_timeout_seconds", minimum: 0) {
+        if let seconds = number(map["read_timeout_seconds"], "server.read_timeout_seconds", minimum: 0, atLeast: 0.1) {
             server.readTimeoutSeconds = seconds
         }
     }
