@@ -237,6 +237,89 @@ import Foundation
         }
     }
 
+    /// A client that sends request after request without reading the answers: once they back up, the
+    /// socket is not read, so the client's sends block instead of the daemon's memory growing; once it
+    /// reads, every whole request it sent is answered.
+    @Test func clientSendingWithoutReadingItsAnswersIsNotReadUntilItDoes() async throws {
+        try await withListener(readTimeoutSeconds: 10) { _, _, port in
+            let request = Array("GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+            let chunk = Array([[UInt8]](repeating: request, count: 100).joined())
+            // The kernel's socket buffers take a few MiB of answers (send buffers grow to 4 MiB by default).
+            let cap = 16 << 20
+            let (sent, answers) = try await onRawSocket(port: port, bufferBytes: 16 * 1024) { fd in
+                var sent = 0
+                while sent < cap {
+                    // On from where the last send stopped (a send that times out may have sent part of it).
+                    let at = sent % chunk.count
+                    let count = chunk.withUnsafeBytes { send(fd, $0.baseAddress! + at, chunk.count - at, Int32(MSG_NOSIGNAL)) }
+                    if count <= 0 { break }  // blocked for the whole send timeout: the daemon stopped reading
+                    sent += count
+                }
+                let expected = sent / request.count
+                var text = ""
+                var buffer = [UInt8](repeating: 0, count: 65536)
+                var answers = 0
+                while answers < expected {
+                    let count = recv(fd, &buffer, buffer.count, 0)
+                    if count <= 0 { break }
+                    text += String(decoding: buffer.prefix(count), as: UTF8.self)
+                    let parts = text.components(separatedBy: "HTTP/1.1 404")
+                    answers += parts.count - 1
+                    text = parts.last ?? ""
+                }
+                return (sent, answers)
+            }
+            #expect(sent < 8 << 20, "the daemon read \(sent) bytes from a client that read none of its answers")
+            #expect(answers == sent / request.count, "sent \(sent) bytes (\(sent % request.count) over whole requests)")
+        }
+    }
+
+    /// After an `Upgrade` or `CONNECT` request NIO's decoder parses nothing more: the answer closes the
+    /// connection at once rather than leaving it open, buffering, until the read timeout.
+    @Test func requestThatEndsHTTPOnItsConnectionIsAnsweredThenTheConnectionCloses() async throws {
+        try await withListener(maxBodyBytes: 64 * 1024, readTimeoutSeconds: 4) { _, log, port in
+            let started = ContinuousClock.now
+            let answer = try await rawExchange(
+                port: port,
+                send: "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                    + "GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(Self.statuses(answer) == [404])
+            #expect(answer.lowercased().contains("connection: close"))
+            #expect(ContinuousClock.now - started < .milliseconds(1000))
+            // An IPN posted as `curl --http2` posts over plain HTTP is stored and answered, then closed.
+            let body = try String(decoding: Samples.data("checkout-accepted"), as: UTF8.self)
+            let ipn = try await rawExchange(
+                port: port,
+                send: Self.ipnRequest(body).replacingOccurrences(
+                    of: "Host: x\r\n", with: "Host: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"))
+            #expect(Self.statuses(ipn) == [200])
+            #expect(ipn.lowercased().contains("connection: close"))
+            #expect(try await log.counts() == (events: 1, receipts: 1))
+        }
+    }
+
+    /// A closing answer shuts the connection's output before closing it: the client reads the answer
+    /// and an orderly end, and what it still sends is not met with a reset (which, on a real network,
+    /// can take an answer still in flight with it).
+    @Test func closingAnswerEndsTheOutputFirstSoInputStillArrivingIsNotReset() async throws {
+        try await withListener(readTimeoutSeconds: 4) { _, _, port in
+            let (answer, late) = try await onRawSocket(port: port) { fd in
+                let request = "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                _ = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+                let received = receiveUntilEnd(fd)
+                // The answer and its end are in; the client still has something to say.
+                var late: [Int] = []
+                for _ in 0..<2 {
+                    late.append("more".withCString { send(fd, $0, 4, Int32(MSG_NOSIGNAL)) })
+                    usleep(20_000)
+                }
+                return (received, late)
+            }
+            #expect(Self.statuses(answer) == [404])
+            #expect(late == [4, 4], "a send after the answer failed: the connection was reset")
+        }
+    }
+
     @Test func metricsAreNotServedOnTheIPNPort() async throws {
         try await withListener { client, _, _ in
             let response = try await client.get("/metrics")
@@ -269,6 +352,35 @@ func connects(port: Int) -> Bool {
 func rawConversation(
     port: Int, sends: [String], pause: Duration = .zero, from source: String? = nil
 ) async throws -> String {
+    try await onRawSocket(port: port, from: source) { fd in
+        for (index, text) in sends.enumerated() {
+            if index > 0 {
+                Thread.sleep(forTimeInterval: Double(pause.components.seconds) + Double(pause.components.attoseconds) / 1e18)
+            }
+            _ = text.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+        }
+        return receiveUntilEnd(fd)
+    }
+}
+
+/// What arrives on `fd` until the server closes or a receive times out.
+func receiveUntilEnd(_ fd: Int32) -> String {
+    var received = [UInt8]()
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let count = recv(fd, &buffer, buffer.count, 0)
+        if count <= 0 { break }
+        received += buffer.prefix(count)
+    }
+    return String(decoding: received, as: UTF8.self)
+}
+
+/// Runs `body` on a thread with a blocking socket connected to 127.0.0.1:`port` from `source` (a
+/// loopback address) if given, its receive and send buffers set to `bufferBytes` when given; sends and
+/// receives time out after 1 and 5 s.
+func onRawSocket<T: Sendable>(
+    port: Int, from source: String? = nil, bufferBytes: Int32? = nil, _ body: @escaping @Sendable (Int32) -> T
+) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         let thread = Thread {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -283,12 +395,18 @@ func rawConversation(
                     }
                 }
             }
+            if var size = bufferBytes {
+                setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+                setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+            }
+            var sendTimeout = timeval(tv_sec: 1, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &sendTimeout, socklen_t(MemoryLayout<timeval>.size))
+            var receiveTimeout = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &receiveTimeout, socklen_t(MemoryLayout<timeval>.size))
             var address = sockaddr_in()
             address.sin_family = sa_family_t(AF_INET)
             address.sin_port = in_port_t(UInt16(port).bigEndian)
             address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            var timeout = timeval(tv_sec: 5, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             let connected = withUnsafePointer(to: &address) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                     connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
@@ -298,20 +416,7 @@ func rawConversation(
                 continuation.resume(throwing: POSIXError(.ECONNREFUSED))
                 return
             }
-            for (index, text) in sends.enumerated() {
-                if index > 0 {
-                    Thread.sleep(forTimeInterval: Double(pause.components.seconds) + Double(pause.components.attoseconds) / 1e18)
-                }
-                _ = text.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-            }
-            var received = [UInt8]()
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            while true {
-                let count = recv(fd, &buffer, buffer.count, 0)
-                if count <= 0 { break }
-                received += buffer.prefix(count)
-            }
-            continuation.resume(returning: String(decoding: received, as: UTF8.self))
+            continuation.resume(returning: body(fd))
         }
         thread.start()
     }

@@ -126,12 +126,7 @@ final class RefusingHandler: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         let channel = context.channel
-        // A half close first, so the client reads the answer before the connection goes; then, shortly
-        // after, the rest (a close with unread input would reset the connection and lose the answer).
-        context.writeAndFlush(NIOAny(Self.forbidden)).whenComplete { _ in
-            channel.close(mode: .output, promise: nil)
-            channel.eventLoop.scheduleTask(in: .milliseconds(200)) { channel.close(promise: nil) }
-        }
+        context.writeAndFlush(NIOAny(Self.forbidden)).whenComplete { _ in channel.closeAfterAnswer() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

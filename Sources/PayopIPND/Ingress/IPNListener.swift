@@ -83,7 +83,8 @@ public struct IPNServer: Service {
                 quiesce.initiateShutdown(promise: quiesced)
             }
         } onCancel: {
-            // Cancelled (a stop past its grace): close what is left and return without waiting.
+            // Cancelled (a stop past its grace): stop accepting and return without waiting. A
+            // connection still waiting for the log keeps its socket until the process exits.
             quiesce.initiateShutdown(promise: nil)
             finish()
         }
@@ -99,6 +100,13 @@ public struct IPNServer: Service {
 /// been handled, so it holds what one readable event brought (NIO reads up to four times per event),
 /// and at most `maxPipelined` parts: a client that sends more is answered, then disconnected. Nothing is
 /// held back from a client that waits for its answers, as Payop does.
+///
+/// Nor is the socket read while answers wait to be written (the channel is not writable: a client
+/// that sends without reading), nor, once the connection is to close after the answer owed, while that
+/// answer waits for the log: what such a client sends costs no memory. A request that ends HTTP on its
+/// connection (an `Upgrade` header, `CONNECT`; the decoder parses nothing after it) is answered with
+/// `Connection: close`. A closing answer shuts the connection's output first and closes it a moment
+/// later (`closeAfterAnswer`), so that input still arriving does not reset the connection under it.
 final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
@@ -128,7 +136,7 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let readTimeout: TimeAmount
     private var state = State.idle
     private var pipelined = CircularBuffer<Pipelined>()
-    /// A read the channel asked for while `pipelined` was not empty: issued once it is.
+    /// A read the channel asked for while reading was not due (`readIfDue`): issued once it is.
     private var readHeld = false
     /// The server is stopping: the request in progress is answered with `Connection: close`.
     private var quiescing = false
@@ -167,12 +175,27 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if case .closing = state { return }
-        if pipelined.isEmpty {
-            context.read()
-        } else {
-            readHeld = true
+        readHeld = true
+        readIfDue(context)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        readIfDue(context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Issues the read the channel asked for, unless what was read is not handled yet (a queue behind a
+    /// receipt), answers are not being written out (a client not reading them), or nothing more will be
+    /// served on this connection.
+    private func readIfDue(_ context: ChannelHandlerContext) {
+        guard readHeld, pipelined.isEmpty, context.channel.isWritable else { return }
+        switch state {
+        case .closing: return
+        case .waiting where !keepAlive: return
+        case .idle, .discarding, .reading, .waiting: break
         }
+        readHeld = false
+        context.read()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -220,7 +243,8 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch (part, state) {
         case (.head(let head), .idle):
             disarmDeadline()
-            keepAlive = head.isKeepAlive
+            // After an upgrade or CONNECT the decoder parses nothing more: answered, then closed.
+            keepAlive = head.isKeepAlive && head.method != .CONNECT && !head.headers.contains(name: "Upgrade")
             version = head.version
             isHead = head.method == .HEAD
             let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first
@@ -317,10 +341,7 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 }
             }
         }
-        if readHeld {
-            readHeld = false
-            context.read()
-        }
+        readIfDue(context)
     }
 
 
@@ -357,7 +378,8 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
             state = .closing
             // A client that stops reading cannot hold the connection (and shutdown) past the read timeout.
             armDeadline(context) { context in context.close(promise: nil) }
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.closeAfterAnswer() }
         } else {
             state = .idle
             armDeadline(context) { context in context.close(promise: nil) }
@@ -402,5 +424,16 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private func disarmDeadline() {
         deadline = nil
+    }
+}
+
+extension Channel {
+    /// Ends a connection whose answer has been written: its output is shut first (the client reads the
+    /// answer, then an orderly end) and the socket closed a moment later. Closing a socket with unread
+    /// input at once makes the kernel reset the connection, and a reset can take the answer with it
+    /// where it has not reached the client yet.
+    func closeAfterAnswer() {
+        close(mode: .output, promise: nil)
+        eventLoop.scheduleTask(in: .milliseconds(200)) { self.close(promise: nil) }
     }
 }
