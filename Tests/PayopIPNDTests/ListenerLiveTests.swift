@@ -16,15 +16,19 @@ import Foundation
 
 /// The IPN listener on a real loopback socket, writing to a real SQLite file.
 @Suite struct ListenerLiveTests {
-    /// Runs the listener on an ephemeral port for the duration of `body`.
+    /// Runs the listener on an ephemeral port for the duration of `body`. These tests time the real
+    /// network stack on event loops every test shares, and one of them floods a loop for seconds: each
+    /// takes the machine for itself.
     func withListener(
         maxBodyBytes: Int = 1024, readTimeoutSeconds: Double = 5, _ body: @escaping @Sendable (TestClient, SQLiteEventLog, Int) async throws -> Void
     ) async throws {
-        try await withIPNListener(
-            settings: ingressSettings(maxBodyBytes: maxBodyBytes), readTimeoutSeconds: readTimeoutSeconds
-        ) { port, log in
-            try await TestClient.withClient(host: "127.0.0.1", port: port) { client in
-                try await body(client, log, port)
+        try await ExclusiveTiming.shared.run {
+            try await withIPNListener(
+                settings: ingressSettings(maxBodyBytes: maxBodyBytes), readTimeoutSeconds: readTimeoutSeconds
+            ) { port, log in
+                try await TestClient.withClient(host: "127.0.0.1", port: port) { client in
+                    try await body(client, log, port)
+                }
             }
         }
     }
@@ -299,8 +303,8 @@ import Foundation
     }
 
     /// A closing answer shuts the connection's output before closing it: the client reads the answer
-    /// and an orderly end, and what it still sends is not met with a reset (which, on a real network,
-    /// can take an answer still in flight with it).
+    /// and an orderly end, and what it still sends is read and dropped, not met with a reset (which, on a
+    /// real network, can take an answer still in flight with it).
     @Test func closingAnswerEndsTheOutputFirstSoInputStillArrivingIsNotReset() async throws {
         try await withListener(readTimeoutSeconds: 4) { _, _, port in
             let (answer, late) = try await onRawSocket(port: port) { fd in
@@ -308,10 +312,12 @@ import Foundation
                 _ = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
                 let received = receiveUntilEnd(fd)
                 // The answer and its end are in; the client still has something to say.
+                // The second send comes after the server's close: had it left the first unread, that close
+                // would have reset the connection, and this send would fail.
                 var late: [Int] = []
                 for _ in 0..<2 {
                     late.append("more".withCString { send(fd, $0, 4, Int32(MSG_NOSIGNAL)) })
-                    usleep(20_000)
+                    usleep(300_000)
                 }
                 return (received, late)
             }

@@ -105,8 +105,9 @@ public struct IPNServer: Service {
 /// that sends without reading), nor, once the connection is to close after the answer owed, while that
 /// answer waits for the log: what such a client sends costs no memory. A request that ends HTTP on its
 /// connection (an `Upgrade` header, `CONNECT`; the decoder parses nothing after it) is answered with
-/// `Connection: close`. A closing answer shuts the connection's output first and closes it a moment
-/// later (`closeAfterAnswer`), so that input still arriving does not reset the connection under it.
+/// `Connection: close`. A closing answer shuts the connection's output first, then drops what still
+/// arrives until the client closes or 200 ms pass (`closeAfterAnswer`), so that input still arriving
+/// does not reset the connection under it.
 final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
@@ -428,12 +429,31 @@ final class IPNRequestHandler: ChannelDuplexHandler, RemovableChannelHandler {
 }
 
 extension Channel {
-    /// Ends a connection whose answer has been written: its output is shut first (the client reads the
-    /// answer, then an orderly end) and the socket closed a moment later. Closing a socket with unread
-    /// input at once makes the kernel reset the connection, and a reset can take the answer with it
-    /// where it has not reached the client yet.
+    /// Ends a connection whose answer has been written, the way RFC 9112 (9.6) asks: its output is shut
+    /// first (the client reads the answer, then an orderly end), what the client still sends is read
+    /// and dropped before any parser sees it, and the socket is closed when the client closes its side,
+    /// or 200 ms later (a graceful shutdown waits for it). Closing a socket with unread input at once
+    /// makes the kernel reset the connection, and a reset can take with it an answer that has not
+    /// reached the client yet. On the channel's event loop.
     func closeAfterAnswer() {
         close(mode: .output, promise: nil)
+        try? pipeline.syncOperations.addHandler(InputDiscarder(), position: .first)
         eventLoop.scheduleTask(in: .milliseconds(200)) { self.close(promise: nil) }
+    }
+}
+
+/// First in a closing connection's pipeline: reads on and drops everything (the handlers behind it
+/// read no more), so the client's end of the connection is seen and nothing is buffered.
+final class InputDiscarder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        context.read()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.read()
     }
 }
