@@ -311,9 +311,9 @@ import Foundation
                 let request = "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                 _ = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
                 let received = receiveUntilEnd(fd)
-                // The answer and its end are in; the client still has something to say.
-                // The second send comes after the server's close: had it left the first unread, that close
-                // would have reset the connection, and this send would fail.
+                // The answer and its end are in, and the client still sends. The second send comes after the
+                // server's close: had that close left the first unread, it would have reset the connection,
+                // and this send would fail.
                 var late: [Int] = []
                 for _ in 0..<2 {
                     late.append("more".withCString { send(fd, $0, 4, Int32(MSG_NOSIGNAL)) })
